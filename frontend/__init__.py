@@ -1,0 +1,43 @@
+"""Hugging Face checkpoint -> kiln IR: load, trace on the meta device, convert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.frontend import attention as _attention  # noqa: F401  (registers kiln::attention)
+from kiln.frontend.checkpoint import Checkpoint, load_checkpoint
+from kiln.frontend.weights import SourceWeights
+from kiln.ir.graph import Graph
+
+
+@dataclass
+class Imported:
+    """A traced model: its IR, where its weights come from, and the checkpoint it came from."""
+
+    graph: Graph
+    weights: SourceWeights
+    checkpoint: Checkpoint
+
+
+def import_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Imported:
+    """Trace the checkpoint's transformers model into kiln IR (no weight is read)."""
+    from kiln.frontend.aten_ops import TABLE
+    from kiln.frontend.convert import Converter
+    from kiln.frontend.trace import build_meta_model, trace
+
+    ckpt = load_checkpoint(model_dir)
+    traced = trace(ckpt, dtype)
+    graph = Converter(traced.program, traced.token_symbol, ckpt.model_type).run(TABLE)
+    config = ckpt.config
+    graph.meta.update(
+        model_type=ckpt.model_type,
+        architectures=list(getattr(config, "architectures", None) or []),
+        vocab_size=int(graph.outputs[0].type.shape[-1]),
+        max_position_embeddings=getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None),
+    )
+    base = build_meta_model.__module__ and getattr(config, "base_model_prefix", "") or ""
+    weights = SourceWeights(ckpt, traced.buffers, traced.aliases, base, dtype)
+    return Imported(graph, weights, ckpt)

@@ -1,0 +1,189 @@
+"""FX graph of an ExportedProgram -> kiln IR."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import sympy
+import torch
+import torch.fx
+from tqdm.auto import tqdm
+
+from kiln.errors import KilnError, UnsupportedOpError
+from kiln.ir.dims import Dim, from_expr, to_expr
+from kiln.ir.graph import Graph, Node, const_node, input_node, param_node
+from kiln.ir.ops import get_op, infer_type
+from kiln.ir.types import TensorType, dtype_name
+
+# The token symbol; cu_seqlens has one entry per sequence plus one.
+TOKENS = "T"
+SEQS = "S"
+_SKIP = {
+    "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range",
+    "_assert_async", "_check_is_size", "_functional_assert_async",
+}
+
+
+class Converter:
+    """Walks the FX graph once, emitting IR nodes; the converter table lives in aten_ops.py."""
+
+    def __init__(self, program: torch.export.ExportedProgram, token_symbol: str, model_type: str):
+        self.program = program
+        self.model_type = model_type
+        self.symbols = {sympy.Symbol(token_symbol): sympy.Symbol(TOKENS)}
+        self.nodes: list[Node] = []
+        self._cu_seqlens: Node | None = None
+        self.fx_node: torch.fx.Node | None = None
+
+    # -- helpers used by converters ----------------------------------------------------------
+
+    def emit(self, op: str, inputs: list[Node], **attrs: Any) -> Node:
+        """Append one IR node; its type comes from the op's rule."""
+        opdef = get_op(op)
+        try:
+            type_ = infer_type(opdef, [i.type for i in inputs], attrs)
+        except Exception as e:
+            raise KilnError(f"kiln op '{op}' rejected operands from {self._where()}: {e}") from None
+        node = Node(op, tuple(inputs), attrs, type_)
+        self.nodes.append(node)
+        return node
+
+    def tensor(self, x: Any) -> Node:
+        """An IR value for a tensor operand or a Python scalar (as a rank-0 const)."""
+        if isinstance(x, Node):
+            return x
+        if isinstance(x, bool):
+            t = "bool"
+        elif isinstance(x, int):
+            t = "int64"
+        elif isinstance(x, float):
+            t = "float32"
+        else:
+            raise UnsupportedOpError(f"{self._where()} with operand {x!r}", self.model_type)
+        node = const_node(x, TensorType(t, ()))
+        self.nodes.append(node)
+        return node
+
+    def dim(self, d: Any) -> Dim:
+        """A size from the FX graph (int or SymInt or already-converted Dim)."""
+        if isinstance(d, int | str):
+            return d
+        if isinstance(d, torch.SymInt):
+            return from_expr(to_expr(str(d.node.expr)).xreplace(self.symbols))
+        raise KilnError(f"unexpected size {d!r} in {self._where()}")
+
+    def axis(self, d: int, rank: int) -> int:
+        """A non-negative axis index."""
+        return d + rank if d < 0 else d
+
+    def cu_seqlens(self) -> Node:
+        """The graph input giving sequence boundaries in the flattened token axis."""
+        if self._cu_seqlens is None:
+            self._cu_seqlens = input_node("cu_seqlens", TensorType("int32", (f"{SEQS} + 1",)))
+            self.nodes.append(self._cu_seqlens)
+        return self._cu_seqlens
+
+    def unsupported(self, what: str | None = None, hint: str | None = None) -> UnsupportedOpError:
+        return UnsupportedOpError(what or self._where(), self.model_type, hint)
+
+    def _where(self) -> str:
+        n = self.fx_node
+        return f"'{_target_name(n.target)}'" if n is not None else "the graph"
+
+    # -- the walk ------------------------------------------------------------------------------
+
+    def meta_type(self, val: Any) -> TensorType:
+        return TensorType(dtype_name(val.dtype), tuple(self.dim(d) for d in val.shape))
+
+    def run(self, table: dict[str, Callable[..., Any]]) -> Graph:
+        sig = self.program.graph_signature
+        params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+        env: dict[torch.fx.Node, Any] = {}
+        outputs: list[Node] = []
+        fx_nodes = list(self.program.graph.nodes)
+        for fx in tqdm(fx_nodes, desc="convert to IR", unit="node", leave=False, disable=None):
+            self.fx_node = fx
+            if fx.op == "placeholder":
+                t = self.meta_type(fx.meta["val"])
+                if fx.name in params:
+                    node = param_node(params[fx.name].removeprefix("model."), t)
+                else:
+                    node = input_node(fx.name, t)
+                self.nodes.append(node)
+                env[fx] = node
+            elif fx.op == "call_function":
+                env[fx] = self._call(fx, env, table)
+            elif fx.op == "output":
+                outputs = [env[a] for a in fx.args[0]]
+            else:
+                raise self.unsupported(f"FX node kind '{fx.op}'")
+        graph = Graph(self.nodes, outputs, {"model_type": self.model_type})
+        return graph.with_nodes([n for n in graph.nodes if n.op == "input"], outputs)
+
+    def _call(self, fx: torch.fx.Node, env: dict, table: dict[str, Callable[..., Any]]) -> Any:
+        target = fx.target
+        name = _target_name(target)
+        if name in _SKIP:
+            return None
+        args = torch.fx.node.map_arg(fx.args, lambda n: env[n])
+        kwargs = torch.fx.node.map_arg(fx.kwargs, lambda n: env[n])
+        if target is operator.getitem:
+            return args[0][args[1]]
+        if target in _SYM_OPS:
+            return from_expr(_SYM_OPS[target](_sym(args[0]), _sym(args[1])))
+        if not isinstance(target, torch._ops.OpOverload):
+            raise self.unsupported()
+        inplace = name.endswith("_") and not name.endswith("__")
+        fn = table.get(name.rstrip("_") if inplace else name)
+        if fn is None:
+            raise self.unsupported()
+        bound = _bind(target, args, kwargs)
+        out = fn(self, bound, fx.meta.get("val"))
+        if inplace:  # later readers of the mutated operand see the result
+            env[fx.args[0]] = out
+        self._check(out, fx.meta.get("val"))
+        return out
+
+    def _check(self, out: Any, val: Any) -> None:
+        if isinstance(out, Node) and isinstance(val, torch.Tensor):
+            want = self.meta_type(val)
+            if not want.same_as(out.type):
+                raise KilnError(
+                    f"internal: converting {self._where()} gave {out.type}, torch says {want}"
+                )
+
+
+def _sym(x: Any) -> sympy.Expr:
+    return to_expr(x)
+
+
+_SYM_OPS: dict[Any, Callable[[sympy.Expr, sympy.Expr], sympy.Expr]] = {
+    operator.add: operator.add,
+    operator.sub: operator.sub,
+    operator.mul: operator.mul,
+    operator.floordiv: lambda a, b: sympy.floor(a / b),
+}
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _bind(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments by schema name, defaults filled in."""
+    out: dict[str, Any] = {}
+    schema_args = target._schema.arguments
+    for i, a in enumerate(schema_args):
+        if i < len(args) and not a.kwarg_only:
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+        else:
+            out[a.name] = None
+    return out

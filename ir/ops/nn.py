@@ -1,0 +1,44 @@
+"""Neural-network ops: projections, matmuls, embeddings, norms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.ir.ops.registry import register
+
+
+@register("linear", arity=(2, 3), kind="opaque", scalar_inputs=False)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias); weight: [out, in]."""
+    return F.linear(x, weight, bias)
+
+
+@register("matmul", arity=2, kind="opaque", scalar_inputs=False)
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched matrix product with NumPy broadcasting of leading axes."""
+    return torch.matmul(a, b)
+
+
+@register("embedding", arity=2, kind="opaque", scalar_inputs=False)
+def embedding(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of weight [V, H] for integer ids of any shape."""
+    return F.embedding(ids, weight)
+
+
+@register("layer_norm", arity=(1, 3), kind="opaque", attrs=("normalized_shape", "eps"),
+          optional_attrs=("has_weight", "has_bias"), scalar_inputs=False)
+def layer_norm(x: torch.Tensor, *wb: torch.Tensor, normalized_shape: list[int], eps: float,
+               has_weight: bool = True, has_bias: bool = True) -> torch.Tensor:
+    """LayerNorm over the trailing normalized_shape axes; inputs (x[, weight][, bias])."""
+    it = iter(wb)
+    weight = next(it) if has_weight else None
+    bias = next(it) if has_bias else None
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+@register("rms_norm", arity=(1, 2), kind="opaque", attrs=("normalized_shape", "eps"), scalar_inputs=False)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, normalized_shape: list[int],
+             eps: float) -> torch.Tensor:
+    """RMSNorm over the trailing normalized_shape axes (torch.nn.functional.rms_norm)."""
+    return F.rms_norm(x, normalized_shape, weight, eps)

@@ -1,0 +1,77 @@
+"""Tensor types of IR values: a dtype name and a shape of (symbolic) dims."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.ir.dims import Dim, dims_equal
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+SHORT = {
+    "float32": "f32",
+    "float16": "f16",
+    "bfloat16": "bf16",
+    "float64": "f64",
+    "int64": "i64",
+    "int32": "i32",
+    "int16": "i16",
+    "int8": "i8",
+    "uint8": "u8",
+    "bool": "bool",
+}
+LONG = {v: k for k, v in SHORT.items()}
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The IR name of a torch dtype; ValueError for dtypes the IR does not carry."""
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not supported; accepted: {', '.join(DTYPES)}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an IR dtype name."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{name}'; accepted: {', '.join(DTYPES)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TensorType:
+    """The type of one IR value."""
+
+    dtype: str
+    """IR dtype name (a key of DTYPES)."""
+    shape: tuple[Dim, ...]
+    """Sizes; an int, or a string naming a symbolic expression such as "T"."""
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def same_as(self, other: TensorType) -> bool:
+        """Equal dtype and dims that are the same expressions."""
+        return (
+            self.dtype == other.dtype
+            and len(self.shape) == len(other.shape)
+            and all(dims_equal(a, b) for a, b in zip(self.shape, other.shape, strict=True))
+        )
+
+    def __str__(self) -> str:
+        return f"{SHORT[self.dtype]}[{','.join(str(d).replace(' ', '') for d in self.shape)}]"
