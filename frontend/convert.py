@@ -120,7 +120,7 @@ class Converter:
             else:
                 raise self.unsupported(f"FX node kind '{fx.op}'")
         graph = Graph(self.nodes, outputs, {"model_type": self.model_type})
-        return graph.with_nodes([n for n in graph.nodes if n.op == "input"], outputs)
+        return graph.with_nodes(graph.inputs, outputs)
 
     def _call(self, fx: torch.fx.Node, env: dict, table: dict[str, Callable[..., Any]]) -> Any:
         target = fx.target

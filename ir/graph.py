@@ -93,14 +93,12 @@ class Graph:
         """The computing nodes (no inputs, params or consts)."""
         return [n for n in self.nodes if n.op not in SOURCE_OPS]
 
-    def with_nodes(self, keep: Iterable[Node], outputs: list[Node]) -> Graph:
-        """A graph of `keep` plus everything they and `outputs` depend on, topologically sorted.
-
-        Graph inputs are always kept, in their original order, so the calling convention holds.
-        """
-        order: list[Node] = [n for n in self.nodes if n.op == "input"]
+    def with_nodes(self, inputs: Iterable[Node], outputs: list[Node]) -> Graph:
+        """A graph of `inputs` (kept, in order: the calling convention) and everything the
+        outputs depend on, topologically sorted; other nodes are dropped."""
+        order: list[Node] = list(inputs)
         seen = set(order)
-        for root in [*keep, *outputs]:
+        for root in outputs:
             _visit(root, seen, order)
         return Graph(order, list(outputs), dict(self.meta))
 
@@ -113,8 +111,26 @@ class Graph:
             new_inputs = tuple(mapping[i] for i in n.inputs)
             cur = n if all(a is b for a, b in zip(new_inputs, n.inputs, strict=True)) else n.replace(inputs=new_inputs)
             mapping[n] = fn(cur) or cur
-        outputs = [mapping[o] for o in self.outputs]
-        return self.with_nodes([], outputs)
+        return self.with_nodes([mapping[i] for i in self.inputs], [mapping[o] for o in self.outputs])
+
+    def substitute(self, replace: dict[Node, Node]) -> Graph:
+        """Replace nodes by new values; the new values may be built on any original nodes
+        (which are themselves remapped), so a pass can describe a rewrite against the graph
+        as it was."""
+        mapping: dict[Node, Node] = {}
+        memo: dict[Node, Node] = {}
+
+        def remap(x: Node) -> Node:
+            if x in mapping:
+                return mapping[x]
+            if x not in memo:
+                ins = tuple(remap(i) for i in x.inputs)
+                memo[x] = x if all(a is b for a, b in zip(ins, x.inputs, strict=True)) else x.replace(inputs=ins)
+            return memo[x]
+
+        for n in self.nodes:
+            mapping[n] = remap(replace[n]) if n in replace else remap(n)
+        return self.with_nodes([mapping[i] for i in self.inputs], [mapping[o] for o in self.outputs])
 
 
 def _visit(root: Node, seen: set[Node], order: list[Node]) -> None:

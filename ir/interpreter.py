@@ -16,18 +16,18 @@ from kiln.ir.types import TensorType, torch_dtype
 WeightFn = Callable[[str, TensorType], torch.Tensor]
 
 
-def bind_symbols(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+def bind_symbols(types: Mapping[str, TensorType], inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Symbol values implied by the input shapes (a dim may be affine in one symbol, such as
     S+1); KilnError when an input does not fit its declared type."""
     bindings: dict[str, int] = {}
     pending: list[tuple[str, Dim, int]] = []
-    for node in graph.inputs:
-        if node.name not in inputs:
-            raise KilnError(f"missing graph input '{node.name}' (expects {node.type})")
-        t = inputs[node.name]
-        if t.dim() != node.type.rank:
-            raise KilnError(f"input '{node.name}' has shape {tuple(t.shape)}, expected {node.type}")
-        pending.extend((node.name, d, size) for d, size in zip(node.type.shape, t.shape, strict=True))
+    for name, type_ in types.items():
+        if name not in inputs:
+            raise KilnError(f"missing graph input '{name}' (expects {type_})")
+        t = inputs[name]
+        if t.dim() != type_.rank:
+            raise KilnError(f"input '{name}' has shape {tuple(t.shape)}, expected {type_}")
+        pending.extend((name, d, size) for d, size in zip(type_.shape, t.shape, strict=True))
     for name, d, size in sorted(pending, key=lambda p: len(symbols(p[1]))):
         free = symbols(d) - bindings.keys()
         if len(free) == 1:
@@ -60,7 +60,7 @@ def run_graph(
 ) -> list[torch.Tensor]:
     """Evaluate the graph; `weights(name, type)` supplies each param. Values are dropped after
     their last use, so peak memory is what the graph needs, not the sum of all values."""
-    bindings = bind_symbols(graph, inputs)
+    bindings = bind_symbols({n.name: n.type for n in graph.inputs}, inputs)
     last_use: dict[Node, int] = {}
     for i, n in enumerate(graph.nodes):
         for x in n.inputs:

@@ -1,0 +1,26 @@
+"""kiln: compile Hugging Face decoders into artifacts and serve them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from kiln.runtime.model import CompiledModel
+
+
+def compile(model_dir: str | Path, out_dir: str | Path, target: str = "reference", dtype: str = "float32",
+            **kwargs) -> Path:
+    """Compile a checkpoint directory into an artifact (see kiln.compile.compile for options)."""
+    from kiln.compile import compile as _compile
+
+    return _compile(model_dir, out_dir, target=target, dtype=dtype, **kwargs)
+
+
+def load_artifact(path: str | Path, device: str = "cpu") -> CompiledModel:
+    """Load an artifact; `.forward(input_ids, position_ids, seq_lens)` gives logits for all rows."""
+    from kiln.runtime.model import CompiledModel
+
+    return CompiledModel(path, device=device)

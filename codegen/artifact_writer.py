@@ -1,0 +1,88 @@
+"""Writing an artifact directory (layout and manifest in kiln.runtime.artifact)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from kiln.ir.graph import Graph
+from kiln.ir.serialize import dumps
+from kiln.runtime.artifact import (
+    FORMAT_VERSION,
+    GRAPH,
+    MANIFEST,
+    PLAN,
+    WEIGHTS_DIR,
+)
+from kiln.runtime.plan import ExecutionPlan
+
+SHARD_BYTES = 1 << 30
+
+
+def write_weights(root: Path, sources: dict[str, Callable[[], torch.Tensor]], shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Materialize each weight once and write safetensors shards of about shard_bytes."""
+    (root / WEIGHTS_DIR).mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in tqdm(sorted(sources), desc="write weights", unit="tensor", leave=False, disable=None):
+        t = sources[name]().contiguous()
+        if size and size + t.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    files = []
+    for i, shard in enumerate(shards):
+        rel = f"{WEIGHTS_DIR}/model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, root / rel, metadata={"format": "pt"})
+        files.append(rel)
+    return files
+
+
+def write_artifact(
+    root: Path,
+    graph: Graph,
+    plan: ExecutionPlan,
+    weights: dict[str, Callable[[], torch.Tensor]],
+    copy_files: dict[str, Path],
+    manifest: dict[str, Any],
+) -> None:
+    """Everything into `root` (which must not exist yet); the manifest goes last, listing every
+    file with its size and sha256, so a partial directory is never a valid artifact."""
+    from kiln.frontend.checkpoint import sha256_file
+
+    root.mkdir(parents=True)
+    (root / GRAPH).write_text(dumps(graph))
+    (root / PLAN).write_text(json.dumps(plan.to_dict()))
+    rels = [GRAPH, PLAN, *write_weights(root, weights)]
+    for rel, src in copy_files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, root / rel)
+        rels.append(rel)
+    params = {n.name: n for n in graph.params}
+    nbytes = sum(torch.empty(0, dtype=getattr(torch, n.type.dtype)).element_size() * _numel(n) for n in params.values())
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "ops": dict(Counter(s.kernel for s in plan.steps).most_common()),
+        "parameters": {"tensors": len(params), "elements": sum(_numel(n) for n in params.values()), "bytes": nbytes},
+        "files": {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in rels},
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _numel(n) -> int:
+    size = 1
+    for d in n.type.shape:
+        size *= int(d)
+    return size
+
+

@@ -1,0 +1,88 @@
+"""kiln.compile: checkpoint -> artifact (frontend -> passes -> codegen -> artifact)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import kiln
+from kiln.codegen.artifact_writer import write_artifact
+from kiln.codegen.fold_weights import fold_weights
+from kiln.codegen.targets import get_lowering
+from kiln.frontend import import_model
+from kiln.ir.verifier import verify
+from kiln.passes import PassManager, get_pass, resolve_pipeline
+from kiln.runtime.artifact import TOKENIZER_DIR
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def compile(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    target: str = "reference",
+    dtype: str = "float32",
+    passes: str | None = None,
+    dump_ir: str | Path | None = None,
+    verify_passes: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Compile a Hugging Face checkpoint directory into an artifact directory.
+
+    `passes` edits the target's pipeline ("+name,-name") or replaces it ("a,b,c"); `dump_ir`
+    writes the IR after each pass; `verify_passes` runs each pass's output against its input
+    on random inputs and raises VerifyError on a mismatch.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not supported; accepted: {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output '{out}' exists; remove it or pass overwrite=True (--force)")
+    lower = get_lowering(target)
+    names = resolve_pipeline(target, passes)
+    started = time.time()
+    imported = import_model(str(model_dir), DTYPES[dtype])
+    pm = PassManager(
+        [get_pass(n) for n in names],
+        dump_dir=Path(dump_ir) if dump_ir else None,
+        check_numerics=verify_passes,
+        weights=imported.weights,
+    )
+    graph = pm.run(imported.graph)
+    graph, folded = fold_weights(graph, imported.weights)
+    verify(graph)
+    plan = lower(graph)
+    sources = {
+        n.name: folded.get(n.name) or (lambda n=n: imported.weights(n.name, n.type)) for n in graph.params
+    }
+    ckpt = imported.checkpoint
+    copies = {f"{TOKENIZER_DIR}/{f.name}": f for f in ckpt.tokenizer_files}
+    copies["config.json"] = ckpt.path / "config.json"
+    if ckpt.generation_config is not None:
+        copies["generation_config.json"] = ckpt.generation_config
+    manifest = {
+        "kiln_version": kiln.__version__,
+        "target": target,
+        "dtype": dtype,
+        "model": {k: graph.meta.get(k) for k in ("model_type", "architectures", "vocab_size", "max_position_embeddings")},
+        "source": {"path": str(Path(model_dir).resolve()), "sha256": ckpt.source_hashes()},
+        "pipeline": names,
+        "passes": pm.report,
+        "fallbacks": [],
+        "compile_seconds": None,
+    }
+    staging = Path(tempfile.mkdtemp(prefix=".kiln-", dir=out.parent if out.parent.exists() else None))
+    try:
+        manifest["compile_seconds"] = round(time.time() - started, 2)
+        write_artifact(staging / "a", graph, plan, sources, copies, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (staging / "a").rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

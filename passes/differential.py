@@ -1,0 +1,72 @@
+"""--verify: run a pass's output against its input on random inputs through the interpreter."""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.errors import VerifyError
+from kiln.ir.graph import Graph
+from kiln.ir.interpreter import WeightFn, run_graph
+from kiln.ir.types import FLOAT_DTYPES
+
+# Max |a - b| relative to max |reference| per compute dtype: float32 reorderings (a merged
+# GEMM sums in another order) stay far below 1e-4; half precisions round each op.
+TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+def sample_batch(vocab: int, seed: int, lengths: tuple[int, ...] = (5, 11, 3)) -> dict[str, torch.Tensor]:
+    """A flattened batch of random token ids in the standard input names."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return {
+        "input_ids": torch.randint(0, vocab, (total,), generator=g),
+        "position_ids": torch.cat([torch.arange(n) for n in lengths]),
+        "cu_seqlens": cu,
+        "logits_indices": cu[1:].long() - 1,
+    }
+
+
+def _inputs_for(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for node in graph.inputs:
+        if node.name not in batch:
+            raise VerifyError(f"--verify does not know how to make graph input '{node.name}'")
+        t = batch[node.name]
+        out[node.name] = t.reshape(1, -1) if node.type.rank == 2 and t.dim() == 1 else t
+    return out
+
+
+def _rows(graph: Graph, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = out.reshape(-1, out.shape[-1])
+    names = {n.name for n in graph.inputs}
+    return out if "logits_indices" in names else out[batch["logits_indices"]]
+
+
+def check_equivalent(name: str, before: Graph, after: Graph, weights: WeightFn, seed: int = 0) -> float:
+    """Max relative error between the two graphs on one random batch; VerifyError past tolerance."""
+    batch = sample_batch(int(before.meta.get("vocab_size", 2)), seed)
+    with torch.no_grad():
+        a = run_graph(before, _inputs_for(before, batch), weights)
+        b = run_graph(after, _inputs_for(after, batch), weights)
+    if len(a) != len(b):
+        raise VerifyError(f"pass '{name}' changed the number of outputs ({len(a)} -> {len(b)})")
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        x, y = _rows(before, x, batch).float(), _rows(after, y, batch).float()
+        if x.shape != y.shape:
+            raise VerifyError(f"pass '{name}' changed output {i} from {tuple(x.shape)} to {tuple(y.shape)}")
+        scale = max(x.abs().max().item(), 1e-6)
+        err = (x - y).abs().max().item() / scale
+        dtype = before.outputs[i].type.dtype
+        tol = TOLERANCE.get(dtype, 0.0) if dtype in FLOAT_DTYPES else 0.0
+        if not err <= tol:
+            raise VerifyError(
+                f"pass '{name}' changed what the graph computes: output {i} differs by {err:.3g} "
+                f"(relative to max |ref| {scale:.3g}; tolerance {tol:g} for {dtype})"
+            )
+        worst = max(worst, err)
+    return worst
+
+
+

@@ -1,0 +1,64 @@
+"""Every pass by name, imported lazily; pipelines per target."""
+
+from __future__ import annotations
+
+import importlib
+
+from kiln.passes.base import Pass
+
+PASSES: dict[str, str] = {
+    "canonicalize": "kiln.passes.canonicalize:Canonicalize",
+    "dce": "kiln.passes.dce:DeadCodeElimination",
+    "cse": "kiln.passes.cse:CommonSubexpressionElimination",
+    "merge-projections": "kiln.passes.merge_projections:MergeProjections",
+    "last-token-logits": "kiln.passes.last_token_logits:LastTokenLogits",
+}
+
+PIPELINES: dict[str, list[str]] = {
+    "reference": [
+        # -- normalize what tracing produced
+        "canonicalize",
+        "cse",
+        "dce",
+        # -- fusions that hold on every target
+        "merge-projections",
+        # -- serving shape: logits only for sampled rows
+        "last-token-logits",
+        "dce",
+    ],
+}
+
+
+def get_pass(name: str) -> Pass:
+    """An instance of the pass registered as `name`."""
+    if name not in PASSES:
+        raise ValueError(f"unknown pass '{name}'; registered passes: {', '.join(PASSES)}")
+    module, cls = PASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def pipeline(target: str) -> list[str]:
+    """The pass names a target runs by default."""
+    if target not in PIPELINES:
+        raise ValueError(f"no pass pipeline for target '{target}'; known: {', '.join(PIPELINES)}")
+    return list(PIPELINES[target])
+
+
+def resolve_pipeline(target: str, spec: str | None) -> list[str]:
+    """A pipeline from a --passes spec: a full comma list ("canonicalize,dce"), or edits of the
+    target's default ("+name" appends, "-name" removes every occurrence)."""
+    names = pipeline(target)
+    if not spec:
+        return names
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if all(s[0] in "+-" for s in items):
+        for s in items:
+            if s[0] == "+":
+                names.append(s[1:])
+            else:
+                names = [n for n in names if n != s[1:]]
+    else:
+        names = items
+    for n in names:
+        get_pass(n)
+    return names

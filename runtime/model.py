@@ -1,0 +1,78 @@
+"""A loaded artifact as a model: one flattened batch in, logits out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.errors import ArtifactError
+from kiln.runtime.artifact import GRAPH, PLAN, TOKENIZER_DIR, WEIGHTS_DIR, read_json, read_manifest
+from kiln.runtime.executor import PlanExecutor
+from kiln.runtime.plan import ExecutionPlan
+from kiln.runtime.weights import load_weights
+
+
+class CompiledModel:
+    """An artifact loaded for execution (the runtime's view: no compiler code involved)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", target: str | None = None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, target)
+        try:
+            self.plan = ExecutionPlan.from_dict(read_json(self.path, PLAN))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"'{self.path / PLAN}' is malformed ({e}); recompile the artifact") from None
+        files = sorted((self.path / WEIGHTS_DIR).glob("*.safetensors"))
+        weights = load_weights(files, set(self.plan.params), device)
+        self.executor = PlanExecutor(self.plan, weights, device)
+        self.config: dict[str, Any] = read_json(self.path, "config.json")
+        self.vocab_size: int = self.manifest["model"]["vocab_size"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+    @property
+    def graph_path(self) -> Path:
+        return self.path / GRAPH
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_lens: Sequence[int] | torch.Tensor,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [T, V] (or [len(logits_indices), V]) for one flattened batch: input_ids and
+        position_ids are 1-D LongTensors of T tokens, the sequences concatenated; seq_lens their
+        lengths. Each sequence attends only to itself, causally."""
+        input_ids, position_ids = _tokens("input_ids", input_ids), _tokens("position_ids", position_ids)
+        lens = torch.as_tensor(seq_lens, dtype=torch.int64).reshape(-1)
+        total = input_ids.shape[0]
+        if position_ids.shape[0] != total:
+            raise ValueError(f"position_ids has {position_ids.shape[0]} tokens, input_ids {total}")
+        if (lens <= 0).any() or int(lens.sum()) != total:
+            raise ValueError(f"seq_lens {lens.tolist()} must be positive and sum to the {total} tokens")
+        if (input_ids < 0).any() or (input_ids >= self.vocab_size).any():
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
+        cu = torch.zeros(lens.numel() + 1, dtype=torch.int32)
+        cu[1:] = lens.cumsum(0)
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "cu_seqlens": cu}
+        if "logits_indices" in self.plan.inputs:
+            inputs["logits_indices"] = (
+                torch.arange(total) if logits_indices is None else logits_indices.to(torch.int64)
+            )
+        return self.executor.run(inputs)[0]
+
+    __call__ = forward
+
+
+def _tokens(name: str, t: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be a 1-D LongTensor (got {tuple(t.shape)} {t.dtype})")
+    return t.to(torch.int64)
