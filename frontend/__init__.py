@@ -25,11 +25,14 @@ def import_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Imported
     """Trace the checkpoint's transformers model into kiln IR (no weight is read)."""
     from kiln.frontend.aten_ops import TABLE
     from kiln.frontend.convert import Converter
-    from kiln.frontend.trace import build_meta_model, trace
+    from kiln.frontend.trace import own_attention_error, trace
 
     ckpt = load_checkpoint(model_dir)
     traced = trace(ckpt, dtype)
     graph = Converter(traced.program, traced.token_symbol, ckpt.model_type).run(TABLE)
+    if not any(n.op == "attention" for n in graph.nodes):
+        # Attention the model computes itself would mix the sequences of a flattened batch.
+        raise own_attention_error(ckpt.model_type)
     config = ckpt.config
     graph.meta.update(
         model_type=ckpt.model_type,
@@ -38,6 +41,6 @@ def import_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Imported
         max_position_embeddings=getattr(config, "max_position_embeddings", None)
         or getattr(config, "n_positions", None),
     )
-    base = build_meta_model.__module__ and getattr(config, "base_model_prefix", "") or ""
+    base = getattr(config, "base_model_prefix", "") or ""
     weights = SourceWeights(ckpt, traced.buffers, traced.aliases, base, dtype)
     return Imported(graph, weights, ckpt)

@@ -43,7 +43,9 @@ _UNARY = {
     "neg": "neg", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "sin": "sin",
     "cos": "cos", "tanh": "tanh", "sigmoid": "sigmoid", "silu": "silu", "relu": "relu",
     "abs": "abs", "reciprocal": "reciprocal", "erf": "erf", "floor": "floor", "ceil": "ceil",
-    "logical_not": "logical_not", "bitwise_not": "logical_not", "sign": "sign",
+    "logical_not": "logical_not", "bitwise_not": "logical_not", "sign": "sign", "square": "square",
+    "log1p": "log1p", "expm1": "expm1", "exp2": "exp2", "mish": "mish", "hardswish": "hardswish",
+    "hardsigmoid": "hardsigmoid", "isnan": "isnan", "isinf": "isinf",
 }
 for _aten, _op in _UNARY.items():
     TABLE[_aten] = lambda cv, a, val, _op=_op: cv.emit(_op, [a["self"]])
@@ -101,12 +103,29 @@ def _softplus(cv: Converter, a: dict, val: Any) -> Node:
     return cv.emit("softplus", [a["self"]], beta=float(a["beta"]), threshold=float(a["threshold"]))
 
 
-@conv("clamp", "clamp_min", "clamp_max")
+@conv("clamp", "clamp_min", "clamp_max", "hardtanh")
 def _clamp(cv: Converter, a: dict, val: Any) -> Node:
-    attrs = {k: a[k] for k in ("min", "max") if a.get(k) is not None}
-    if any(isinstance(v, Node) for v in attrs.values()):
-        raise cv.unsupported(hint="clamp with tensor bounds is not supported")
-    return cv.emit("clamp", [a["self"]], **attrs)
+    bounds = {k: a.get(k, a.get(f"{k}_val")) for k in ("min", "max")}
+    if any(isinstance(v, Node) for v in bounds.values()):  # tensor bounds: elementwise max/min
+        x = a["self"]
+        if bounds["min"] is not None:
+            x = cv.emit("maximum", [x, bounds["min"]])
+        if bounds["max"] is not None:
+            x = cv.emit("minimum", [x, bounds["max"]])
+        return x
+    return cv.emit("clamp", [a["self"]], **{k: v for k, v in bounds.items() if v is not None})
+
+
+@conv("leaky_relu")
+def _leaky_relu(cv: Converter, a: dict, val: Any) -> Node:
+    return cv.emit("leaky_relu", [a["self"]], negative_slope=float(a["negative_slope"]))
+
+
+@conv("elu")
+def _elu(cv: Converter, a: dict, val: Any) -> Node:
+    if (a.get("alpha", 1), a.get("scale", 1), a.get("input_scale", 1)) != (1, 1, 1):
+        raise cv.unsupported(hint="elu with alpha/scale other than 1 is not supported")
+    return cv.emit("elu", [a["self"]])
 
 
 @conv("where")
@@ -294,6 +313,15 @@ def _scatter_add(cv: Converter, a: dict, val: Any) -> Node:
     return cv.emit("scatter_add", [a["self"], a["index"], a["src"]], dim=cv.axis(a["dim"], a["self"].type.rank))
 
 
+@conv("scatter")
+def _scatter(cv: Converter, a: dict, val: Any) -> Node:
+    if a.get("reduce") is not None:
+        raise cv.unsupported(hint="scatter with a reduce mode is not supported")
+    src = a.get("src") if a.get("src") is not None else a.get("value")
+    x = a["self"]
+    return cv.emit("scatter", [x, a["index"], cv.tensor(src)], dim=cv.axis(a["dim"], x.type.rank))
+
+
 @conv("repeat_interleave")
 def _repeat_interleave(cv: Converter, a: dict, val: Any) -> Node:
     if not isinstance(a.get("repeats"), int) or a.get("dim") is None:
@@ -364,6 +392,20 @@ def _reduce(cv: Converter, a: dict, val: Any) -> Node:
     return cv.emit(op, [x], **attrs)
 
 
+@conv("logsumexp")
+def _logsumexp(cv: Converter, a: dict, val: Any) -> Node:
+    x = a["self"]
+    return cv.emit("logsumexp", [x], dims=_dims(cv, x, a.get("dim")), keepdim=bool(a.get("keepdim")))
+
+
+@conv("linalg_vector_norm", "norm")
+def _vector_norm(cv: Converter, a: dict, val: Any) -> Node:
+    x = a["self"]
+    ord_ = a.get("ord", a.get("p", 2))
+    ord_ = 2.0 if ord_ is None else float(ord_)
+    return cv.emit("vector_norm", [x], ord=ord_, dims=_dims(cv, x, a.get("dim")), keepdim=bool(a.get("keepdim")))
+
+
 @conv("var")
 def _var(cv: Converter, a: dict, val: Any) -> Node:
     x = a["self"]
@@ -376,6 +418,8 @@ def _var(cv: Converter, a: dict, val: Any) -> Node:
 def _max(cv: Converter, a: dict, val: Any) -> Any:
     x = a["self"]
     name = cv.fx_node.target._schema.name.split("::")[-1]
+    if a.get("other") is not None:
+        return cv.emit("maximum" if name == "max" else "minimum", [x, cv.tensor(a["other"])])
     if a.get("dim") is None:
         return cv.emit("amax" if name == "max" else "amin", [x], dims=list(range(x.type.rank)), keepdim=False)
     if name == "min":
@@ -445,6 +489,41 @@ def _addmm(cv: Converter, a: dict, val: Any) -> Node:
 @conv("mm", "bmm", "matmul")
 def _matmul(cv: Converter, a: dict, val: Any) -> Node:
     return cv.emit("matmul", [a["self"], a.get("mat2", a.get("other"))])
+
+
+@conv("baddbmm")
+def _baddbmm(cv: Converter, a: dict, val: Any) -> Node:
+    prod = cv.emit("matmul", [a["batch1"], a["batch2"]])
+    if a.get("alpha", 1) != 1:
+        prod = cv.emit("mul", [prod, cv.tensor(a["alpha"])])
+    if a.get("beta", 1) == 0:
+        return prod
+    base = a["self"] if a.get("beta", 1) == 1 else cv.emit("mul", [a["self"], cv.tensor(a["beta"])])
+    return cv.emit("add", [base, prod])
+
+
+@conv("einsum")
+def _einsum(cv: Converter, a: dict, val: Any) -> Node:
+    return cv.emit("einsum", list(a["tensors"]), equation=a["equation"])
+
+
+@conv("outer")
+def _outer(cv: Converter, a: dict, val: Any) -> Node:
+    x, y = a["self"], a["vec2"]
+    col = _reshape(cv, x, [x.type.shape[0], 1])
+    return cv.emit("mul", [col, y])
+
+
+@conv("repeat")
+def _repeat(cv: Converter, a: dict, val: Any) -> Node:
+    return cv.emit("repeat", [a["self"]], repeats=[cv.dim(r) for r in a["repeats"]])
+
+
+@conv("fill")
+def _fill(cv: Converter, a: dict, val: Any) -> Node:
+    if isinstance(a["value"], Node):
+        raise cv.unsupported(hint="fill with a tensor value is not supported")
+    return cv.emit("full_like", [a["self"]], value=a["value"], dtype=dtype_name(val.dtype))
 
 
 @conv("embedding")

@@ -90,7 +90,7 @@ class Converter:
 
     def _where(self) -> str:
         n = self.fx_node
-        return f"'{_target_name(n.target)}'" if n is not None else "the graph"
+        return _target_name(n.target) if n is not None else "the graph"
 
     # -- the walk ------------------------------------------------------------------------------
 

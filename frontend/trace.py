@@ -64,7 +64,20 @@ def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
             return model.eval()
         except (TypeError, ValueError) as e:
             last = e
+        except KeyError as e:
+            if ATTN_IMPLEMENTATION in str(e):
+                raise own_attention_error(config.model_type) from None
+            raise
     raise KilnError(f"transformers cannot build '{config.model_type}' from {ckpt.path}: {last}")
+
+
+def own_attention_error(model_type: str) -> UnsupportedOpError:
+    return UnsupportedOpError(
+        "attention computed outside transformers' AttentionInterface",
+        model_type,
+        hint="this architecture implements attention (and its masks or ALiBi biases) in its own "
+        "modeling code, so kiln cannot route it to its paged attention op; it is not supported yet",
+    )
 
 
 def trace(ckpt: Checkpoint, dtype: torch.dtype) -> Traced:

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
 def compile(model_dir: str | Path, out_dir: str | Path, target: str = "reference", dtype: str = "float32",
             **kwargs) -> Path:
-    """Compile a checkpoint directory into an artifact (see kiln.compile.compile for options)."""
-    from kiln.compile import compile as _compile
+    """Compile a checkpoint directory into an artifact (see kiln.compile_model.compile for options)."""
+    from kiln.compile_model import compile as _compile
 
     return _compile(model_dir, out_dir, target=target, dtype=dtype, **kwargs)
 

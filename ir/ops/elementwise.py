@@ -38,6 +38,16 @@ _UNARY = {
     "ceil": torch.ceil,
     "logical_not": torch.logical_not,
     "sign": torch.sign,
+    "square": torch.square,
+    "log1p": torch.log1p,
+    "expm1": torch.expm1,
+    "exp2": torch.exp2,
+    "mish": torch.nn.functional.mish,
+    "hardswish": torch.nn.functional.hardswish,
+    "hardsigmoid": torch.nn.functional.hardsigmoid,
+    "elu": torch.nn.functional.elu,
+    "isnan": torch.isnan,
+    "isinf": torch.isinf,
 }
 for _name, _fn in _UNARY.items():
     register(_name, arity=1, kind="elementwise")(lambda x, _fn=_fn: _fn(x))
@@ -53,6 +63,12 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
 def softplus(x: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
     """log(1 + exp(beta*x)) / beta, linear above threshold."""
     return F.softplus(x, beta=beta, threshold=threshold)
+
+
+@register("leaky_relu", arity=1, kind="elementwise", attrs=("negative_slope",))
+def leaky_relu(x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """max(x, 0) + negative_slope * min(x, 0)."""
+    return F.leaky_relu(x, negative_slope)
 
 
 @register("cast", arity=1, kind="elementwise", attrs=("dtype",))

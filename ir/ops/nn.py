@@ -42,3 +42,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, normalized_
              eps: float) -> torch.Tensor:
     """RMSNorm over the trailing normalized_shape axes (torch.nn.functional.rms_norm)."""
     return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+@register("einsum", arity=None, kind="opaque", attrs=("equation",), scalar_inputs=False)
+def einsum(*xs: torch.Tensor, equation: str) -> torch.Tensor:
+    """Einstein summation over the operands."""
+    return torch.einsum(equation, *xs)

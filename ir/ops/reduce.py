@@ -23,6 +23,18 @@ def var(x: torch.Tensor, dims: list[int], keepdim: bool, correction: float) -> t
     return torch.var(x, dim=dims, keepdim=keepdim, correction=correction)
 
 
+@register("logsumexp", arity=1, kind="reduce", attrs=("dims", "keepdim"))
+def logsumexp(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    """log(sum(exp(x))) over dims, computed stably."""
+    return torch.logsumexp(x, dim=dims, keepdim=keepdim)
+
+
+@register("vector_norm", arity=1, kind="reduce", attrs=("ord", "dims", "keepdim"))
+def vector_norm(x: torch.Tensor, ord: float, dims: list[int], keepdim: bool) -> torch.Tensor:
+    """The ord-norm over dims."""
+    return torch.linalg.vector_norm(x, ord=ord, dim=dims, keepdim=keepdim)
+
+
 @register("argmax", arity=1, kind="dim", attrs=("dim", "keepdim"))
 def argmax(x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
     """Index of the largest element along dim."""

@@ -16,6 +16,12 @@ def reshape(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return x.reshape(shape)
 
 
+@register("repeat", arity=1, kind="opaque", attrs=("repeats",), dim_attrs=("repeats",))
+def repeat(x: torch.Tensor, repeats: list[int]) -> torch.Tensor:
+    """Tile x: axis i repeated repeats[i] times (leading new axes allowed)."""
+    return x.repeat(repeats)
+
+
 @register("permute", arity=1, kind="opaque", attrs=("dims",))
 def permute(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """Reorder axes: output axis i is input axis dims[i]."""
@@ -70,6 +76,14 @@ def index(x: torch.Tensor, *indices: torch.Tensor, axes: list[int]) -> torch.Ten
 def scatter_add(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, dim: int) -> torch.Tensor:
     """x with src added at index along dim (out of place)."""
     return torch.scatter_add(x, dim, index, src)
+
+
+@register("scatter", arity=3, kind="dim", attrs=("dim",), scalar_inputs=False)
+def scatter(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with src written at index along dim (out of place); src may be a rank-0 value."""
+    if src.dim() == 0:
+        return torch.scatter(x, dim, index, src.item())
+    return torch.scatter(x, dim, index, src)
 
 
 @register("repeat_interleave", arity=1, kind="dim", attrs=("repeats", "dim"))

@@ -1,0 +1,104 @@
+"""Command line: `compile-model`, `kiln inspect`, `kiln generate` (and `kiln compile`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from kiln.errors import KilnError
+
+TARGETS = ("reference", "cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _add_compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--target", default="reference", choices=TARGETS)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--passes", default=None,
+                   help="comma list replacing the target's pipeline, or +name/-name edits of it")
+    p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after each pass into DIR")
+    p.add_argument("--verify", action="store_true",
+                   help="run every pass's output against its input on random inputs; fail on a mismatch")
+    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import kiln
+
+    out = kiln.compile(args.model_dir, args.output, target=args.target, dtype=args.dtype, passes=args.passes,
+                       dump_ir=args.dump_ir, verify_passes=args.verify, overwrite=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from kiln.runtime.inspect import describe
+
+    print(describe(args.artifact, verify=args.verify))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kiln.runtime.greedy import stream_greedy
+
+    for piece in stream_greedy(args.artifact, args.prompt, max_tokens=args.max_tokens):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return fn(args)
+    except (KilnError, ValueError, FileExistsError, FileNotFoundError) as e:
+        if args.debug or os.environ.get("KILN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def compile_model_main(argv: Sequence[str] | None = None) -> int:
+    """`compile-model MODEL_DIR -o OUT ...`"""
+    p = argparse.ArgumentParser(prog="compile-model", description="Compile a Hugging Face checkpoint into a kiln artifact.")
+    _add_compile_args(p)
+    _common(p)
+    return _run(_compile, p.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`kiln SUBCOMMAND ...`"""
+    p = argparse.ArgumentParser(prog="kiln", description="kiln: compile and run LLM artifacts.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compile", help="compile a checkpoint (same as compile-model)")
+    _add_compile_args(c)
+    _common(c)
+    c.set_defaults(fn=_compile)
+    i = sub.add_parser("inspect", help="summarize an artifact")
+    i.add_argument("artifact")
+    i.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    _common(i)
+    i.set_defaults(fn=_inspect)
+    g = sub.add_parser("generate", help="complete a prompt with an artifact, streaming to the terminal")
+    g.add_argument("artifact")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    _common(g)
+    g.set_defaults(fn=_generate)
+    args = p.parse_args(argv)
+    return _run(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

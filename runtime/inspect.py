@@ -1,0 +1,42 @@
+"""`kiln inspect`: a human-readable summary of an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.runtime.artifact import read_manifest, verify_hashes
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def describe(path: str | Path, verify: bool = False) -> str:
+    """Summary text: model, target, ops by kind, parameters, passes, fallbacks, files."""
+    m = read_manifest(path)
+    model = m["model"]
+    lines = [
+        f"artifact   {Path(path)}",
+        f"model      {model['model_type']} ({', '.join(model.get('architectures') or []) or '?'}), vocab {model['vocab_size']}",
+        f"target     {m['target']}   dtype {m['dtype']}   format v{m['format_version']}   kiln {m['kiln_version']}",
+        f"parameters {m['parameters']['elements']:,} in {m['parameters']['tensors']} tensors ({_human(m['parameters']['bytes'])})",
+        f"compiled   in {m.get('compile_seconds')} s from {m['source']['path']}",
+        "ops (kernel: count)",
+        *(f"  {k:28s} {v}" for k, v in m["ops"].items()),
+        "passes",
+        *(
+            f"  {i:2d}. {p['pass']:22s} {p['nodes']:5d} ops"
+            + (f"   verified, max rel err {p['max_rel_error']:.1e}" if "max_rel_error" in p else "")
+            for i, p in enumerate(m["passes"], 1)
+        ),
+        "fallbacks  " + (", ".join(m["fallbacks"]) if m["fallbacks"] else "none"),
+        f"files      {len(m['files'])}, {_human(sum(f['size'] for f in m['files'].values()))}",
+    ]
+    if verify:
+        bad = verify_hashes(path)
+        lines.append("hashes     " + ("all match" if not bad else f"MISMATCH: {', '.join(bad)}"))
+    return "\n".join(lines)
