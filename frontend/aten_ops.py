@@ -317,9 +317,11 @@ def _scatter_add(cv: Converter, a: dict, val: Any) -> Node:
 def _scatter(cv: Converter, a: dict, val: Any) -> Node:
     if a.get("reduce") is not None:
         raise cv.unsupported(hint="scatter with a reduce mode is not supported")
-    src = a.get("src") if a.get("src") is not None else a.get("value")
     x = a["self"]
-    return cv.emit("scatter", [x, a["index"], cv.tensor(src)], dim=cv.axis(a["dim"], x.type.rank))
+    src = a.get("src")
+    if src is None:  # scatter.value: one scalar written everywhere index points
+        src = cv.emit("full_like", [a["index"]], value=a["value"], dtype=x.type.dtype)
+    return cv.emit("scatter", [x, a["index"], src], dim=cv.axis(a["dim"], x.type.rank))
 
 
 @conv("repeat_interleave")

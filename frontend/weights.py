@@ -47,12 +47,18 @@ class SourceWeights:
             from transformers import AutoModelForCausalLM
 
             log.warning("checkpoint layout differs from the module's; loading it through transformers")
-            kw = {"dtype": self.dtype, "low_cpu_mem_usage": True}
+            kw = {"dtype": self.dtype, "output_loading_info": True}
             try:
-                model = AutoModelForCausalLM.from_pretrained(self.ckpt.path, experts_implementation="batched_mm", **kw)
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    self.ckpt.path, experts_implementation="batched_mm", **kw
+                )
             except (TypeError, ValueError):
-                model = AutoModelForCausalLM.from_pretrained(self.ckpt.path, **kw)
-            self._converted = {k: v.detach() for k, v in model.state_dict(keep_vars=False).items()}
+                model, info = AutoModelForCausalLM.from_pretrained(self.ckpt.path, **kw)
+            # transformers initializes what the checkpoint lacks: never let that into an artifact.
+            missing = set(info.get("missing_keys", ()))
+            self._converted = {
+                k: v.detach() for k, v in model.state_dict(keep_vars=False).items() if k not in missing
+            }
         return self._converted
 
     def __call__(self, name: str, type_: TensorType) -> torch.Tensor:

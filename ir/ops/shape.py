@@ -80,9 +80,7 @@ def scatter_add(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, dim: in
 
 @register("scatter", arity=3, kind="dim", attrs=("dim",), scalar_inputs=False)
 def scatter(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, dim: int) -> torch.Tensor:
-    """x with src written at index along dim (out of place); src may be a rank-0 value."""
-    if src.dim() == 0:
-        return torch.scatter(x, dim, index, src.item())
+    """x with src written at index along dim (out of place)."""
     return torch.scatter(x, dim, index, src)
 
 

@@ -1,0 +1,54 @@
+"""The command line: compile-model, kiln inspect, kiln generate."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from kiln.cli import compile_model_main, main
+
+
+def test_compile_model_with_dump_and_verify(checkpoint, tmp_path, capsys):
+    out, dump = tmp_path / "art", tmp_path / "ir"
+    rc = compile_model_main([str(checkpoint("llama")), "-o", str(out), "--dump-ir", str(dump), "--verify"])
+    assert rc == 0 and (out / "manifest.json").is_file()
+    dumps = sorted(p.name for p in dump.iterdir())
+    assert dumps[0] == "00-input.ir" and dumps[1] == "01-canonicalize.ir" and len(dumps) == 7
+    assert "attention(" in (dump / "01-canonicalize.ir").read_text()
+    assert main(["inspect", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("llama", "torch:attention", "canonicalize", "verified", "fallbacks  none", "hashes     all match"):
+        assert expected in text
+
+
+def test_passes_option(checkpoint, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert compile_model_main([str(checkpoint("llama")), "-o", str(out), "--passes=-merge-projections"]) == 0
+    assert main(["inspect", str(out)]) == 0
+    assert "merge-projections" not in capsys.readouterr().out
+    rc = compile_model_main([str(checkpoint("llama")), "-o", str(tmp_path / "b"), "--passes", "nonsense"])
+    assert rc == 2 and "unknown pass 'nonsense'" in capsys.readouterr().err
+
+
+def test_existing_output_needs_force(artifact, checkpoint, tmp_path, capsys):
+    out = tmp_path / "art"
+    shutil.copytree(artifact("llama"), out)
+    assert compile_model_main([str(checkpoint("llama")), "-o", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert compile_model_main([str(checkpoint("llama")), "-o", str(out), "--force"]) == 0
+
+
+def test_generate_streams_text(artifact, capsys):
+    assert main(["generate", str(artifact("llama")), "--prompt", "def f(x):", "--max-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    exe = shutil.which("compile-model")
+    if exe is None:
+        pytest.skip("console scripts not installed")
+    r = subprocess.run([exe, str(tmp_path / "nope"), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
