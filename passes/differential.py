@@ -7,6 +7,7 @@ import torch
 from kiln.errors import VerifyError
 from kiln.ir.graph import Graph
 from kiln.ir.interpreter import WeightFn, run_graph
+from kiln.ir.ops.attention import contiguous_paged_inputs
 from kiln.ir.types import FLOAT_DTYPES
 
 # Max |a - b| relative to max |reference| per compute dtype: float32 reorderings (a merged
@@ -27,7 +28,15 @@ def sample_batch(vocab: int, seed: int, lengths: tuple[int, ...] = (5, 11, 3)) -
     }
 
 
+PAGED_BLOCK_SIZE = 4
+
+
 def _inputs_for(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = {n.name for n in graph.inputs}
+    if "slot_mapping" in names:
+        lengths = (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]).tolist()
+        caches = {n.name: n.type for n in graph.inputs if n.name.startswith(("k_cache.", "v_cache."))}
+        batch = {**batch, **contiguous_paged_inputs(lengths, PAGED_BLOCK_SIZE, caches, shuffle_seed=len(lengths))}
     out = {}
     for node in graph.inputs:
         if node.name not in batch:

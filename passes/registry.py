@@ -12,6 +12,7 @@ PASSES: dict[str, str] = {
     "cse": "kiln.passes.cse:CommonSubexpressionElimination",
     "merge-projections": "kiln.passes.merge_projections:MergeProjections",
     "last-token-logits": "kiln.passes.last_token_logits:LastTokenLogits",
+    "paged-attention": "kiln.passes.paged_attention:PagedAttention",
 }
 
 PIPELINES: dict[str, list[str]] = {
@@ -22,8 +23,9 @@ PIPELINES: dict[str, list[str]] = {
         "dce",
         # -- fusions that hold on every target
         "merge-projections",
-        # -- serving shape: logits only for sampled rows
+        # -- serving shape: logits only for sampled rows, attention over the paged KV cache
         "last-token-logits",
+        "paged-attention",
         "dce",
     ],
 }

@@ -9,10 +9,14 @@ from typing import Any
 import torch
 
 from kiln.errors import ArtifactError
+from kiln.ir.ops.attention import contiguous_paged_inputs
+from kiln.ir.types import TensorType
 from kiln.runtime.artifact import GRAPH, PLAN, TOKENIZER_DIR, WEIGHTS_DIR, read_json, read_manifest
 from kiln.runtime.executor import PlanExecutor
 from kiln.runtime.plan import ExecutionPlan
 from kiln.runtime.weights import load_weights
+
+DEBUG_BLOCK_SIZE = 16
 
 
 class CompiledModel:
@@ -30,6 +34,11 @@ class CompiledModel:
         self.executor = PlanExecutor(self.plan, weights, device)
         self.config: dict[str, Any] = read_json(self.path, "config.json")
         self.vocab_size: int = self.manifest["model"]["vocab_size"]
+
+    @property
+    def cache_types(self) -> dict[str, TensorType]:
+        """The per-layer KV-cache inputs of the plan ([NB, BS, Hkv, D] each)."""
+        return {k: t for k, t in self.executor.input_types.items() if k.startswith(("k_cache.", "v_cache."))}
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -62,6 +71,8 @@ class CompiledModel:
         cu = torch.zeros(lens.numel() + 1, dtype=torch.int32)
         cu[1:] = lens.cumsum(0)
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "cu_seqlens": cu}
+        if "slot_mapping" in self.plan.inputs:  # a throwaway paged cache holding just this batch
+            inputs.update(contiguous_paged_inputs(lens.tolist(), DEBUG_BLOCK_SIZE, self.cache_types))
         if "logits_indices" in self.plan.inputs:
             inputs["logits_indices"] = (
                 torch.arange(total) if logits_indices is None else logits_indices.to(torch.int64)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kiln.ir.ops.registry import register
-from kiln.ir.types import TensorType
+from kiln.ir.types import TensorType, torch_dtype
 
 
 def attention_scores_to_output(
@@ -96,3 +96,100 @@ def attention(
             scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
         )
     return out[None] if batched else out
+
+
+# -- paged attention ------------------------------------------------------------------------
+#
+# The KV cache of one layer is a tensor of fixed-size blocks; a sequence's block table lists
+# the physical blocks holding its tokens in order, and the slot of token j of a sequence is
+# block_tables[s, j // BS] * BS + j % BS:
+#
+#   k_cache: [NB, BS, Hkv, D]        block_tables[s] = [7, 2, 9]   (BS = 4)
+#   tokens 0..3 -> block 7, 4..7 -> block 2, 8..9 -> block 9 (slots 36, 37)
+#
+# Per step: q/k/v hold the new tokens of S sequences (cu_seqlens: query start offsets);
+# seq_lens[s] is sequence s's length including them, so its queries sit at positions
+# seq_lens[s] - q_len .. seq_lens[s] - 1 and attend to keys 0 .. seq_lens[s] - 1.
+
+
+def _paged_infer(types: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    q, _, v = types[:3]
+    return TensorType(q.dtype, (*q.shape[:-1], v.shape[-1]))
+
+
+@register(
+    "paged_attention",
+    arity=(9, 10),
+    attrs=("scale", "causal", "sliding_window", "softcap"),
+    infer=_paged_infer,
+    scalar_inputs=False,
+)
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    sinks: torch.Tensor | None = None,
+    *,
+    scale: float,
+    causal: bool,
+    sliding_window: int,
+    softcap: float,
+) -> torch.Tensor:
+    """Write this step's k/v into the cache slots, then attend each sequence's new queries
+    over its cached keys through its block table; inputs (q [T,Hq,D], k/v [T,Hkv,D],
+    k_cache/v_cache [NB,BS,Hkv,D], slot_mapping [T], block_tables [S,MB], seq_lens [S],
+    cu_seqlens [S+1][, sinks [Hq]]). The caches are updated in place."""
+    nb, bs, hkv = k_cache.shape[:3]
+    k_cache.view(nb * bs, hkv, -1).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, hkv, -1).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    bounds = cu_seqlens.tolist()
+    for s, ctx in enumerate(seq_lens.tolist()):
+        start, end = bounds[s], bounds[s + 1]
+        if end == start:
+            continue
+        blocks = block_tables[s, : (ctx + bs - 1) // bs].long()
+        keys = k_cache[blocks].reshape(-1, hkv, k_cache.shape[-1])[:ctx]  # [ctx, Hkv, D]
+        vals = v_cache[blocks].reshape(-1, hkv, v_cache.shape[-1])[:ctx]
+        q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
+        out[start:end] = attention_scores_to_output(
+            q[start:end], keys, vals, q_pos, torch.arange(ctx, device=q.device),
+            scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+        )
+    return out
+
+
+def contiguous_paged_inputs(
+    lengths: Sequence[int], block_size: int, cache_types: Mapping[str, TensorType], *, shuffle_seed: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Paged-attention metadata and empty caches for whole sequences computed in one step
+    (the debug forward and --verify). Blocks are handed out in order, or in a seeded random
+    order with shuffle_seed, so block tables are exercised."""
+    per_seq = [(n + block_size - 1) // block_size for n in lengths]
+    total = sum(per_seq)
+    order = list(range(total))
+    if shuffle_seed is not None:
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+    tables = torch.zeros(len(lengths), max(per_seq, default=1), dtype=torch.int32)
+    slots: list[int] = []
+    used = 0
+    for s, (n, nblocks) in enumerate(zip(lengths, per_seq, strict=True)):
+        blocks = order[used : used + nblocks]
+        used += nblocks
+        tables[s, :nblocks] = torch.tensor(blocks, dtype=torch.int32)
+        slots.extend(blocks[j // block_size] * block_size + j % block_size for j in range(n))
+    out = {
+        "slot_mapping": torch.tensor(slots, dtype=torch.int64),
+        "block_tables": tables,
+        "seq_lens": torch.tensor(list(lengths), dtype=torch.int32),
+    }
+    for name, t in cache_types.items():
+        _, _, hkv, d = t.shape
+        out[name] = torch.zeros(total, block_size, int(hkv), int(d), dtype=torch_dtype(t.dtype))
+    return out
