@@ -22,7 +22,7 @@ def test_compile_model_with_dump_and_verify(checkpoint, tmp_path, capsys):
     assert "attention(" in (dump / "01-canonicalize.ir").read_text()
     assert main(["inspect", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
-    for expected in ("llama", "torch:attention", "canonicalize", "verified", "fallbacks  none", "hashes     all match"):
+    for expected in ("llama", "torch:paged_attention", "canonicalize", "verified", "fallbacks  none", "hashes     all match"):
         assert expected in text
 
 

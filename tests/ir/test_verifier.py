@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from kiln.errors import KilnError, VerifyError
-from kiln.ir import Graph, Node, TensorType, graph_from_dict, graph_to_dict, input_node, param_node, parse_graph, verify
+from kiln.ir import (
+    Graph,
+    Node,
+    TensorType,
+    graph_from_dict,
+    graph_to_dict,
+    input_node,
+    param_node,
+    parse_graph,
+    verify,
+)
 from kiln.ir.graph import const_node
 
 
