@@ -25,6 +25,8 @@ def bind_symbols(types: Mapping[str, TensorType], inputs: Mapping[str, torch.Ten
         if name not in inputs:
             raise KilnError(f"missing graph input '{name}' (expects {type_})")
         t = inputs[name]
+        if t.dtype != torch_dtype(type_.dtype):
+            raise KilnError(f"input '{name}' has dtype {t.dtype}, expected {type_}")
         if t.dim() != type_.rank:
             raise KilnError(f"input '{name}' has shape {tuple(t.shape)}, expected {type_}")
         pending.extend((name, d, size) for d, size in zip(type_.shape, t.shape, strict=True))

@@ -34,8 +34,9 @@ def print_graph(graph: Graph) -> str:
     names: dict[Node, str] = {}
     lines: list[str] = []
     counter = 0
+    outputs = set(graph.outputs)
     for n in graph.nodes:
-        if _inline(n):
+        if _inline(n) and n not in outputs:
             names[n] = _literal(n.attrs["value"])
             continue
         if n.op == "input":

@@ -17,9 +17,9 @@ def verify(graph: Graph, *, check_types: bool = True) -> None:
     input_names: set[str] = set()
     param_names: dict[str, object] = {}
     for n in graph.nodes:
+        if n.type.dtype not in DTYPES or any(i.type.dtype not in DTYPES for i in n.inputs):
+            raise VerifyError(f"unknown dtype '{n.type.dtype}' in a node of op '{n.op}'")
         where = f"in node {format_node(n)}"
-        if n.type.dtype not in DTYPES:
-            raise VerifyError(f"unknown dtype '{n.type.dtype}' {where}")
         for i in n.inputs:
             if id(i) not in defined:
                 raise VerifyError(f"operand {format_node(i)} used before definition {where}")

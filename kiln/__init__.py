@@ -10,6 +10,24 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from kiln.runtime.model import CompiledModel
 
+_LAZY = {
+    "LLM": "kiln.runtime.llm",
+    "SamplingParams": "kiln.runtime.sampling_params",
+    "RequestOutput": "kiln.runtime.outputs",
+    "CompletionOutput": "kiln.runtime.outputs",
+    "LLMEngine": "kiln.runtime.engine",
+}
+__all__ = ["compile", "load_artifact", *_LAZY]
+
+
+def __getattr__(name: str):
+    # The public runtime classes, imported on first use so `import kiln` stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kiln' has no attribute '{name}'")
+
 
 def compile(model_dir: str | Path, out_dir: str | Path, target: str = "reference", dtype: str = "float32",
             **kwargs) -> Path:

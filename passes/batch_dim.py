@@ -88,7 +88,7 @@ class _Dropper:
         if n.op == "reshape":
             shape = a["shape"]
             has_tokens = any(symbols(d) for d in n.type.shape)
-            lead_one = len(shape) >= 2 and shape[0] == 1
+            lead_one = len(shape) >= 2 and n.type.shape[0] == 1  # written as 1 or as -1
             if b == 0 and lead_one or b is None and lead_one and has_tokens:
                 return make("reshape", ins, shape=shape[1:]), 0
             if b == 0:
@@ -96,13 +96,16 @@ class _Dropper:
             return None
         if b is None or any(x is not None and x != b for x in axes):
             return None
+        rank = n.inputs[0].type.rank
         if op.kind == "reduce":
-            if b in a["dims"]:
+            red = [d % rank for d in a["dims"]]
+            if b in red:
                 return None
-            dims = [d - (d > b) for d in a["dims"]]
-            out_b = b if a["keepdim"] else b - sum(d < b for d in a["dims"])
+            dims = [d - (d > b) for d in red]
+            out_b = b if a["keepdim"] else b - sum(d < b for d in red)
             return make(n.op, ins, **{**a, "dims": dims}), out_b
         if op.kind == "dim":
+            a = {**a, "dim": a["dim"] % rank}
             if a["dim"] == b:
                 return None
             fixed = [
@@ -118,6 +121,8 @@ class _Dropper:
             return make("permute", ins, dims=dims), a["dims"].index(b)
         if n.op == "expand":
             out_b = b + n.type.rank - n.inputs[0].type.rank
+            if n.type.shape[out_b] != 1:  # the expand copies along the batch axis
+                return None
             return make("expand", ins, shape=_without(tuple(a["shape"]), out_b)), out_b
         if n.op == "linear" and b < n.inputs[0].type.rank - 1 and all(x is None for x in axes[1:]):
             return make("linear", ins), b

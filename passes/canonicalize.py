@@ -18,7 +18,8 @@ def _fold(n: Node) -> Node | None:
     if n.op in ("reshape", "expand", "cast", "dropout") and _same_shape(n, x):
         return x  # no-op view, cast to the same dtype, inference dropout
     if n.op == "reshape" and x.op == "reshape":
-        return n.replace(inputs=x.inputs)
+        inner = x.inputs[0]
+        return inner if _same_shape(n, inner) else n.replace(inputs=x.inputs)
     if n.op == "permute":
         if n.attrs["dims"] == list(range(n.type.rank)):
             return x

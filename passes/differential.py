@@ -46,10 +46,18 @@ def _inputs_for(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _rows(graph: Graph, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = out.reshape(-1, out.shape[-1])
-    names = {n.name for n in graph.inputs}
-    return out if "logits_indices" in names else out[batch["logits_indices"]]
+def _comparable(before: Graph, after: Graph, x: torch.Tensor, y: torch.Tensor,
+                batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two outputs in one shape: flattened alike, or, where only `after` projects the
+    sampled rows (last-token-logits), `before` restricted to those rows."""
+    if x.numel() == y.numel():
+        return x.reshape(-1), y.reshape(-1)
+    has = {n.name for n in after.inputs} - {n.name for n in before.inputs}
+    if "logits_indices" in has and x.dim() >= 2:
+        rows = x.reshape(-1, x.shape[-1])[batch["logits_indices"]]
+        if rows.numel() == y.numel():
+            return rows.reshape(-1), y.reshape(-1)
+    return x, y
 
 
 def check_equivalent(name: str, before: Graph, after: Graph, weights: WeightFn, seed: int = 0) -> float:
@@ -62,7 +70,7 @@ def check_equivalent(name: str, before: Graph, after: Graph, weights: WeightFn, 
         raise VerifyError(f"pass '{name}' changed the number of outputs ({len(a)} -> {len(b)})")
     worst = 0.0
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        x, y = _rows(before, x, batch).float(), _rows(after, y, batch).float()
+        x, y = _comparable(before, after, x.float(), y.float(), batch)
         if x.shape != y.shape:
             raise VerifyError(f"pass '{name}' changed output {i} from {tuple(x.shape)} to {tuple(y.shape)}")
         scale = max(x.abs().max().item(), 1e-6)

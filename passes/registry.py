@@ -55,6 +55,7 @@ def resolve_pipeline(target: str, spec: str | None) -> list[str]:
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if all(s[0] in "+-" for s in items):
         for s in items:
+            get_pass(s[1:])
             if s[0] == "+":
                 names.append(s[1:])
             else:

@@ -11,6 +11,9 @@ import torch
 import kiln
 from kiln.models.checkpoint import build_checkpoint
 
+# The suite's models are tiny: one intra-op thread is faster than two fighting over 2 cores.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

@@ -40,14 +40,25 @@ def test_evaluate_unbound_symbol_names_the_symbol_and_the_dim():
 
 @pytest.mark.parametrize(
     ("a", "b"),
-    [(4, 4), ("T", "T"), ("2*T", "T + T"), ("T + 1", "1 + T"), ("T*2 - T", "T"), ("4", 4), ("S+1", "S + 1"), ("N*S", "S*N")],
+    [
+        (4, 4),
+        ("T", "T"),
+        ("2*T", "T + T"),
+        ("T + 1", "1 + T"),
+        ("T*2 - T", "T"),
+        ("4", 4),
+        ("S+1", "S + 1"),
+        ("N*S", "S*N"),
+    ],
 )
 def test_dims_equal(a, b):
     assert dims_equal(a, b)
     assert dims_equal(b, a)
 
 
-@pytest.mark.parametrize(("a", "b"), [(4, 5), ("T", "S"), ("T", 4), ("2*T", "T + 2"), ("S + 1", "S"), ("N", "E")])
+@pytest.mark.parametrize(
+    ("a", "b"), [(4, 5), ("T", "S"), ("T", 4), ("2*T", "T + 2"), ("S + 1", "S"), ("N", "E")]
+)
 def test_dims_not_equal(a, b):
     assert not dims_equal(a, b)
     assert not dims_equal(b, a)

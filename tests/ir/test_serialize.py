@@ -38,7 +38,9 @@ def test_dict_round_trip_is_exact():
     verify(back)
     assert print_graph(back) == TEXT
     assert back.meta == graph.meta
-    assert [(n.op, n.attrs, n.type) for n in back.nodes] == [(n.op, n.attrs, n.type) for n in graph.nodes]
+    assert [(n.op, n.attrs, n.type) for n in back.nodes] == [
+        (n.op, n.attrs, n.type) for n in graph.nodes
+    ]
     assert all(isinstance(n.type.shape, tuple) for n in back.nodes)
     index = {n: i for i, n in enumerate(back.nodes)}
     assert [index[o] for o in back.outputs] == graph_to_dict(graph)["outputs"]
@@ -49,7 +51,9 @@ def test_dict_preserves_operand_indices_and_sharing():
     data = graph_to_dict(graph)
     back = graph_from_dict(data)
     index = {n: i for i, n in enumerate(back.nodes)}
-    assert [[index[i] for i in n.inputs] for n in back.nodes] == [d["inputs"] for d in data["nodes"]]
+    assert [[index[i] for i in n.inputs] for n in back.nodes] == [
+        d["inputs"] for d in data["nodes"]
+    ]
     # the embedding is read by two nodes and is an output: still one node object
     emb = back.nodes[3]
     assert emb.op == "embedding" and back.outputs[2] is emb and back.nodes[4].inputs[0] is emb
@@ -61,7 +65,13 @@ def test_json_string_round_trip_and_format_field():
     data = json.loads(text)
     assert data["format"] == FORMAT
     assert data["meta"]["vocab_size"] == 16
-    assert data["nodes"][1] == {"op": "input", "inputs": [], "attrs": {"name": "cu_seqlens"}, "dtype": "int32", "shape": ["S+1"]}
+    assert data["nodes"][1] == {
+        "op": "input",
+        "inputs": [],
+        "attrs": {"name": "cu_seqlens"},
+        "dtype": "int32",
+        "shape": ["S+1"],
+    }
     back = loads(text)
     assert print_graph(back) == TEXT
     assert back.meta == graph.meta

@@ -1,0 +1,277 @@
+"""The generation engine: scheduler + paged KV cache + compiled model + sampler + detokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from kiln.runtime.block_pool import BlockPool
+from kiln.runtime.detokenizer import IncrementalDetokenizer
+from kiln.runtime.kv_cache_manager import KVCacheManager
+from kiln.runtime.model import CompiledModel
+from kiln.runtime.model_runner import build_step_inputs
+from kiln.runtime.outputs import CompletionOutput, RequestOutput
+from kiln.runtime.request import Request
+from kiln.runtime.sampler import Sampler, SamplingState
+from kiln.runtime.sampling_params import Logprob, SamplingParams
+from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Prompt = str | dict
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    """KV-cache budget when none is given: 90% of free GPU memory after the weights, or on the
+    CPU a quarter of available RAM capped at 4 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(avail // 4, 4 << 30)
+
+
+class LLMEngine:
+    """Adds requests, steps the model, returns outputs. Not thread-safe: one caller drives it."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        kv_cache_memory_bytes: int | None = None,
+        num_kv_blocks: int | None = None,
+        max_model_len: int | None = None,
+        device: str = "cpu",
+    ):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.model = CompiledModel(model, device=device)
+        self.tokenizer = Tokenizer(model)
+        self.device = torch.device(device)
+        caches = self.model.cache_types
+        bytes_per_block = sum(
+            block_size * int(t.shape[2]) * int(t.shape[3]) * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
+            for t in caches.values()
+        )
+        if num_kv_blocks is None:
+            budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else default_cache_bytes(self.device)
+            num_kv_blocks = budget // max(bytes_per_block, 1)
+        if num_kv_blocks < 1:
+            raise ValueError(
+                f"the KV cache budget holds no block (one block of {block_size} tokens needs {bytes_per_block} bytes)"
+            )
+        self.kv_caches = {
+            name: torch.zeros(num_kv_blocks, block_size, int(t.shape[2]), int(t.shape[3]),
+                              dtype=getattr(torch, t.dtype), device=self.device)
+            for name, t in caches.items()
+        }
+        self.pool = BlockPool(num_kv_blocks, enable_caching=enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, block_size)
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
+        self.sampler = Sampler()
+        limit = self.model.manifest["model"].get("max_position_embeddings")
+        self.max_model_len = max_model_len or limit or 2048
+        self.groups: dict[str, list[Request]] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._states: dict[str, SamplingState] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._logprobs: dict[str, list[dict[int, Logprob]]] = {}
+        self._cumulative: dict[str, float] = {}
+        self._reported: dict[str, int] = {}
+        self._ids = itertools.count()
+        self.finish_counts: Counter[str] = Counter()
+        self.num_generated_tokens = 0
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text or {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids, text = [int(t) for t in prompt["prompt_token_ids"]], prompt.get("prompt")
+        else:
+            raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+        if not ids:
+            raise ValueError("the prompt is empty (it encodes to no tokens)")
+        vocab = self.model.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens"
+            )
+        if self.kv.num_blocks_for(len(ids) + 1) > self.pool.num_blocks:
+            raise ValueError(
+                f"the prompt needs {self.kv.num_blocks_for(len(ids) + 1)} KV blocks; the cache has "
+                f"{self.pool.num_blocks} (raise kv_cache_memory_bytes or num_kv_blocks)"
+            )
+        return text, ids
+
+    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None) -> str:
+        """Queue a prompt; returns its request id. ValueError for a prompt that cannot run."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise ValueError(f"request id '{request_id}' is already in use")
+        text, ids = self.tokenize(prompt)
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = dataclasses.replace(params, seed=params.seed + i)
+            req = Request(f"{request_id}#{i}", ids, child_params, prompt=text, index=i, group_id=request_id)
+            self._states[req.request_id] = SamplingState(
+                child_params, req.prompt_token_ids, req.output_token_ids, self.tokenizer.eos_token_ids
+            )
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, child_params)
+            self._logprobs[req.request_id] = []
+            self._cumulative[req.request_id] = 0.0
+            children.append(req)
+            self.scheduler.add(req)
+        self.groups[request_id] = children
+        self._prompts[request_id] = text
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request (all its completions) and free its blocks at once; its final output,
+        or None for an unknown or already finished id."""
+        if request_id not in self.groups:
+            return None
+        for req in self.groups[request_id]:
+            if not req.finished:
+                self._finish(req, "abort")
+        return self._output(request_id)
+
+    def scheduler_stats(self) -> dict[str, float]:
+        """Gauges and counters for metrics: queue sizes, cache usage, prefix hits, preemptions."""
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.pool.usage(),
+            "prefix_cache_hit_rate": self.kv.stats.hit_rate,
+            "prefix_cache_hits": self.kv.stats.hits,
+            "prefix_cache_queries": self.kv.stats.queries,
+            "preemptions": self.scheduler.num_preemptions,
+            "generated_tokens": self.num_generated_tokens,
+        }
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        self.scheduler.finish(req, reason)
+        req.stop_reason = stop_reason
+        self.finish_counts[reason] += 1
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; outputs for every request that progressed or finished."""
+        touched: set[str] = set()
+        for req in list(self.scheduler.running):
+            if self.kv.num_blocks_for(req.num_tokens) > self.pool.num_blocks:
+                self._finish(req, "length")  # the whole cache cannot hold it any more
+                touched.add(req.group_id)
+        step = self.scheduler.schedule()
+        if not step.requests:
+            return [self._output(g) for g in touched]
+        inputs, sampled = build_step_inputs(step, self.kv)
+        inputs.update(self.kv_caches)
+        try:
+            logits = self.model.executor.run(inputs)[0]
+            if "logits_indices" not in self.model.plan.inputs:  # compiled without last-token-logits
+                logits = logits[inputs["logits_indices"]]
+        except Exception:
+            log.exception("model step failed; failing the %d requests in it", len(step.requests))
+            for req in step.requests:
+                self._finish(req, "error")
+                touched.add(req.group_id)
+            return [self._output(g) for g in touched]
+        for req, n in zip(step.requests, step.num_new_tokens, strict=True):
+            req.num_computed_tokens += n
+        if sampled:
+            result = self.sampler(logits, [self._states[r.request_id] for r in sampled])
+            for row, req in enumerate(sampled):
+                self._append(req, result.token_ids[row], result.logprobs[row])
+                touched.add(req.group_id)
+        return [self._output(g) for g in touched]
+
+    def _append(self, req: Request, token: int, logprobs: dict[int, Logprob] | None) -> None:
+        req.output_token_ids.append(token)
+        self.num_generated_tokens += 1
+        if logprobs is not None:
+            self._logprobs[req.request_id].append(logprobs)
+            self._cumulative[req.request_id] += logprobs[token].logprob
+        p = req.params
+        stop_str = self._detok[req.request_id].update([token])
+        done_min = len(req.output_token_ids) >= p.min_tokens
+        if done_min and token in p.stop_token_ids:
+            self._finish(req, "stop", token)
+        elif done_min and not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            self._finish(req, "stop")
+        elif stop_str is not None:
+            self._finish(req, "stop", stop_str)
+        elif p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+            self._finish(req, "length")
+        elif req.num_tokens >= self.max_model_len:
+            self._finish(req, "length")
+
+    def _output(self, group_id: str) -> RequestOutput:
+        reqs = self.groups[group_id]
+        outs = []
+        for req in reqs:
+            detok = self._detok[req.request_id]
+            delta = detok.take_delta() + (detok.finish() if req.finished else "")
+            reported = self._reported.get(req.request_id, 0)
+            self._reported[req.request_id] = len(req.output_token_ids)
+            want_lp = req.params.logprobs is not None
+            outs.append(CompletionOutput(
+                index=req.index,
+                text=detok.text,
+                token_ids=list(req.output_token_ids),
+                cumulative_logprob=self._cumulative[req.request_id] if want_lp else None,
+                logprobs=list(self._logprobs[req.request_id]) if want_lp else None,
+                finish_reason=req.finish_reason,
+                stop_reason=req.stop_reason,
+                delta_text=delta,
+                delta_token_ids=req.output_token_ids[reported:],
+            ))
+        finished = all(r.finished for r in reqs)
+        cached = sum(r.num_cached_tokens for r in reqs)
+        out = RequestOutput(group_id, self._prompts[group_id], reqs[0].prompt_token_ids, outs, finished, cached)
+        if finished:
+            self._release(group_id)
+        return out
+
+    def _release(self, group_id: str) -> None:
+        for req in self.groups.pop(group_id):
+            for d in (self._states, self._detok, self._logprobs, self._cumulative, self._reported):
+                d.pop(req.request_id, None)
+        self._prompts.pop(group_id, None)
+
+    def run(self, request_ids: Iterable[str]) -> dict[str, RequestOutput]:
+        """Step until the given requests finish; their final outputs by id."""
+        pending = set(request_ids)
+        final: dict[str, RequestOutput] = {}
+        while pending:
+            if not self.has_unfinished_requests():
+                raise RuntimeError(f"requests {sorted(pending)} are lost: nothing left to run")
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    final[out.request_id] = out
+                    pending.discard(out.request_id)
+        return final

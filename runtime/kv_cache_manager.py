@@ -1,0 +1,103 @@
+"""Per-request block tables over the block pool, with prefix caching.
+
+Block i of a request holds tokens [i*BS, (i+1)*BS). A full block's hash chains its parent's:
+hash(parent_hash, its token ids, adapter id), so equal hashes mean equal whole prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.runtime.block_pool import BlockPool, KVBlock
+from kiln.runtime.request import Request
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...], adapter_id: int | None = None) -> int:
+    """Hash of one full block given its parent's hash."""
+    return hash((parent, tokens, adapter_id))
+
+
+@dataclass
+class PrefixStats:
+    """Prefix-cache counters, in tokens."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class KVCacheManager:
+    """Which blocks each request holds; can_*/allocate pairs return False when blocks run out."""
+
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.tables: dict[str, list[KVBlock]] = {}
+        self.hashes: dict[str, list[int]] = {}
+        self.cached_upto: dict[str, int] = {}
+        """Per request, how many of its leading full blocks are registered in the cache."""
+        self.stats = PrefixStats()
+
+    def _full_hashes(self, req: Request, num_tokens: int) -> list[int]:
+        hashes = self.hashes.setdefault(req.request_id, [])
+        tokens = req.all_token_ids
+        bs = self.block_size
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[-1] if hashes else None
+            hashes.append(block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]), req.adapter_id))
+        return hashes
+
+    def computed_prefix(self, req: Request) -> list[KVBlock]:
+        """The cached blocks that hold a prefix of a waiting request's tokens. At least one
+        token is always left to compute, so the step produces the next token's logits."""
+        if not self.pool.enable_caching:
+            return []
+        hashes = self._full_hashes(req, req.num_tokens - 1)
+        hit: list[KVBlock] = []
+        for h in hashes:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hit.append(b)
+        return hit
+
+    def allocate(self, req: Request, num_new_tokens: int, prefix: list[KVBlock] = ()) -> bool:
+        """Blocks for the request's next num_new_tokens tokens (after its computed ones and
+        any reused prefix); False, changing nothing, when the pool cannot provide them."""
+        table = self.tables.setdefault(req.request_id, [])
+        total = req.num_computed_tokens + len(prefix) * self.block_size + num_new_tokens
+        need = -(-total // self.block_size) - len(table) - len(prefix)
+        reclaimed = sum(1 for b in prefix if b.ref_cnt == 0)  # taken out of the free queue
+        if need > self.pool.num_free - reclaimed:
+            if not table:
+                del self.tables[req.request_id]
+            return False
+        if not table:  # admission: count the prompt against the prefix cache once
+            self.stats.queries += req.num_tokens
+            self.stats.hits += len(prefix) * self.block_size
+        self.pool.touch(list(prefix))
+        table.extend(prefix)
+        if need > 0:
+            table.extend(self.pool.allocate(need))
+        if self.pool.enable_caching:
+            # Full blocks get their hash now: their tokens are known and are written this step.
+            hashes = self._full_hashes(req, total)
+            for i in range(self.cached_upto.get(req.request_id, 0), total // self.block_size):
+                self.pool.cache(table[i], hashes[i])
+            self.cached_upto[req.request_id] = total // self.block_size
+        return True
+
+    def free(self, req: Request) -> None:
+        """Return every block of a finished, aborted or preempted request."""
+        self.pool.release(self.tables.pop(req.request_id, []))
+        self.hashes.pop(req.request_id, None)
+        self.cached_upto.pop(req.request_id, None)
+
+    def block_ids(self, req: Request) -> list[int]:
+        return [b.block_id for b in self.tables.get(req.request_id, [])]
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)

@@ -1,0 +1,69 @@
+"""The offline API, named as vLLM names it: `LLM(...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kiln.runtime.engine import LLMEngine, Prompt
+from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+
+Params = SamplingParams | Sequence[SamplingParams] | None
+
+
+class LLM:
+    """A compiled artifact ready to generate. Keyword arguments go to LLMEngine:
+    max_num_batched_tokens, max_num_seqs, block_size, enable_prefix_caching,
+    kv_cache_memory_bytes, num_kv_blocks, max_model_len, device."""
+
+    def __init__(self, model: str | Path, **engine_kwargs):
+        self.engine = LLMEngine(model, **engine_kwargs)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def _add(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params) -> list[str]:
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        for p in prompts:  # validate everything before queueing anything
+            self.engine.tokenize(p)
+        return [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params, strict=True)]
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (a string or {"prompt_token_ids": [...]}) together, with
+        continuous batching; the final outputs in the order of the prompts."""
+        ids = self._add(prompts, sampling_params)
+        final: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while len(final) < len(ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("requests were lost: the engine has nothing left to run")
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.update(1)
+        return [final[i] for i in ids]
+
+    def generate_stream(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None) -> Iterator[RequestOutput]:
+        """Like generate, but yields every request's output after each step it progressed in:
+        `outputs[i].delta_text` / `delta_token_ids` hold what is new; the last one for a
+        request has finished=True."""
+        ids = set(self._add(prompts, sampling_params))
+        while ids:
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError("requests were lost: the engine has nothing left to run")
+            for out in self.engine.step():
+                if out.request_id in ids:
+                    if out.finished:
+                        ids.discard(out.request_id)
+                    yield out

@@ -1,0 +1,111 @@
+"""Continuous batching under a token budget.
+
+One rule: each running request's computed-token count catches up with its token count (prompt
++ output), at most `max_num_batched_tokens` tokens per step over all requests. Decodes (one
+token behind) go first, then prefill chunks of running requests, then waiting requests are
+admitted while blocks and sequence slots last; a prompt longer than the remaining budget is
+chunked across steps. When blocks run out, the newest running request is preempted: its blocks
+are freed and it goes back to the front of the queue to be recomputed (its output so far is
+kept, and prefix caching usually makes the recompute cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kiln.runtime.kv_cache_manager import KVCacheManager
+from kiln.runtime.request import Request, Status
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int):
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Retire a request (done, aborted or failed) and free its blocks."""
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        elif req.status is Status.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = Status.WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Running requests: decodes are one token behind, chunked prefills further.
+        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens):
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, n):
+                victim = max(
+                    (r for r in self.running if r not in out.requests),
+                    key=lambda r: r.arrival_time,
+                )
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                continue
+            out.requests.append(req)
+            out.num_new_tokens.append(n)
+            budget -= n
+        # Waiting requests, oldest first, while blocks and sequence slots last.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            req = self.waiting[0]
+            prefix = self.kv.computed_prefix(req)
+            computed = len(prefix) * self.kv.block_size
+            n = min(req.num_tokens - computed, budget)
+            if not self.kv.allocate(req, n, prefix):
+                break
+            self.waiting.popleft()
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = computed
+            req.num_computed_tokens = computed
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.requests.append(req)
+            out.num_new_tokens.append(n)
+            budget -= n
+        return out

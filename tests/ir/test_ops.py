@@ -1,0 +1,438 @@
+"""Every op's type rule against its torch reference, and attention against a naive loop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.errors import VerifyError
+from kiln.ir import Graph, Node, TensorType, const_node, input_node, run_graph, verify
+from kiln.ir.dims import evaluate
+from kiln.ir.ops import OPS, get_op, infer_type, resolve_attrs
+from kiln.ir.ops.attention import attention, contiguous_paged_inputs, paged_attention
+from kiln.ir.types import LONG, dtype_name, torch_dtype
+
+
+def _t(text: str) -> TensorType:
+    """'f32[T,4]' -> TensorType (the IR text form of a type)."""
+    dtype, dims = text[:-1].split("[")
+    shape = tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims.split(",") if d)
+    return TensorType(LONG[dtype], shape)
+
+
+@dataclass
+class Case:
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    expected: str | None = None
+    """The inferred type, when the symbolic form itself is worth pinning."""
+    values: dict[int, Callable[[int], torch.Tensor]] = field(default_factory=dict)
+    """Inputs that must hold particular values, by position, as functions of T."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}({','.join(self.inputs)}){self.attrs or ''}"
+
+
+UNARY = [
+    "neg", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "silu", "relu", "abs",
+    "reciprocal", "erf", "floor", "ceil", "sign", "square", "log1p", "expm1", "exp2", "mish",
+    "hardswish", "hardsigmoid", "elu",
+]  # fmt: skip
+
+
+def _cu(t: int) -> torch.Tensor:
+    # three sequences of the flattened batch: [0, 1), [1, t-1), [t-1, t)
+    return torch.tensor([0, 1, t - 1, t], dtype=torch.int32)
+
+
+ATTN = {"scale": 0.35, "causal": True, "sliding_window": 0, "softcap": 0.0}
+PAGED_CACHES = {
+    "k_cache": TensorType("float32", ("NB", 4, 2, 8)),
+    "v_cache": TensorType("float32", ("NB", 4, 2, 6)),
+}
+
+
+def _paged(name: str) -> Callable[[int], torch.Tensor]:
+    # caches and block metadata for the three sequences of _cu(t), blocks in shuffled order
+    return lambda t: contiguous_paged_inputs((1, t - 2, 1), 4, PAGED_CACHES, shuffle_seed=0)[name]
+
+
+CASES: list[Case] = [
+    *(Case(op, ["f32[T,4]"], expected="f32[T,4]") for op in UNARY),
+    Case("isnan", ["f32[T,4]"], expected="bool[T,4]"),
+    Case("isinf", ["f16[T,4]"], expected="bool[T,4]"),
+    Case("logical_not", ["bool[T,4]"], expected="bool[T,4]"),
+    Case("neg", ["bf16[2,T]"], expected="bf16[2,T]"),
+    Case("gelu", ["f32[T,4]"], {"approximate": "tanh"}),
+    Case("gelu", ["f16[T,4]"], {"approximate": "none"}, expected="f16[T,4]"),
+    Case("softplus", ["f32[T,4]"], {"beta": 2.0, "threshold": 10.0}),
+    Case("leaky_relu", ["f32[T,4]"], {"negative_slope": 0.1}),
+    Case("cast", ["f32[T,4]"], {"dtype": "bfloat16"}, expected="bf16[T,4]"),
+    Case("cast", ["i64[T]"], {"dtype": "bool"}, expected="bool[T]"),
+    Case("clamp", ["f32[T,4]"], {"min": -1.0}),
+    Case("clamp", ["f32[T,4]"], {"min": -1.0, "max": 1.0}),
+    Case("dropout", ["f32[T,4]"], {"p": 0.1}, expected="f32[T,4]"),
+    Case("full_like", ["f32[T,4]"], {"value": 2.0, "dtype": "int32"}, expected="i32[T,4]"),
+    # binary, broadcasting, with type promotion
+    Case("add", ["f32[T,4]", "f32[4]"], expected="f32[T,4]"),
+    Case("add", ["i64[T]", "f32[]"], expected="f32[T]"),
+    Case("add", ["f16[T,4]", "f32[]"], expected="f16[T,4]"),
+    Case("sub", ["f32[T,1]", "f32[1,4]"], expected="f32[T,4]"),
+    Case("mul", ["bf16[T,4]", "bf16[T,4]"], expected="bf16[T,4]"),
+    Case("mul", ["i32[T]", "i64[T]"], expected="i64[T]"),
+    Case("div", ["f32[T,4]", "f32[T,1]"], expected="f32[T,4]"),
+    Case("div", ["i64[T]", "i64[]"], expected="f32[T]"),
+    Case("div", ["i64[T]", "i64[]"], {"rounding_mode": "floor"}, expected="i64[T]"),
+    Case("pow", ["f32[T,4]", "f32[]"]),
+    Case("remainder", ["i64[T]", "i64[]"], expected="i64[T]"),
+    Case("maximum", ["f32[T,4]", "f32[4]"]),
+    Case("minimum", ["f32[T,4]", "f32[T,4]"]),
+    *(Case(op, ["f32[T,4]", "f32[4]"], expected="bool[T,4]") for op in ("eq", "ne", "lt", "le", "gt", "ge")),
+    Case("logical_and", ["bool[T]", "bool[T]"], expected="bool[T]"),
+    Case("logical_or", ["bool[T,1]", "bool[3]"], expected="bool[T,3]"),
+    Case("bitwise_and", ["i64[T]", "i64[T]"], expected="i64[T]"),
+    Case("bitwise_or", ["bool[T]", "bool[T]"], expected="bool[T]"),
+    Case("where", ["bool[T,1]", "f32[T,4]", "f32[4]"], expected="f32[T,4]"),
+    # projections, norms
+    Case("linear", ["f32[T,4]", "f32[6,4]"], expected="f32[T,6]"),
+    Case("linear", ["f32[2,T,4]", "f32[6,4]", "f32[6]"], expected="f32[2,T,6]"),
+    Case("matmul", ["f32[T,4]", "f32[4,5]"], expected="f32[T,5]"),
+    Case("matmul", ["f32[2,T,4]", "f32[2,4,T]"], expected="f32[2,T,T]"),
+    Case("embedding", ["f32[10,4]", "i64[T]"], expected="f32[T,4]"),
+    Case("embedding", ["f16[10,4]", "i64[1,T]"], expected="f16[1,T,4]"),
+    Case("layer_norm", ["f32[T,4]", "f32[4]", "f32[4]"], {"normalized_shape": [4], "eps": 1e-5}),
+    Case("layer_norm", ["f32[T,4]", "f32[4]"], {"normalized_shape": [4], "eps": 1e-5, "has_bias": False}),
+    Case("layer_norm", ["f32[T,4]"], {"normalized_shape": [4], "eps": 1e-5, "has_weight": False, "has_bias": False}),
+    Case("rms_norm", ["f32[T,4]", "f32[4]"], {"normalized_shape": [4], "eps": 1e-6}, expected="f32[T,4]"),
+    Case("rms_norm", ["bf16[T,2,4]"], {"normalized_shape": [4], "eps": 1e-6}, expected="bf16[T,2,4]"),
+    Case("einsum", ["f32[T,4]", "f32[3,4]"], {"equation": "td,hd->th"}, expected="f32[T,3]"),
+    # reductions and ops along one axis
+    Case("sum", ["f32[T,4]"], {"dims": [1], "keepdim": False}, expected="f32[T]"),
+    Case("sum", ["f32[T,4]"], {"dims": [0], "keepdim": False, "dtype": "float64"}, expected="f64[4]"),
+    Case("mean", ["f32[T,4]"], {"dims": [-1], "keepdim": True}, expected="f32[T,1]"),
+    Case("amax", ["f32[T,2,4]"], {"dims": [0, 2], "keepdim": False}, expected="f32[2]"),
+    Case("amin", ["i64[T,4]"], {"dims": [1], "keepdim": True}, expected="i64[T,1]"),
+    Case("var", ["f32[T,4]"], {"dims": [1], "keepdim": False, "correction": 1}),
+    Case("logsumexp", ["f32[T,4]"], {"dims": [-1], "keepdim": False}, expected="f32[T]"),
+    Case("vector_norm", ["f32[T,4]"], {"ord": 2.0, "dims": [1], "keepdim": True}, expected="f32[T,1]"),
+    Case("argmax", ["f32[T,4]"], {"dim": 1, "keepdim": False}, expected="i64[T]"),
+    Case("max_dim", ["f32[T,4]"], {"dim": 1, "keepdim": False, "output": 0}, expected="f32[T]"),
+    Case("max_dim", ["f32[T,4]"], {"dim": 0, "keepdim": True, "output": 1}, expected="i64[1,4]"),
+    Case("softmax", ["f32[T,4]"], {"dim": -1}, expected="f32[T,4]"),
+    Case("softmax", ["bf16[T,4]"], {"dim": 1, "dtype": "float32"}, expected="f32[T,4]"),
+    Case("log_softmax", ["f16[T,4]"], {"dim": 1, "dtype": "float32"}, expected="f32[T,4]"),
+    Case("cumsum", ["i32[T]"], {"dim": 0}, expected="i64[T]"),
+    Case("cumsum", ["f32[T,4]"], {"dim": 0, "dtype": "float64"}, expected="f64[T,4]"),
+    Case("topk", ["f32[T,4]"], {"k": 2, "dim": 1, "largest": True, "sorted": True, "output": 0}, expected="f32[T,2]"),
+    Case("topk", ["f32[T,4]"], {"k": 2, "dim": 0, "largest": False, "sorted": True, "output": 1}, expected="i64[2,4]"),
+    Case("sort", ["f32[T,4]"], {"dim": 0, "descending": True, "output": 1}, expected="i64[T,4]"),
+    # data movement
+    Case("reshape", ["f32[T,4]"], {"shape": ["T", 2, 2]}, expected="f32[T,2,2]"),
+    Case("reshape", ["f32[T,4]"], {"shape": [-1]}, expected="f32[4*T]"),
+    Case("reshape", ["f32[1,T,4]"], {"shape": ["2*T", 2]}, expected="f32[2*T,2]"),
+    Case("repeat", ["f32[T,4]"], {"repeats": [2, 1]}, expected="f32[2*T,4]"),
+    Case("repeat", ["f32[T,4]"], {"repeats": [3, 1, 2]}, expected="f32[3,T,8]"),
+    Case("permute", ["f32[T,2,4]"], {"dims": [1, 2, 0]}, expected="f32[2,4,T]"),
+    Case("expand", ["f32[T,1]"], {"shape": [-1, 4]}, expected="f32[T,4]"),
+    Case("expand", ["f32[T,4]"], {"shape": [2, "T", 4]}, expected="f32[2,T,4]"),
+    Case("slice", ["f32[T,4]"], {"dim": 0, "start": 1, "end": "T", "step": 1}, expected="f32[T-1,4]"),
+    Case("slice", ["f32[T,4]"], {"dim": 1, "start": 1, "end": 3, "step": 1}, expected="f32[T,2]"),
+    Case("slice", ["f32[T,4]"], {"dim": 0, "start": 0, "end": 9223372036854775807, "step": 1}, expected="f32[T,4]"),
+    Case("cat", ["f32[T,4]", "f32[2,4]"], {"dim": 0}, expected="f32[T+2,4]"),
+    Case("cat", ["f32[T,4]", "f32[T,1]", "f32[T,3]"], {"dim": -1}, expected="f32[T,8]"),
+    Case("index_select", ["f32[T,4]", "i64[2]"], {"dim": 0}, expected="f32[2,4]"),
+    Case("index_select", ["f32[T,4]", "i64[T]"], {"dim": 1}, expected="f32[T,T]"),
+    Case("gather", ["f32[T,4]", "i64[T,2]"], {"dim": 1}, expected="f32[T,2]"),
+    Case("index", ["f32[T,4]", "i64[5]"], {"axes": [0]}, expected="f32[5,4]"),
+    Case("index", ["f32[T,4,3]", "i64[T]", "i64[T]"], {"axes": [0, 1]}, expected="f32[T,3]"),
+    Case("scatter_add", ["f32[T,4]", "i64[T,2]", "f32[T,2]"], {"dim": 1}, expected="f32[T,4]"),
+    Case("scatter", ["f32[T,4]", "i64[T,2]", "f32[T,2]"], {"dim": 1}, expected="f32[T,4]"),
+    Case("repeat_interleave", ["f32[T,4]"], {"repeats": 2, "dim": 0}, expected="f32[2*T,4]"),
+    Case("flip", ["f32[T,4]"], {"dims": [0, 1]}),
+    Case("tril", ["f32[T,T]"], {"diagonal": 0}, expected="f32[T,T]"),
+    Case("triu", ["f32[T,4]"], {"diagonal": 1}),
+    Case("arange", [], {"start": 0, "end": "T", "step": 1, "dtype": "int64"}, expected="i64[T]"),
+    Case("arange", [], {"start": 1, "end": "T+1", "step": 1, "dtype": "float32"}, expected="f32[T]"),
+    Case("full", [], {"shape": ["T", 3], "value": 0.5, "dtype": "float16"}, expected="f16[T,3]"),
+    # attention over a flattened batch
+    Case("attention", ["f32[T,4,8]", "f32[T,2,8]", "f32[T,2,6]", "i32[4]"], ATTN, "f32[T,4,6]", {3: _cu}),
+    Case("attention", ["f32[T,4,8]", "f32[T,2,8]", "f32[T,2,8]", "i32[4]", "f32[4]"],
+         {**ATTN, "sliding_window": 2, "softcap": 20.0}, "f32[T,4,8]", {3: _cu}),
+    Case("attention", ["bf16[1,T,2,8]", "bf16[1,T,1,8]", "bf16[1,T,1,8]", "i32[4]"], ATTN, "bf16[1,T,2,8]", {3: _cu}),
+    Case("paged_attention",
+         ["f32[T,4,8]", "f32[T,2,8]", "f32[T,2,6]", "f32[NB,4,2,8]", "f32[NB,4,2,6]", "i64[T]", "i32[3,MB]", "i32[3]", "i32[4]"],
+         ATTN, "f32[T,4,6]",
+         {3: _paged("k_cache"), 4: _paged("v_cache"), 5: _paged("slot_mapping"), 6: _paged("block_tables"),
+          7: _paged("seq_lens"), 8: _cu}),
+]  # fmt: skip
+
+
+def _random(type_: TensorType, bindings: dict[str, int], g: torch.Generator) -> torch.Tensor:
+    shape = [evaluate(d, bindings) for d in type_.shape]
+    dtype = torch_dtype(type_.dtype)
+    if type_.dtype == "bool":
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    # integers double as indices (every indexed axis in CASES has at least 3 entries) and as
+    # divisors (never 0)
+    return torch.randint(1, 3, shape, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_infer_type_matches_reference_impl(case: Case):
+    op = get_op(case.op)
+    types = [_t(s) for s in case.inputs]
+    inferred = infer_type(op, types, case.attrs)
+    if case.expected is not None:
+        assert inferred.same_as(_t(case.expected)), f"inferred {inferred}, expected {case.expected}"
+    g = torch.Generator().manual_seed(0)
+    for t in (3, 7):
+        bindings = {"T": t}
+        args = [
+            case.values[i](t) if i in case.values else _random(ty, bindings, g)
+            for i, ty in enumerate(types)
+        ]
+        out = op.impl(*args, **resolve_attrs(op, case.attrs, bindings))
+        assert dtype_name(out.dtype) == inferred.dtype, (
+            f"T={t}: ran to {out.dtype}, inferred {inferred}"
+        )
+        assert list(out.shape) == [evaluate(d, bindings) for d in inferred.shape], (
+            f"T={t}: ran to {tuple(out.shape)}, inferred {inferred}"
+        )
+
+
+def test_cases_cover_every_registered_op():
+    missing = sorted(set(OPS) - {c.op for c in CASES})
+    assert not missing, f"add a Case to tests/ir/test_ops.py for: {', '.join(missing)}"
+
+
+def test_infer_type_fits_affine_shapes_in_two_symbols():
+    op = get_op("cat")
+    got = infer_type(op, [_t("f32[T,4]"), _t("f32[2*S+1,4]")], {"dim": 0})
+    assert got.same_as(_t("f32[T+2*S+1,4]"))
+
+
+def test_infer_type_rejects_shapes_not_affine_in_a_symbol():
+    # a stride-2 slice has ceil(T/2) rows
+    with pytest.raises(VerifyError, match="not affine in symbol T"):
+        infer_type(get_op("slice"), [_t("f32[T,4]")], {"dim": 0, "start": 0, "end": "T", "step": 2})
+
+
+def test_resolve_attrs_binds_only_dim_attrs():
+    op = get_op("slice")
+    attrs = {"dim": 0, "start": "S", "end": "2*S + 1", "step": 1}
+    assert resolve_attrs(op, attrs, {"S": 4}) == {"dim": 0, "start": 4, "end": 9, "step": 1}
+    reshape = get_op("reshape")
+    assert resolve_attrs(reshape, {"shape": ["T", -1, 4]}, {"T": 3}) == {"shape": [3, -1, 4]}
+    assert resolve_attrs(get_op("softmax"), {"dim": 1}, {}) == {"dim": 1}
+
+
+def test_registering_an_op_twice_is_an_error():
+    from kiln.ir.ops import register
+
+    with pytest.raises(ValueError, match="op 'add' registered twice"):
+        register("add", arity=2)(lambda a, b: a + b)
+
+
+# -- scalar literals: the interpreter passes Python numbers, inference probes 0-dim tensors ---
+
+_LITERAL_DTYPES = {float: "float32", int: "int64", bool: "bool"}
+
+
+@pytest.mark.parametrize(
+    ("op", "tensor", "literal", "literal_first"),
+    [
+        ("add", "f16[T]", 1.5, False),
+        ("add", "i32[T]", 2, False),
+        ("add", "bool[T]", 1, False),
+        ("mul", "i64[T]", 0.5, True),
+        ("sub", "bf16[T]", 1, True),
+        ("pow", "i64[T]", 2.0, False),
+        ("pow", "f32[T]", 2, True),
+        ("div", "i32[T]", 2, False),
+        ("remainder", "i32[T]", 3, False),
+        ("maximum", "i32[T]", 1.5, False),
+        ("minimum", "f16[T]", 0, True),
+        ("lt", "i64[T]", 0.5, False),
+        ("eq", "f16[T]", True, True),
+        ("bitwise_and", "bool[T]", True, False),
+        ("logical_or", "f32[T]", False, True),
+    ],
+)
+def test_scalar_literal_operands_type_like_they_run(op, tensor, literal, literal_first):
+    x = input_node("x", _t(tensor))
+    c = const_node(literal, TensorType(_LITERAL_DTYPES[type(literal)], ()))
+    operands = [c, x] if literal_first else [x, c]
+    node = Node(op, tuple(operands), {}, infer_type(get_op(op), [o.type for o in operands], {}))
+    graph = Graph([x, c, node], [node])
+    verify(graph)
+    (out,) = run_graph(
+        graph, {"x": _random(x.type, {"T": 5}, torch.Generator().manual_seed(1))}, lambda n, t: None
+    )
+    assert dtype_name(out.dtype) == node.type.dtype and list(out.shape) == [5]
+
+
+@pytest.mark.parametrize(
+    ("cond", "a", "b"),
+    [
+        ("bool[T]", 1.0, 0.0),
+        ("bool[T]", 1, 0),
+        ("bool[T]", "f16[T]", 0.0),
+        ("bool[T]", 1, "i32[T]"),
+    ],
+)
+def test_where_with_scalar_branches_types_like_it_runs(cond, a, b):
+    nodes, operands, inputs = [], [], {}
+    g = torch.Generator().manual_seed(2)
+    for i, v in enumerate([cond, a, b]):
+        if isinstance(v, str):
+            n = input_node(f"x{i}", _t(v))
+            inputs[n.name] = _random(n.type, {"T": 4}, g)
+        else:
+            n = const_node(v, TensorType(_LITERAL_DTYPES[type(v)], ()))
+        nodes.append(n)
+        operands.append(n)
+    node = Node(
+        "where", tuple(operands), {}, infer_type(get_op("where"), [o.type for o in operands], {})
+    )
+    (out,) = run_graph(Graph([*nodes, node], [node]), inputs, lambda n, t: None)
+    assert dtype_name(out.dtype) == node.type.dtype and list(out.shape) == [4]
+
+
+# -- attention against a naive per-sequence, per-head, per-query loop ------------------------
+
+
+def naive_attention(q, k, v, cu_seqlens, *, scale, causal, sliding_window, softcap, sinks=None):
+    """q: [T, Hq, D], k: [T, Hkv, D], v: [T, Hkv, Dv]; float64 loops over everything."""
+    q, k, v = q.double(), k.double(), v.double()
+    hq, hkv = q.shape[1], k.shape[1]
+    out = torch.zeros(q.shape[0], hq, v.shape[-1], dtype=torch.float64)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        for h in range(hq):
+            kv = h // (hq // hkv)  # query head h reads kv head h // group
+            for i in range(start, end):
+                logits, values = [], []
+                for j in range(start, end):
+                    if causal and j > i:
+                        continue
+                    if sliding_window and i - j >= sliding_window:
+                        continue
+                    s = float(q[i, h] @ k[j, kv]) * scale
+                    if softcap:
+                        s = math.tanh(s / softcap) * softcap
+                    logits.append(s)
+                    values.append(v[j, kv])
+                if sinks is not None:
+                    logits.append(float(sinks[h]))
+                    values.append(torch.zeros_like(v[0, 0]))
+                if not logits:
+                    continue
+                m = max(logits)
+                w = [math.exp(s - m) for s in logits]
+                total = sum(w)
+                out[i, h] = sum((wi / total) * vi for wi, vi in zip(w, values, strict=True))
+    return out
+
+
+LENGTHS = (3, 7, 1, 5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    ("sliding_window", "softcap", "with_sinks"),
+    [(0, 0.0, False), (3, 0.0, False), (0, 4.0, False), (0, 0.0, True), (2, 3.0, True)],
+)
+def test_attention_matches_naive_loop(causal, sliding_window, softcap, with_sinks):
+    g = torch.Generator().manual_seed(3)
+    total, hq, hkv, d, dv = sum(LENGTHS), 4, 2, 8, 6
+    q = torch.randn(total, hq, d, generator=g)
+    k = torch.randn(total, hkv, d, generator=g)
+    v = torch.randn(total, hkv, dv, generator=g)
+    sinks = torch.randn(hq, generator=g) if with_sinks else None
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    attrs = {
+        "scale": d**-0.5,
+        "causal": causal,
+        "sliding_window": sliding_window,
+        "softcap": softcap,
+    }
+    extra = [sinks] if with_sinks else []
+    got = attention(q, k, v, cu, *extra, **attrs)
+    want = naive_attention(q, k, v, cu, sinks=sinks, **attrs).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the traced layout with a leading batch axis of 1 computes the same
+    batched = attention(q[None], k[None], v[None], cu, *extra, **attrs)
+    assert batched.shape == (1, total, hq, dv)
+    torch.testing.assert_close(batched[0], got, rtol=0, atol=0)
+
+
+def test_attention_sequences_do_not_see_each_other():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(8, 2, 4, generator=g) for _ in range(3))
+    attrs = {"scale": 0.5, "causal": False, "sliding_window": 0, "softcap": 0.0}
+    joint = attention(q, k, v, torch.tensor([0, 3, 8], dtype=torch.int32), **attrs)
+    first = attention(q[:3], k[:3], v[:3], torch.tensor([0, 3], dtype=torch.int32), **attrs)
+    second = attention(q[3:], k[3:], v[3:], torch.tensor([0, 5], dtype=torch.int32), **attrs)
+    torch.testing.assert_close(joint, torch.cat([first, second]), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_in_a_graph_via_interpreter():
+    text_types = {"q": "f32[T,4,8]", "k": "f32[T,2,8]", "v": "f32[T,2,8]", "cu_seqlens": "i32[S+1]"}
+    ins = [input_node(n, _t(t)) for n, t in text_types.items()]
+    attrs = {"scale": 0.25, "causal": True, "sliding_window": 4, "softcap": 0.0}
+    node = Node(
+        "attention",
+        tuple(ins),
+        attrs,
+        infer_type(get_op("attention"), [i.type for i in ins], attrs),
+    )
+    graph = Graph([*ins, node], [node])
+    verify(graph)
+    g = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 6, 16], dtype=torch.int32)
+    vals = {"q": torch.randn(16, 4, 8, generator=g), "k": torch.randn(16, 2, 8, generator=g),
+            "v": torch.randn(16, 2, 8, generator=g), "cu_seqlens": cu}  # fmt: skip
+    (out,) = run_graph(graph, vals, lambda n, t: None)
+    want = naive_attention(vals["q"], vals["k"], vals["v"], cu, **attrs).float()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_prefill_then_decode_matches_attention():
+    g = torch.Generator().manual_seed(6)
+    lengths, hq, hkv, d = (6, 3, 9), 4, 2, 8
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, d, generator=g) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    attrs = {"scale": d**-0.5, "causal": True, "sliding_window": 4, "softcap": 0.0}
+    want = attention(q, k, v, cu, **attrs)
+    cache_types = {
+        "k_cache": TensorType("float32", ("NB", 4, hkv, d)),
+        "v_cache": TensorType("float32", ("NB", 4, hkv, d)),
+    }
+    meta = contiguous_paged_inputs(lengths, 4, cache_types, shuffle_seed=1)
+    kc, vc = meta["k_cache"], meta["v_cache"]
+
+    def step(rows: list[int], seq_lens: list[int]) -> torch.Tensor:
+        per_seq = [sum(1 for r in rows if cu[s] <= r < cu[s + 1]) for s in range(len(lengths))]
+        step_cu = torch.tensor([0, *torch.tensor(per_seq).cumsum(0).tolist()], dtype=torch.int32)
+        return paged_attention(
+            q[rows], k[rows], v[rows], kc, vc, meta["slot_mapping"][rows], meta["block_tables"],
+            torch.tensor(seq_lens, dtype=torch.int32), step_cu, **attrs,
+        )  # fmt: skip
+
+    # prefill all but the last token of every sequence, then decode the last tokens together
+    last = [int(c) - 1 for c in cu[1:]]
+    prefill_rows = [r for r in range(total) if r not in last]
+    got_prefill = step(prefill_rows, [n - 1 for n in lengths])
+    got_decode = step(last, list(lengths))
+    torch.testing.assert_close(got_prefill, want[prefill_rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_decode, want[last], rtol=1e-5, atol=1e-5)
