@@ -44,12 +44,25 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from kiln.runtime.greedy import stream_greedy
+    from kiln.runtime.llm import LLM
+    from kiln.runtime.sampling_params import SamplingParams
 
-    for piece in stream_greedy(args.artifact, args.prompt, max_tokens=args.max_tokens):
-        sys.stdout.write(piece)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed,
+        stop=args.stop or None, ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(args.artifact, **({"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {}))
+    if args.echo:
+        sys.stdout.write(args.prompt)
+    finish = None
+    for out in llm.generate_stream(args.prompt, params):
+        sys.stdout.write(out.outputs[0].delta_text)
         sys.stdout.flush()
+        finish = out.outputs[0].finish_reason
     sys.stdout.write("\n")
+    if args.verbose:
+        print(f"[finish_reason={finish}]", file=sys.stderr)
     return 0
 
 
@@ -94,6 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("artifact")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
+    g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     _common(g)
     g.set_defaults(fn=_generate)
     args = p.parse_args(argv)
