@@ -179,6 +179,36 @@ def qwen2_moe() -> PretrainedConfig:
     )
 
 
+def gpt_oss() -> PretrainedConfig:
+    """Attention sinks (a learned per-head logit), alternating sliding window, clamped MoE."""
+    return _make(
+        "gpt_oss",
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+
+
+def gemma3_text() -> PretrainedConfig:
+    """Local/global attention with different RoPE bases, q/k norm, sandwich norms."""
+    return _make(
+        "gemma3_text",
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=True,
+    )
+
+
+def opt() -> PretrainedConfig:
+    """Learned positions with an offset, ReLU MLP, pre-LayerNorm with biases."""
+    return _make("opt", ffn_dim=INTERMEDIATE, word_embed_proj_dim=HIDDEN, enable_bias=True)
+
+
 TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "llama": llama,
     "qwen2": qwen2,
@@ -197,6 +227,9 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "gpt_neox": gpt_neox,
     "cohere": cohere,
     "qwen2_moe": qwen2_moe,
+    "gpt_oss": gpt_oss,
+    "gemma3_text": gemma3_text,
+    "opt": opt,
 }
 
 
