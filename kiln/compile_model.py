@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import kiln
 from kiln.codegen.artifact_writer import write_artifact
@@ -45,7 +46,10 @@ def compile(
     lower = get_lowering(target)
     names = resolve_pipeline(target, passes)
     started = time.time()
+    stages = tqdm(total=4, desc="compile: trace", unit="stage", leave=False, disable=None)
     imported = import_model(str(model_dir), DTYPES[dtype])
+    stages.update()
+    stages.set_description("compile: passes")
     pm = PassManager(
         [get_pass(n) for n in names],
         dump_dir=Path(dump_ir) if dump_ir else None,
@@ -53,9 +57,13 @@ def compile(
         weights=imported.weights,
     )
     graph = pm.run(imported.graph)
+    stages.update()
+    stages.set_description("compile: lower")
     graph, folded = fold_weights(graph, imported.weights)
     verify(graph)
     plan = lower(graph)
+    stages.update()
+    stages.set_description("compile: write artifact")
     sources = {
         n.name: folded.get(n.name) or (lambda n=n: imported.weights(n.name, n.type)) for n in graph.params
     }
@@ -83,6 +91,8 @@ def compile(
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         (staging / "a").rename(out)
+        stages.update()
     finally:
+        stages.close()
         shutil.rmtree(staging, ignore_errors=True)
     return out

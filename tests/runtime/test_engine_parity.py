@@ -56,7 +56,7 @@ def test_greedy_matches_transformers(checkpoint, artifact, arch):
             assert llm.engine.scheduler_stats()["preemptions"] > 0, "the small cache never preempted"
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_shared_prefix_hits_cache(checkpoint, artifact, arch):
     prompts = _prompts(shared_prefix=40)
     want = _reference(checkpoint, arch, prompts)
