@@ -49,7 +49,8 @@ def test_streamed_text_equals_one_shot_decode(tok, text, prompt, chunks):
     detok, deltas, stop, _ = _stream(tok, prompt, ids, chunks)
     assert stop is None
     assert "".join(deltas) == text == detok.text
-    assert not any("\ufffd" in d for d in deltas)
+    if "\ufffd" not in text:  # a literal U+FFFD in the text is not a split character
+        assert not any("\ufffd" in d for d in deltas)
 
 
 @SETTINGS
