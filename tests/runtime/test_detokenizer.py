@@ -13,8 +13,10 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.tokenizer import Tokenizer
 
 MULTI_BYTE = ["é", "ß", "€", "中", "𝄞", "😀", "👍🏽", "👨‍👩‍👧", "\u200d", "ñ"]
+# U+FFFD itself is left out: streaming reads it as "character not complete yet" (as vLLM does).
 TEXT = st.lists(
-    st.one_of(st.characters(codec="utf-8"), st.sampled_from(MULTI_BYTE)), max_size=30
+    st.one_of(st.characters(codec="utf-8", exclude_characters="\ufffd"), st.sampled_from(MULTI_BYTE)),
+    max_size=30,
 ).map("".join)
 PROMPTS = ["", "Hello", "héllo wörld 😀", "a compiler"]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,8 +51,7 @@ def test_streamed_text_equals_one_shot_decode(tok, text, prompt, chunks):
     detok, deltas, stop, _ = _stream(tok, prompt, ids, chunks)
     assert stop is None
     assert "".join(deltas) == text == detok.text
-    if "\ufffd" not in text:  # a literal U+FFFD in the text is not a split character
-        assert not any("\ufffd" in d for d in deltas)
+    assert not any("\ufffd" in d for d in deltas)
 
 
 @SETTINGS
