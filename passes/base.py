@@ -23,3 +23,16 @@ class Pass:
 def make(op: str, inputs: list[Node] | tuple[Node, ...], **attrs: object) -> Node:
     """A new node whose type comes from the op's rule."""
     return Node(op, tuple(inputs), dict(attrs), infer_type(get_op(op), [i.type for i in inputs], attrs))
+
+
+def weight_only(n: Node) -> bool:
+    """Whether a value depends on parameters and constants alone (foldable at compile time)."""
+    stack, seen = [n], set()
+    while stack:
+        x = stack.pop()
+        if x.op == "input":
+            return False
+        if x not in seen:
+            seen.add(x)
+            stack.extend(x.inputs)
+    return True

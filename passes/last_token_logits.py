@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from kiln.ir.graph import Graph, Node, input_node
 from kiln.ir.ops import get_op
 from kiln.ir.types import TensorType
-from kiln.passes.base import Pass, make
-from kiln.passes.merge_projections import _weight_only
+from kiln.passes.base import Pass, make, weight_only
 
 LOGITS_INDICES = "logits_indices"
 ROWS = "R"
@@ -22,7 +21,7 @@ def _row_wise_chain(out: Node) -> tuple[Node, list[Node]] | None:
     while n.op != "linear":
         if n.op in ("input", "param", "const") or get_op(n.op).kind != "elementwise":
             return None
-        acts = [i for i in n.inputs if not _weight_only(i)]
+        acts = [i for i in n.inputs if not weight_only(i)]
         if len(acts) != 1 or any(i.type.rank > 1 for i in n.inputs if i is not acts[0]):
             return None
         chain.append(n)

@@ -6,20 +6,7 @@ from dataclasses import dataclass
 
 from kiln.ir.dims import from_expr, to_expr
 from kiln.ir.graph import Graph, Node
-from kiln.passes.base import Pass, make
-
-
-def _weight_only(n: Node) -> bool:
-    """Whether a value depends on parameters and constants alone (foldable at compile time)."""
-    stack, seen = [n], set()
-    while stack:
-        x = stack.pop()
-        if x.op == "input":
-            return False
-        if x not in seen:
-            seen.add(x)
-            stack.extend(x.inputs)
-    return True
+from kiln.passes.base import Pass, make, weight_only
 
 
 @dataclass(frozen=True)
@@ -36,7 +23,7 @@ class MergeProjections(Pass):
     def apply(self, graph: Graph) -> Graph:
         groups: dict[Node, list[Node]] = {}
         for n in graph.nodes:
-            if n.op == "linear" and all(_weight_only(w) for w in n.inputs[1:]) and n.inputs[1].type.rank == 2:
+            if n.op == "linear" and all(weight_only(w) for w in n.inputs[1:]) and n.inputs[1].type.rank == 2:
                 groups.setdefault(n.inputs[0], []).append(n)
         replace: dict[Node, Node] = {}
         for x, members in groups.items():
