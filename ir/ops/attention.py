@@ -49,8 +49,11 @@ def attention_scores_to_output(
         allowed &= delta < sliding_window
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
+        # As transformers computes sinks: max-subtracted softmax in the scores' own dtype.
         sink = sinks.reshape(hq, 1, 1).expand(hq, scores.shape[1], 1).to(scores.dtype)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        combined = torch.cat([scores, sink], dim=-1)
+        combined = combined - combined.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     probs = torch.nan_to_num(probs).to(q.dtype)  # a row with nothing allowed attends to nothing

@@ -2,8 +2,9 @@
 
 A flattened batch of 3 sequences of different lengths goes through the compiled artifact in
 one call; transformers runs each sequence separately. Tolerances (max |error| relative to the
-largest |logit|): float32 1e-4 (observed < 2e-6); bfloat16 2e-2 (observed 0 for dense models,
-8e-3 for Mixtral, whose reference runs its experts one by one where kiln batches them).
+largest |logit|): float32 1e-4 (observed < 2e-6); bfloat16 2e-2 (observed 0 for every model but
+Mixtral, 8e-3: its reference runs experts one by one where kiln batches them; against
+transformers' own batched-experts path the Mixtral error is 0 too).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import kiln
 from kiln.models.checkpoint import load_reference_model
 from kiln.models.tiny_configs import TINY_CONFIGS
 
-REQUIRED = ["llama", "qwen2", "mistral", "phi3", "gpt2", "mixtral"]
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 LENGTHS = [5, 13, 3]  # 13 > the sliding window (8) of the mistral and gemma2 configs
 
@@ -39,7 +39,7 @@ def test_float32_parity(checkpoint, artifact, arch):
     assert _compare(checkpoint, artifact, arch, "float32") < TOLERANCE["float32"]
 
 
-@pytest.mark.parametrize("arch", REQUIRED)
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_bfloat16_parity(checkpoint, artifact, arch):
     assert _compare(checkpoint, artifact, arch, "bfloat16") < TOLERANCE["bfloat16"]
 
