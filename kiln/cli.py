@@ -66,6 +66,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from kiln.runtime.server.launch import serve
+
+    engine_kwargs = {
+        k: getattr(args, k)
+        for k in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_kv_blocks", "kv_cache_memory_bytes")
+        if getattr(args, k) is not None
+    }
+    if args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("KILN_API_KEY"),
+                 served_model_name=args.served_model_name, max_waiting=args.max_waiting,
+                 shutdown_timeout=args.shutdown_timeout, log_level="debug" if args.verbose else "info",
+                 engine_kwargs=engine_kwargs)
+
+
 def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -119,6 +135,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     _common(g)
     g.set_defaults(fn=_generate)
+    s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
+    s.add_argument("artifact")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: ARTIFACT)")
+    s.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests that may wait beyond the running batch; more get 503")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may run after SIGTERM before they are aborted")
+    s.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step")
+    s.add_argument("--max-num-seqs", type=int, default=None, help="sequences in the running batch")
+    s.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
+    s.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
+    s.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size in bytes")
+    _common(s)
+    s.set_defaults(fn=_serve)
     args = p.parse_args(argv)
     return _run(args.fn, args)
 

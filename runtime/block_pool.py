@@ -125,3 +125,9 @@ class BlockPool:
             return
         block.block_hash = block_hash
         self.cached.setdefault(block_hash, block)
+
+    def uncache(self, block: KVBlock) -> None:
+        """Forget a block's hash (its contents were never computed after all)."""
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = None

@@ -198,6 +198,7 @@ class LLMEngine:
         except Exception:
             log.exception("model step failed; failing the %d requests in it", len(step.requests))
             for req in step.requests:
+                self.kv.forget_uncomputed(req)
                 self._finish(req, "error")
                 touched.add(req.group_id)
             return [self._output(g) for g in touched]

@@ -90,6 +90,14 @@ class KVCacheManager:
             self.cached_upto[req.request_id] = total // self.block_size
         return True
 
+    def forget_uncomputed(self, req: Request) -> None:
+        """Un-hash the blocks registered for tokens a failed step never computed, so no later
+        prompt reuses garbage as a cached prefix."""
+        first = req.num_computed_tokens // self.block_size
+        for b in self.tables.get(req.request_id, [])[first:]:
+            self.pool.uncache(b)
+        self.cached_upto[req.request_id] = min(self.cached_upto.get(req.request_id, 0), first)
+
     def free(self, req: Request) -> None:
         """Return every block of a finished, aborted or preempted request."""
         self.pool.release(self.tables.pop(req.request_id, []))

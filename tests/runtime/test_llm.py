@@ -144,3 +144,26 @@ def test_cache_too_small_for_prompt(artifact):
         LLM(artifact("llama"), num_kv_blocks=2, block_size=4).generate(PROMPTS[1], use_tqdm=False)
     with pytest.raises(ValueError, match="holds no block"):
         LLM(artifact("llama"), kv_cache_memory_bytes=10)
+
+
+def test_failed_step_leaves_no_cached_garbage(artifact):
+    """A prompt whose step raised must not be served from blocks that were never computed."""
+    llm = LLM(artifact("llama"), block_size=4)
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    healthy = llm.generate(PROMPTS[1], p, use_tqdm=False)[0].outputs[0].token_ids
+    fresh = LLM(artifact("llama"), block_size=4)
+    real_run = fresh.engine.model.executor.run
+    calls = {"n": 0}
+
+    def flaky(inputs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real_run(inputs)
+
+    fresh.engine.model.executor.run = flaky
+    failed = fresh.generate(PROMPTS[1], p, use_tqdm=False)[0]
+    assert failed.outputs[0].finish_reason == "error"
+    retry = fresh.generate(PROMPTS[1], p, use_tqdm=False)[0]
+    assert retry.num_cached_tokens == 0 and retry.outputs[0].token_ids == healthy
+    assert fresh.engine.pool.num_free == fresh.engine.pool.num_blocks

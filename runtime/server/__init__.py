@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`kiln serve`): see README.md beside this file."""

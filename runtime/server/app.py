@@ -1,0 +1,89 @@
+"""The FastAPI app: an OpenAI-compatible API over one loaded artifact.
+
+`build_app(engine, ...)` wires the async engine loop (started and stopped with the app's
+lifespan), metrics, the API-key middleware, OpenAI-format error handlers and the routes:
+
+    POST /v1/completions        completions.py     POST /tokenize     tokenization.py
+    POST /v1/chat/completions   chat.py            POST /detokenize   tokenization.py
+    GET  /v1/models   GET /health   GET /metrics   GET /openapi.json  (here / FastAPI)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import kiln
+from kiln.runtime.async_engine import AsyncLLMEngine
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.server import chat, completions, tokenization
+from kiln.runtime.server.auth import APIKeyMiddleware
+from kiln.runtime.server.chat_template import ChatTemplate
+from kiln.runtime.server.errors import APIError, install_error_handlers
+from kiln.runtime.server.metrics import ServerMetrics
+from kiln.runtime.server.responses import ModelCard, ModelList
+from kiln.runtime.server.serving import ServerState, state_of
+
+log = logging.getLogger(__name__)
+
+
+def build_app(engine: LLMEngine, *, artifact: str = "", served_model_name: str | None = None,
+              api_key: str | None = None, max_waiting: int = 1024) -> FastAPI:
+    """An app serving `engine` (loaded from `artifact`) under `served_model_name` (default: the
+    artifact path). With `api_key`, /v1/*, /tokenize and /detokenize need it as a Bearer token.
+    At most `max_waiting` requests wait beyond the running batch; more get 503."""
+    async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting)
+    metrics = ServerMetrics(async_engine)
+    async_engine.observer = metrics
+    template = engine.tokenizer.chat_template
+    state = ServerState(
+        engine=engine, async_engine=async_engine, metrics=metrics,
+        model_name=served_model_name or artifact or "kiln", artifact=artifact,
+        chat_template=ChatTemplate(template, engine.tokenizer.config) if template else None,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        log.info("serving '%s' (context %d tokens)", state.model_name, engine.max_model_len)
+        try:
+            yield
+        finally:
+            # uvicorn has stopped accepting and waited for in-flight requests (or cancelled
+            # them after its graceful timeout): abort what is left and end the engine thread.
+            await async_engine.stop()
+
+    app = FastAPI(title="kiln", version=kiln.__version__, lifespan=lifespan,
+                  summary="OpenAI-compatible serving of a compiled kiln artifact.")
+    app.state.kiln = state
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.include_router(completions.router)
+    app.include_router(chat.router)
+    app.include_router(tokenization.router)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(request: Request) -> ModelList:
+        """The one model this server serves."""
+        s = state_of(request)
+        return ModelList(data=[ModelCard(id=s.model_name, root=s.artifact, max_model_len=s.max_model_len)])
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        """200 while the engine loop runs, else 503."""
+        if not state_of(request).async_engine.is_running:
+            raise APIError(503, "the engine loop is not running", code="engine_dead")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus text exposition."""
+        return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

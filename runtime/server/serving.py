@@ -1,0 +1,199 @@
+"""What the completion and chat routes share: the app's state, request -> SamplingParams,
+prompt checks, queueing with errors mapped to HTTP, disconnect handling and SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from kiln.runtime.async_engine import AsyncLLMEngine, EngineError, QueueFullError, RequestStream
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.server.chat_template import ChatTemplate
+from kiln.runtime.server.errors import APIError, from_value_error, invalid
+from kiln.runtime.server.metrics import ServerMetrics
+from kiln.runtime.server.protocol import SamplingFields
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """Everything a route needs, kept on `app.state.kiln`."""
+
+    engine: LLMEngine
+    async_engine: AsyncLLMEngine
+    metrics: ServerMetrics
+    model_name: str
+    artifact: str
+    chat_template: ChatTemplate | None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless the request names the served model (or none)."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        vocab = self.engine.model.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", param)
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.kiln
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_prompt_length(state: ServerState, num_prompt: int, max_tokens: int | None, param: str,
+                        max_tokens_param: str) -> int:
+    """The max_tokens to run with: the request's, or what the context leaves. 400 when the
+    prompt (plus max_tokens) does not fit the model's context."""
+    limit = state.max_model_len
+    if num_prompt == 0:
+        raise invalid("the prompt is empty (it encodes to no tokens)", param)
+    if num_prompt >= limit:
+        raise invalid(f"This model's maximum context length is {limit} tokens; the prompt has "
+                      f"{num_prompt} tokens, which leaves none to generate.", param)
+    if max_tokens is None:
+        return limit - num_prompt
+    if num_prompt + max_tokens > limit:
+        raise invalid(f"This model's maximum context length is {limit} tokens; you requested "
+                      f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} "
+                      f"for the completion). Reduce the prompt or {max_tokens_param}.", max_tokens_param)
+    return max_tokens
+
+
+def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None,
+                    renames: dict[str, str]) -> SamplingParams:
+    """SamplingParams of a request; a rejected value is a 400 naming the request's field."""
+    if body.logit_bias:
+        raise invalid("logit_bias is not supported", "logit_bias")
+    given = {
+        "n": body.n, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+        "min_p": body.min_p, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "repetition_penalty": body.repetition_penalty,
+        "seed": body.seed, "stop": body.stop, "stop_token_ids": body.stop_token_ids,
+        "include_stop_str_in_output": body.include_stop_str_in_output, "ignore_eos": body.ignore_eos,
+        "min_tokens": body.min_tokens, "skip_special_tokens": body.skip_special_tokens,
+    }
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+    except ValueError as e:
+        raise from_value_error(e, None, renames) from None
+
+
+async def add(state: ServerState, requests: list[tuple[str, Any, SamplingParams]], param: str) -> RequestStream:
+    """Queue a request's prompts; errors become 400 (prompt), 503 (queue full), 500 (engine)."""
+    try:
+        return await state.async_engine.add_requests(requests)
+    except QueueFullError as e:
+        raise APIError(503, str(e), code="queue_full") from None
+    except EngineError as e:
+        raise APIError(500, str(e), code="engine_error") from None
+    except ValueError as e:
+        raise from_value_error(e, param) from None
+
+
+async def collect(stream: RequestStream) -> dict[str, RequestOutput]:
+    """The final output of every request of a stream, by request id."""
+    try:
+        return {out.request_id: out async for out in stream if out.finished}
+    except EngineError as e:
+        raise APIError(500, str(e), code="engine_error") from None
+
+
+def finish_error(finish_reason: str | None) -> APIError | None:
+    """The error a completion's finish reason stands for: the engine failed (500), or the
+    request was aborted while the server shuts down (503)."""
+    if finish_reason == "error":
+        return APIError(500, "the engine failed while generating this request; retry it",
+                        code="engine_error")
+    if finish_reason == "abort":
+        return APIError(503, "the request was aborted (the server is shutting down)", code="aborted")
+    return None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run a non-streaming handler's work, cancelling it when the client goes away (so its
+    requests are aborted and their KV blocks freed instead of running to the end)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise APIError(499, "the client closed the connection", code="client_closed")
+    return task.result()
+
+
+def sse(payload: Any) -> str:
+    """One Server-Sent Event carrying a JSON body (a pydantic model or plain data)."""
+    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that aborts its engine requests whenever it ends: finished, failed, or
+    cancelled because the client disconnected."""
+
+    def __init__(self, events: AsyncIterator[str], stream: RequestStream):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.abort()
+
+
+async def guarded(events: Callable[[], AsyncIterator[str]]) -> AsyncIterator[str]:
+    """SSE text of `events`, with a failure after the stream started sent as an error event;
+    always ends with `data: [DONE]`."""
+    try:
+        async for event in events():
+            yield event
+    except APIError as e:
+        yield e.sse()
+    except EngineError as e:
+        yield APIError(500, str(e), code="engine_error").sse()
+    except Exception as e:  # a bug here: end the stream well-formed rather than cut it
+        log.exception("streaming response failed")
+        yield APIError(500, f"internal server error ({type(e).__name__})", code="internal_error").sse()
+    yield SSE_DONE
