@@ -23,7 +23,7 @@ class Imported:
 
 def import_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Imported:
     """Trace the checkpoint's transformers model into kiln IR (no weight is read)."""
-    from kiln.frontend.aten_ops import TABLE
+    from kiln.frontend.aten import TABLE
     from kiln.frontend.convert import Converter
     from kiln.frontend.trace import own_attention_error, trace
 

@@ -27,7 +27,7 @@ _SKIP = {
 
 
 class Converter:
-    """Walks the FX graph once, emitting IR nodes; the converter table lives in aten_ops.py."""
+    """Walks the FX graph once, emitting IR nodes; the converter table lives in frontend/aten/."""
 
     def __init__(self, program: torch.export.ExportedProgram, token_symbol: str, model_type: str):
         self.program = program

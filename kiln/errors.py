@@ -13,7 +13,7 @@ class UnsupportedOpError(KilnError):
         self.model_type = model_type
         where = f" in model type '{model_type}'" if model_type else ""
         what = hint or (
-            "kiln has no IR op for it yet. Add a converter in kiln/frontend/aten_ops.py and an op "
+            "kiln has no IR op for it yet. Add a converter under kiln/frontend/aten/ and an op "
             "in kiln/ir/ops/, or open an issue with the model's config.json."
         )
         super().__init__(f"unsupported operation '{op}'{where}: {what}")

@@ -9,16 +9,16 @@ from safetensors.torch import save_file
 
 import kiln
 from kiln.errors import CheckpointError, KilnError, UnsupportedOpError
-from kiln.frontend import aten_ops
+from kiln.frontend.aten import TABLE
 from kiln.models.tokenizer import build_tokenizer
 
 
 def test_unknown_aten_op_names_op_and_model(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.delitem(aten_ops.TABLE, "silu")
+    monkeypatch.delitem(TABLE, "silu")
     with pytest.raises(UnsupportedOpError) as e:
         kiln.compile(checkpoint("llama"), tmp_path / "a")
     msg = str(e.value)
-    assert "'silu'" in msg and "'llama'" in msg and "aten_ops.py" in msg
+    assert "'silu'" in msg and "'llama'" in msg and "frontend/aten" in msg
     assert not (tmp_path / "a").exists()
 
 
