@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/compile-model $(DEMO_MODEL) -o $(DEMO_ARTIFACT) --force
-	$(BIN)/kiln generate $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-tokens 96
+	$(BIN)/kiln generate $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-tokens 96 --echo
 
 test: setup
 	$(BIN)/ruff check .

@@ -34,6 +34,20 @@ class Traced:
     """The export's symbol for the token dimension."""
 
 
+def _tied_embedding_aliases(model: torch.nn.Module, aliases: dict[str, list[str]]) -> None:
+    """With tied embeddings the checkpoint stores only the input embedding; transformers ties
+    the LM head to it at load time, which a meta-device build never reaches."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None:
+        return
+    where = {id(m): name for name, m in model.named_modules()}
+    if id(inp) in where and id(out) in where:
+        head, embed = f"{where[id(out)]}.weight", f"{where[id(inp)]}.weight"
+        aliases.setdefault(head, []).append(embed)
+
+
 class _LogitsOnly(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -91,6 +105,7 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype) -> Traced:
     for names in by_id.values():
         for n in names:
             aliases[n] = [m for m in names if m != n]
+    _tied_embedding_aliases(model, aliases)
     model.to("meta")
     ids = torch.zeros(1, _TRACE_TOKENS, dtype=torch.long, device="meta")
     pos = torch.zeros(1, _TRACE_TOKENS, dtype=torch.long, device="meta")
