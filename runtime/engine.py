@@ -65,9 +65,16 @@ class LLMEngine:
             block_size * int(t.shape[2]) * int(t.shape[3]) * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
             for t in caches.values()
         )
+        limit = self.model.manifest["model"].get("max_position_embeddings")
+        self.max_model_len = max_model_len or limit or 2048
         if num_kv_blocks is None:
             budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else default_cache_bytes(self.device)
             num_kv_blocks = budget // max(bytes_per_block, 1)
+            if kv_cache_memory_bytes is None:
+                # No more than every sequence slot at full context could use, twice over (the
+                # rest keeps cached prefixes): a small model would otherwise get millions.
+                full = max_num_seqs * -(-self.max_model_len // block_size)
+                num_kv_blocks = min(num_kv_blocks, 2 * full)
         if num_kv_blocks < 1:
             raise ValueError(
                 f"the KV cache budget holds no block (one block of {block_size} tokens needs {bytes_per_block} bytes)"
@@ -81,8 +88,6 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, block_size)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
         self.sampler = Sampler()
-        limit = self.model.manifest["model"].get("max_position_embeddings")
-        self.max_model_len = max_model_len or limit or 2048
         self.groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}
         self._states: dict[str, SamplingState] = {}
