@@ -190,13 +190,6 @@ def test_scalar_const_operands_verify():
     verify(Graph([x, c, Node("pow", (x, c), {}, x.type)], [x]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="bug: type rules probed on meta tensors (ir/ops/registry.py infer_type) skip checks "
-    "the real kernels make: verify() accepts sub(f32, bool) although torch (and so run_graph) "
-    "rejects subtracting a bool",
-)
 def test_type_rule_rejects_what_the_reference_cannot_run():
     with pytest.raises(VerifyError, match="sub"):
         verify(_graph("%0 = sub(%x, True) : f32[T,4]"))
