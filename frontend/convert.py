@@ -78,6 +78,10 @@ class Converter:
         """A non-negative axis index."""
         return d + rank if d < 0 else d
 
+    def op_name(self) -> str:
+        """The aten schema name of the call being converted ("add", "softmax", "div_")."""
+        return _target_name(self.fx_node.target)
+
     def cu_seqlens(self) -> Node:
         """The graph input giving sequence boundaries in the flattened token axis."""
         if self._cu_seqlens is None:

@@ -36,7 +36,7 @@ def _add_sub(cv: Converter, a: dict, val: Any) -> Node:
     other = cv.tensor(a["other"])
     if a.get("alpha", 1) != 1:
         other = cv.emit("mul", [other, cv.tensor(a["alpha"])])
-    op = cv.fx_node.target._schema.name.split("::")[-1].rstrip("_")
+    op = cv.op_name().rstrip("_")
     return cv.emit(op, [cv.tensor(a["self"]), other])
 
 

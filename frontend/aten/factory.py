@@ -22,14 +22,14 @@ def _arange(cv: Converter, a: dict, val: Any) -> Node:
 
 @conv("full", "zeros", "ones", "new_full", "new_zeros", "new_ones", "empty", "new_empty")
 def _full(cv: Converter, a: dict, val: Any) -> Node:
-    name = cv.fx_node.target._schema.name.split("::")[-1]
+    name = cv.op_name()
     value = a.get("fill_value", 1 if name.endswith("ones") else 0)
     return cv.emit("full", [], shape=[cv.dim(d) for d in val.shape], value=value, dtype=dtype_name(val.dtype))
 
 
 @conv("full_like", "zeros_like", "ones_like", "empty_like")
 def _full_like(cv: Converter, a: dict, val: Any) -> Node:
-    name = cv.fx_node.target._schema.name.split("::")[-1]
+    name = cv.op_name()
     value = a.get("fill_value", 1 if name.startswith("ones") else 0)
     return cv.emit("full_like", [a["self"]], value=value, dtype=dtype_name(val.dtype))
 

@@ -20,7 +20,7 @@ def _dims(cv: Converter, x: Node, dims: Any) -> list[int]:
 
 @conv("mean", "sum", "amax", "amin")
 def _reduce(cv: Converter, a: dict, val: Any) -> Node:
-    op = cv.fx_node.target._schema.name.split("::")[-1]
+    op = cv.op_name()
     x = a["self"]
     attrs: dict[str, Any] = {"dims": _dims(cv, x, a.get("dim")), "keepdim": bool(a.get("keepdim", False))}
     if a.get("dtype") is not None:
@@ -53,7 +53,7 @@ def _var(cv: Converter, a: dict, val: Any) -> Node:
 @conv("max", "min")
 def _max(cv: Converter, a: dict, val: Any) -> Any:
     x = a["self"]
-    name = cv.fx_node.target._schema.name.split("::")[-1]
+    name = cv.op_name()
     if a.get("other") is not None:
         return cv.emit("maximum" if name == "max" else "minimum", [x, cv.tensor(a["other"])])
     if a.get("dim") is None:
@@ -74,7 +74,7 @@ def _argmax(cv: Converter, a: dict, val: Any) -> Node:
 
 @conv("softmax", "_softmax", "log_softmax", "_log_softmax")
 def _softmax(cv: Converter, a: dict, val: Any) -> Node:
-    name = cv.fx_node.target._schema.name.split("::")[-1].lstrip("_")
+    name = cv.op_name().lstrip("_")
     x = a["self"]
     attrs: dict[str, Any] = {"dim": cv.axis(a["dim"], x.type.rank)}
     if dtype_name(val.dtype) != x.type.dtype:

@@ -191,5 +191,5 @@ def _flip(cv: Converter, a: dict, val: Any) -> Node:
 
 @conv("tril", "triu")
 def _tri(cv: Converter, a: dict, val: Any) -> Node:
-    op = cv.fx_node.target._schema.name.split("::")[-1].rstrip("_")
+    op = cv.op_name().rstrip("_")
     return cv.emit(op, [a["self"]], diagonal=a["diagonal"])
