@@ -68,21 +68,14 @@ def write_artifact(
         shutil.copyfile(src, root / rel)
         rels.append(rel)
     params = {n.name: n for n in graph.params}
-    nbytes = sum(torch.empty(0, dtype=getattr(torch, n.type.dtype)).element_size() * _numel(n) for n in params.values())
+    nbytes = sum(n.type.itemsize * n.type.numel() for n in params.values())
     manifest = {
         "format_version": FORMAT_VERSION,
         **manifest,
         "ops": dict(Counter(s.kernel for s in plan.steps).most_common()),
-        "parameters": {"tensors": len(params), "elements": sum(_numel(n) for n in params.values()), "bytes": nbytes},
+        "parameters": {"tensors": len(params), "elements": sum(n.type.numel() for n in params.values()), "bytes": nbytes},
         "files": {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in rels},
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def _numel(n) -> int:
-    size = 1
-    for d in n.type.shape:
-        size *= int(d)
-    return size
 
 

@@ -12,16 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from kiln.ir.dims import evaluate
 from kiln.ir.graph import Graph, Node, param_node
 from kiln.ir.interpreter import WeightFn, run_graph
-
-
-def _numel(n: Node) -> int:
-    size = 1
-    for d in n.type.shape:
-        size *= evaluate(d, {})
-    return size
 
 
 def _derived_name(n: Node, sources: list[str]) -> str:
@@ -53,7 +45,7 @@ def fold_weights(graph: Graph, weights: WeightFn) -> tuple[Graph, dict[str, Call
         if n.op not in ("param", "const") and weight_only[n]
         and (any(u not in weight_only for u in users[n]) or n in graph.outputs)
         and n.type.shape and all(isinstance(d, int) for d in n.type.shape)
-        and _numel(n) <= sum(_numel(p) for p in weight_only[n])
+        and n.type.numel() <= sum(p.type.numel() for p in weight_only[n])
     ]
     taken = {p.name for p in graph.params}
     replace: dict[Node, Node] = {}

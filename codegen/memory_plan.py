@@ -9,7 +9,6 @@ import sympy
 
 from kiln.ir.dims import from_expr, to_expr
 from kiln.ir.graph import Graph, Node
-from kiln.ir.types import torch_dtype
 
 # Ops whose result may alias their first operand's storage.
 VIEW_OPS = frozenset({"reshape", "permute", "expand", "slice"})
@@ -28,7 +27,7 @@ class MemoryPlan:
 
 
 def _bytes(n: Node) -> sympy.Expr:
-    size = sympy.Integer(torch_dtype(n.type.dtype).itemsize)
+    size = sympy.Integer(n.type.itemsize)
     for d in n.type.shape:
         size = size * to_expr(d)
     return size

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from kiln.ir.dims import Dim, dims_equal
+from kiln.ir.dims import Dim, dims_equal, evaluate
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -64,6 +65,18 @@ class TensorType:
     @property
     def rank(self) -> int:
         return len(self.shape)
+
+    def numel(self, bindings: Mapping[str, int] | None = None) -> int:
+        """Number of elements, with symbolic dims bound by `bindings`."""
+        size = 1
+        for d in self.shape:
+            size *= evaluate(d, bindings or {})
+        return size
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return torch_dtype(self.dtype).itemsize
 
     def same_as(self, other: TensorType) -> bool:
         """Equal dtype and dims that are the same expressions."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.ir.types import torch_dtype
 from kiln.runtime.block_pool import BlockPool
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache_manager import KVCacheManager
@@ -62,7 +63,7 @@ class LLMEngine:
         self.device = torch.device(device)
         caches = self.model.cache_types
         bytes_per_block = sum(
-            block_size * int(t.shape[2]) * int(t.shape[3]) * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
+            block_size * int(t.shape[2]) * int(t.shape[3]) * t.itemsize
             for t in caches.values()
         )
         limit = self.model.manifest["model"].get("max_position_embeddings")
@@ -81,7 +82,7 @@ class LLMEngine:
             )
         self.kv_caches = {
             name: torch.zeros(num_kv_blocks, block_size, int(t.shape[2]), int(t.shape[3]),
-                              dtype=getattr(torch, t.dtype), device=self.device)
+                              dtype=torch_dtype(t.dtype), device=self.device)
             for name, t in caches.items()
         }
         self.pool = BlockPool(num_kv_blocks, enable_caching=enable_prefix_caching)

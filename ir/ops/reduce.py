@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ir.ops.registry import register
+from kiln.ir.types import torch_dtype
 
 # -- reductions over `dims` ------------------------------------------------------------------
 
@@ -12,7 +13,7 @@ _REDUCE = {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax, "amin": tor
 for _name, _fn in _REDUCE.items():
     register(_name, arity=1, kind="reduce", attrs=("dims", "keepdim"), optional_attrs=("dtype",))(
         lambda x, dims, keepdim, dtype=None, _fn=_fn: (
-            _fn(x, dim=dims, keepdim=keepdim) if dtype is None else _fn(x.to(getattr(torch, dtype)), dim=dims, keepdim=keepdim)
+            _fn(x, dim=dims, keepdim=keepdim) if dtype is None else _fn(x.to(torch_dtype(dtype)), dim=dims, keepdim=keepdim)
         )
     )
 
@@ -53,19 +54,19 @@ def max_dim(x: torch.Tensor, dim: int, keepdim: bool, output: int) -> torch.Tens
 @register("softmax", arity=1, kind="dim", attrs=("dim",), optional_attrs=("dtype",))
 def softmax(x: torch.Tensor, dim: int, dtype: str | None = None) -> torch.Tensor:
     """Softmax along dim, computed in dtype when given."""
-    return torch.softmax(x, dim=dim, dtype=getattr(torch, dtype) if dtype else None)
+    return torch.softmax(x, dim=dim, dtype=torch_dtype(dtype) if dtype else None)
 
 
 @register("log_softmax", arity=1, kind="dim", attrs=("dim",), optional_attrs=("dtype",))
 def log_softmax(x: torch.Tensor, dim: int, dtype: str | None = None) -> torch.Tensor:
     """Log-softmax along dim."""
-    return torch.log_softmax(x, dim=dim, dtype=getattr(torch, dtype) if dtype else None)
+    return torch.log_softmax(x, dim=dim, dtype=torch_dtype(dtype) if dtype else None)
 
 
 @register("cumsum", arity=1, kind="dim", attrs=("dim",), optional_attrs=("dtype",))
 def cumsum(x: torch.Tensor, dim: int, dtype: str | None = None) -> torch.Tensor:
     """Inclusive prefix sum along dim."""
-    return torch.cumsum(x, dim=dim, dtype=getattr(torch, dtype) if dtype else None)
+    return torch.cumsum(x, dim=dim, dtype=torch_dtype(dtype) if dtype else None)
 
 
 @register("topk", arity=1, kind="dim", attrs=("k", "dim", "largest", "sorted", "output"))
