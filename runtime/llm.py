@@ -34,9 +34,13 @@ class LLM:
             params = list(sampling_params)
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
-        for p in prompts:  # validate everything before queueing anything
-            self.engine.tokenize(p)
-        return [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params, strict=True)]
+        # Tokenize and validate everything before queueing anything; queue the token ids so no
+        # prompt is tokenized twice.
+        encoded = []
+        for p in prompts:
+            text, ids = self.engine.tokenize(p)
+            encoded.append({"prompt_token_ids": ids, "prompt": text})
+        return [self.engine.add_request(None, p, sp) for p, sp in zip(encoded, params, strict=True)]
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
