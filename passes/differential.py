@@ -7,7 +7,7 @@ import torch
 from kiln.errors import VerifyError
 from kiln.ir.graph import Graph
 from kiln.ir.interpreter import WeightFn, run_graph
-from kiln.ir.ops.attention import contiguous_paged_inputs
+from kiln.ir.step_inputs import contiguous_paged_inputs
 from kiln.ir.types import FLOAT_DTYPES
 
 # Max |a - b| relative to max |reference| per compute dtype: float32 reorderings (a merged

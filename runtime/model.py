@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kiln.errors import ArtifactError
-from kiln.ir.ops.attention import contiguous_paged_inputs
+from kiln.ir.step_inputs import contiguous_paged_inputs
 from kiln.ir.types import TensorType
 from kiln.runtime.artifact import GRAPH, PLAN, TOKENIZER_DIR, WEIGHTS_DIR, read_json, read_manifest
 from kiln.runtime.executor import PlanExecutor

@@ -166,33 +166,3 @@ def paged_attention(
             scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
         )
     return out
-
-
-def contiguous_paged_inputs(
-    lengths: Sequence[int], block_size: int, cache_types: Mapping[str, TensorType], *, shuffle_seed: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Paged-attention metadata and empty caches for whole sequences computed in one step
-    (the debug forward and --verify). Blocks are handed out in order, or in a seeded random
-    order with shuffle_seed, so block tables are exercised."""
-    per_seq = [(n + block_size - 1) // block_size for n in lengths]
-    total = sum(per_seq)
-    order = list(range(total))
-    if shuffle_seed is not None:
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
-    tables = torch.zeros(len(lengths), max(per_seq, default=1), dtype=torch.int32)
-    slots: list[int] = []
-    used = 0
-    for s, (n, nblocks) in enumerate(zip(lengths, per_seq, strict=True)):
-        blocks = order[used : used + nblocks]
-        used += nblocks
-        tables[s, :nblocks] = torch.tensor(blocks, dtype=torch.int32)
-        slots.extend(blocks[j // block_size] * block_size + j % block_size for j in range(n))
-    out = {
-        "slot_mapping": torch.tensor(slots, dtype=torch.int64),
-        "block_tables": tables,
-        "seq_lens": torch.tensor(list(lengths), dtype=torch.int32),
-    }
-    for name, t in cache_types.items():
-        _, _, hkv, d = t.shape
-        out[name] = torch.zeros(total, block_size, int(hkv), int(d), dtype=torch_dtype(t.dtype))
-    return out
