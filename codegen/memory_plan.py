@@ -27,10 +27,13 @@ class MemoryPlan:
 
 
 def _bytes(n: Node) -> sympy.Expr:
-    size = sympy.Integer(n.type.itemsize)
-    for d in n.type.shape:
-        size = size * to_expr(d)
-    return size
+    total = sympy.Integer(0)
+    for t in n.type.types:
+        size = sympy.Rational(t.itemsize)
+        for d in t.shape:
+            size = size * to_expr(d)
+        total += size
+    return total
 
 
 def plan_memory(graph: Graph) -> MemoryPlan:

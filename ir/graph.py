@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.ir.types import TensorType
+from kiln.ir.types import TensorType, ValueType
 
 # Node kinds that are not registered ops: they introduce values instead of computing them.
 SOURCE_OPS = frozenset({"input", "param", "const"})
@@ -23,8 +23,8 @@ class Node:
     """Operand values, in the op's schema order."""
     attrs: dict[str, Any]
     """JSON-serializable attributes (never mutated after construction)."""
-    type: TensorType
-    """The value's dtype and shape."""
+    type: ValueType
+    """The value's dtype and shape (a TupleType for an op with several results)."""
 
     def replace(self, **changes: Any) -> Node:
         """A copy with some fields changed."""
@@ -38,6 +38,15 @@ class Node:
     @property
     def is_scalar_const(self) -> bool:
         return self.op == "const" and self.type.shape == ()
+
+    @property
+    def writes(self) -> tuple[Node, ...]:
+        """The operands this node writes in place (its op's declared side effects)."""
+        if self.op in SOURCE_OPS:
+            return ()
+        from kiln.ir.ops import get_op  # the registry imports this module's types
+
+        return tuple(self.inputs[i] for i in get_op(self.op).writes)
 
 
 def input_node(name: str, type: TensorType) -> Node:
@@ -93,14 +102,27 @@ class Graph:
         """The computing nodes (no inputs, params or consts)."""
         return [n for n in self.nodes if n.op not in SOURCE_OPS]
 
-    def with_nodes(self, inputs: Iterable[Node], outputs: list[Node]) -> Graph:
-        """A graph of `inputs` (kept, in order: the calling convention) and everything the
-        outputs depend on, topologically sorted; other nodes are dropped."""
+    def with_nodes(self, inputs: Iterable[Node], outputs: list[Node], effects: Iterable[Node] = ()) -> Graph:
+        """A graph of `inputs` (kept, in order: the calling convention), everything the
+        outputs and the in-place writers in `effects` depend on, topologically sorted; other
+        nodes are dropped. (A write is kept even when no output reads its result.)"""
         order: list[Node] = list(inputs)
         seen = set(order)
-        for root in outputs:
+        for root in [*outputs, *effects]:
             _visit(root, seen, order)
         return Graph(order, list(outputs), dict(self.meta))
+
+    def effects(self) -> list[Node]:
+        """The nodes that write an operand in place."""
+        return [n for n in self.nodes if n.writes]
+
+    def with_inputs(self, inputs: Iterable[Node]) -> Graph:
+        """The same program with its inputs in this order (the calling convention)."""
+        return self.with_nodes(inputs, self.outputs, self.effects())
+
+    def dce(self) -> Graph:
+        """The graph without values that neither an output nor an in-place write needs."""
+        return self.with_nodes(self.inputs, self.outputs, self.effects())
 
     def rewrite(self, fn: Callable[[Node], Node | None]) -> Graph:
         """Rebuild the graph bottom-up; `fn` sees each node with its inputs already rewritten
@@ -111,7 +133,7 @@ class Graph:
             new_inputs = tuple(mapping[i] for i in n.inputs)
             cur = n if all(a is b for a, b in zip(new_inputs, n.inputs, strict=True)) else n.replace(inputs=new_inputs)
             mapping[n] = fn(cur) or cur
-        return self.with_nodes([mapping[i] for i in self.inputs], [mapping[o] for o in self.outputs])
+        return self._remapped(mapping)
 
     def substitute(self, replace: dict[Node, Node]) -> Graph:
         """Replace nodes by new values; the new values may be built on any original nodes
@@ -130,7 +152,12 @@ class Graph:
 
         for n in self.nodes:
             mapping[n] = remap(replace[n]) if n in replace else remap(n)
-        return self.with_nodes([mapping[i] for i in self.inputs], [mapping[o] for o in self.outputs])
+        return self._remapped(mapping)
+
+    def _remapped(self, mapping: dict[Node, Node]) -> Graph:
+        # A writer that a rewrite replaced is dropped with it; one that survives stays.
+        effects = [m for m in (mapping[n] for n in self.nodes) if m.writes]
+        return self.with_nodes([mapping[i] for i in self.inputs], [mapping[o] for o in self.outputs], effects)
 
 
 def _visit(root: Node, seen: set[Node], order: list[Node]) -> None:

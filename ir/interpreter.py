@@ -82,7 +82,10 @@ def run_graph(
                 env[x] if op.scalar_inputs or not isinstance(env[x], int | float | bool) else torch.tensor(env[x])
                 for x in n.inputs
             ]
-            env[n] = op.impl(*args, **resolve_attrs(op, n.attrs, bindings))
+            attrs = resolve_attrs(op, n.attrs, bindings)
+            if op.device_arg:
+                attrs["device"] = next((v.device for v in inputs.values()), None)
+            env[n] = op.impl(*args, **attrs)
         for x in set(n.inputs):
             if last_use[x] == i and x not in keep:
                 del env[x]

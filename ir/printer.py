@@ -7,6 +7,10 @@
     return %4
 
 Rank-0 constants of dtype f32, i64 and bool print inline as literals; other constants get a line.
+A node with several results has a tuple type, read through get_result projections:
+
+    %5 = kv_cache_write(%1, %2, %k_cache.0, %v_cache.0, %slot_mapping) : (f32[NB,BS,2,16], f32[NB,BS,2,16])
+    %6 = get_result(%5) {"index": 0} : f32[NB,BS,2,16]
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import re
 
 from kiln.errors import VerifyError
 from kiln.ir.graph import Graph, Node, const_node, input_node, param_node
-from kiln.ir.types import LONG, TensorType
+from kiln.ir.types import LONG, TensorType, TupleType, ValueType
 
 _INLINE = {"float32": float, "int64": int, "bool": bool}
 
@@ -62,14 +66,24 @@ def format_node(n: Node) -> str:
     return f"{n.op}({args}) {json.dumps(n.attrs)} : {n.type}"
 
 
-_LINE = re.compile(r"^\s*([%@][\w.\-/]+) = (\w+)(?:\((.*?)\))?(?: (\{.*\}))? : (\w+)\[(.*)\]$")
+_LINE = re.compile(r"^\s*([%@][\w.\-/]+) = (\w+)(?:\((.*?)\))?(?: (\{.*\}))? : (\w+\[.*\]|\(.*\))$")
+_TENSOR = re.compile(r"(\w+)\[([^\]]*)\]")
 
 
-def _parse_type(dtype: str, dims: str) -> TensorType:
+def _parse_tensor(dtype: str, dims: str) -> TensorType:
     if dtype not in LONG:
         raise VerifyError(f"unknown dtype '{dtype}' in IR text")
     shape = tuple(int(d) if re.fullmatch(r"-?\d+", d) else d for d in dims.split(",") if d)
     return TensorType(LONG[dtype], shape)
+
+
+def _parse_type(text: str) -> ValueType:
+    if text.startswith("("):
+        return TupleType(tuple(_parse_tensor(*m.groups()) for m in _TENSOR.finditer(text)))
+    m = _TENSOR.fullmatch(text)
+    if not m:
+        raise VerifyError(f"cannot parse IR type {text!r}")
+    return _parse_tensor(*m.groups())
 
 
 def _parse_literal(tok: str) -> Node:
@@ -95,8 +109,8 @@ def parse_graph(text: str) -> Graph:
         m = _LINE.match(line)
         if not m:
             raise VerifyError(f"cannot parse IR line: {line!r}")
-        name, op, args, attrs, dtype, dims = m.groups()
-        type_ = _parse_type(dtype, dims)
+        name, op, args, attrs, type_text = m.groups()
+        type_ = _parse_type(type_text)
         if op == "input":
             node = input_node(name[1:], type_)
         elif op == "param":

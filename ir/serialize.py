@@ -7,7 +7,7 @@ from typing import Any
 
 from kiln.errors import VerifyError
 from kiln.ir.graph import Graph, Node
-from kiln.ir.types import TensorType
+from kiln.ir.types import TensorType, TupleType, ValueType
 
 FORMAT = 1
 
@@ -23,8 +23,7 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
                 "op": n.op,
                 "inputs": [index[i] for i in n.inputs],
                 "attrs": n.attrs,
-                "dtype": n.type.dtype,
-                "shape": list(n.type.shape),
+                **_type_to_dict(n.type),
             }
             for n in graph.nodes
         ],
@@ -41,9 +40,21 @@ def graph_from_dict(data: dict[str, Any]) -> Graph:
         if any(j >= i for j in d["inputs"]):
             raise VerifyError(f"graph JSON node {i} ({d['op']}) uses a later node")
         nodes.append(
-            Node(d["op"], tuple(nodes[j] for j in d["inputs"]), d["attrs"], TensorType(d["dtype"], tuple(d["shape"])))
+            Node(d["op"], tuple(nodes[j] for j in d["inputs"]), d["attrs"], _type_from_dict(d))
         )
     return Graph(nodes, [nodes[i] for i in data["outputs"]], data.get("meta", {}))
+
+
+def _type_to_dict(t: ValueType) -> dict[str, Any]:
+    if isinstance(t, TupleType):
+        return {"results": [_type_to_dict(x) for x in t.types]}
+    return {"dtype": t.dtype, "shape": list(t.shape)}
+
+
+def _type_from_dict(d: dict[str, Any]) -> ValueType:
+    if "results" in d:
+        return TupleType(tuple(TensorType(r["dtype"], tuple(r["shape"])) for r in d["results"]))
+    return TensorType(d["dtype"], tuple(d["shape"]))
 
 
 def dumps(graph: Graph) -> str:

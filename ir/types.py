@@ -20,7 +20,13 @@ DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "uint8": torch.uint8,
     "bool": torch.bool,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    # Two 4-bit integers per byte along the last axis (quantized weights); shapes are logical.
+    "int4": torch.uint8,
 }
+PACKED = {"int4": 2}
+"""Dtypes stored several elements per byte: dtype -> elements per byte (along the last axis)."""
 SHORT = {
     "float32": "f32",
     "float16": "f16",
@@ -32,6 +38,9 @@ SHORT = {
     "int8": "i8",
     "uint8": "u8",
     "bool": "bool",
+    "float8_e4m3fn": "f8e4m3",
+    "float8_e5m2": "f8e5m2",
+    "int4": "i4",
 }
 LONG = {v: k for k, v in SHORT.items()}
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
@@ -40,7 +49,7 @@ FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
 def dtype_name(dtype: torch.dtype) -> str:
     """The IR name of a torch dtype; ValueError for dtypes the IR does not carry."""
     for name, d in DTYPES.items():
-        if d == dtype:
+        if d == dtype and name not in PACKED:
             return name
     raise ValueError(f"dtype {dtype} is not supported; accepted: {', '.join(DTYPES)}")
 
@@ -74,17 +83,50 @@ class TensorType:
         return size
 
     @property
-    def itemsize(self) -> int:
-        """Bytes per element."""
-        return torch_dtype(self.dtype).itemsize
+    def itemsize(self) -> float:
+        """Bytes per element (a fraction for packed dtypes)."""
+        return torch_dtype(self.dtype).itemsize / PACKED.get(self.dtype, 1)
 
-    def same_as(self, other: TensorType) -> bool:
+    def nbytes(self, bindings: Mapping[str, int] | None = None) -> int:
+        """Storage bytes with symbolic dims bound by `bindings`."""
+        return int(self.numel(bindings) * self.itemsize)
+
+    @property
+    def types(self) -> tuple[TensorType, ...]:
+        """The result types of a value: this one (see TupleType)."""
+        return (self,)
+
+    def same_as(self, other: TensorType | TupleType) -> bool:
         """Equal dtype and dims that are the same expressions."""
         return (
-            self.dtype == other.dtype
+            isinstance(other, TensorType)
+            and self.dtype == other.dtype
             and len(self.shape) == len(other.shape)
             and all(dims_equal(a, b) for a, b in zip(self.shape, other.shape, strict=True))
         )
 
     def __str__(self) -> str:
         return f"{SHORT[self.dtype]}[{','.join(str(d).replace(' ', '') for d in self.shape)}]"
+
+
+@dataclass(frozen=True, slots=True)
+class TupleType:
+    """The type of a node with several results (a multi-result op); only `get_result`
+    projections read such a node, each taking one element."""
+
+    types: tuple[TensorType, ...]
+    """The result types, in order."""
+
+    def same_as(self, other: TensorType | TupleType) -> bool:
+        return isinstance(other, TupleType) and len(self.types) == len(other.types) and all(
+            a.same_as(b) for a, b in zip(self.types, other.types, strict=True)
+        )
+
+    def nbytes(self, bindings: Mapping[str, int] | None = None) -> int:
+        return sum(t.nbytes(bindings) for t in self.types)
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(str(t) for t in self.types) + ")"
+
+
+ValueType = TensorType | TupleType

@@ -12,7 +12,7 @@ from kiln.passes.base import Pass
 @dataclass(frozen=True)
 class CommonSubexpressionElimination(Pass):
     """Matches: two nodes with the same op, the same operands and the same attributes (params
-    by name, constants by value and dtype). Emits: one node, used by every reader of either."""
+    by name, constants by value and dtype), neither writing in place. Emits: one node, used by every reader of either."""
 
     name = "cse"
 
@@ -20,7 +20,7 @@ class CommonSubexpressionElimination(Pass):
         seen: dict[tuple, Node] = {}
 
         def dedupe(n: Node) -> Node | None:
-            if n.op == "input":
+            if n.op == "input" or n.writes:  # two writes are two effects, never one
                 return None
             key = (n.op, tuple(id(i) for i in n.inputs), json.dumps(n.attrs, sort_keys=True), str(n.type))
             first = seen.setdefault(key, n)

@@ -10,10 +10,10 @@ from kiln.passes.base import Pass
 
 @dataclass(frozen=True)
 class DeadCodeElimination(Pass):
-    """Matches: nodes no graph output depends on (graph inputs are kept: they are the calling
-    convention). Emits: the graph without them."""
+    """Matches: nodes that no graph output and no in-place write depends on (graph inputs
+    are kept: they are the calling convention). Emits: the graph without them."""
 
     name = "dce"
 
     def apply(self, graph: Graph) -> Graph:
-        return graph.with_nodes(graph.inputs, graph.outputs)
+        return graph.dce()

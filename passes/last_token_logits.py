@@ -58,4 +58,4 @@ class LastTokenLogits(Pass):
             replace[n] = rebuilt
             prev, old_prev = rebuilt, n
         out = graph.substitute(replace)
-        return out.with_nodes([*(i for i in out.inputs if i is not idx), idx], out.outputs)
+        return out.with_inputs([*(i for i in out.inputs if i is not idx), idx])

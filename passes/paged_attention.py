@@ -1,25 +1,29 @@
-"""paged-attention: attention over the paged KV cache."""
+"""paged-attention: attention over the paged KV cache, with the cache write as its own op."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from kiln.ir.graph import Graph, Node, input_node
-from kiln.ir.types import TensorType
+from kiln.ir.step_inputs import (
+    BLOCK_TABLES,
+    PAGED_INPUTS,
+    SEQ_LENS,
+    SLOT_MAPPING,
+    cache_type,
+    k_cache_name,
+    v_cache_name,
+)
 from kiln.passes.base import Pass, make
-
-# Symbols: NB cache blocks, BS tokens per block, MB blocks per block-table row, S sequences.
-CACHE_SHAPE = ("NB", "BS")
-CACHE_INPUTS = ("k_cache", "v_cache")
 
 
 @dataclass(frozen=True)
 class PagedAttention(Pass):
     """Matches: every `attention` node (q/k/v of the step's new tokens, [T, H, D]).
-    Emits: `paged_attention` reading per-layer cache inputs `k_cache.{i}` / `v_cache.{i}`
-    ([NB, BS, Hkv, D], the model dtype) and the step metadata inputs `slot_mapping` (int64
-    [T]), `block_tables` (int32 [S, MB]) and `seq_lens` (int32 [S], lengths including the new
-    tokens), so a step can mix prefill chunks and decodes of sequences with cached context."""
+    Emits: per layer i, `kv_cache_write(k, v, k_cache.{i}, v_cache.{i}, slot_mapping)`, which
+    writes the caches in place and returns them, then `paged_attention` reading the written
+    caches with `block_tables` and `seq_lens`; the caches ([NB, BS, Hkv, D], the model dtype)
+    and the paged metadata are graph inputs from the step-input schema (kiln.ir.step_inputs)."""
 
     name = "paged-attention"
 
@@ -27,23 +31,21 @@ class PagedAttention(Pass):
         layers = [n for n in graph.nodes if n.op == "attention"]
         if not layers:
             return graph
-        meta = {
-            "slot_mapping": input_node("slot_mapping", TensorType("int64", ("T",))),
-            "block_tables": input_node("block_tables", TensorType("int32", ("S", "MB"))),
-            "seq_lens": input_node("seq_lens", TensorType("int32", ("S",))),
-        }
+        meta = {i.name: input_node(i.name, i.type) for i in PAGED_INPUTS}
         caches: list[Node] = []
         replace: dict[Node, Node] = {}
         for i, n in enumerate(layers):
             q, k, v, cu = n.inputs[:4]
-            kc = input_node(f"k_cache.{i}", TensorType(k.type.dtype, (*CACHE_SHAPE, *k.type.shape[-2:])))
-            vc = input_node(f"v_cache.{i}", TensorType(v.type.dtype, (*CACHE_SHAPE, *v.type.shape[-2:])))
+            kc = input_node(k_cache_name(i), cache_type(k.type.dtype, *k.type.shape[-2:]))
+            vc = input_node(v_cache_name(i), cache_type(v.type.dtype, *v.type.shape[-2:]))
             caches += [kc, vc]
+            written = make("kv_cache_write", [k, v, kc, vc, meta[SLOT_MAPPING.name]])
+            kw, vw = (make("get_result", [written], index=j) for j in (0, 1))
             replace[n] = make(
                 "paged_attention",
-                [q, k, v, kc, vc, meta["slot_mapping"], meta["block_tables"], meta["seq_lens"], cu, *n.inputs[4:]],
+                [q, kw, vw, meta[BLOCK_TABLES.name], meta[SEQ_LENS.name], cu, *n.inputs[4:]],
                 **n.attrs,
             )
         out = graph.substitute(replace)
         new = set(caches) | set(meta.values())
-        return out.with_nodes([*(i for i in out.inputs if i not in new), *meta.values(), *caches], out.outputs)
+        return out.with_inputs([*(i for i in out.inputs if i not in new), *meta.values(), *caches])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kiln.ir.ops.registry import register
-from kiln.ir.types import TensorType, torch_dtype
+from kiln.ir.types import TensorType
 
 
 def attention_scores_to_output(
@@ -110,30 +110,30 @@ def attention(
 #   k_cache: [NB, BS, Hkv, D]        block_tables[s] = [7, 2, 9]   (BS = 4)
 #   tokens 0..3 -> block 7, 4..7 -> block 2, 8..9 -> block 9 (slots 36, 37)
 #
-# Per step: q/k/v hold the new tokens of S sequences (cu_seqlens: query start offsets);
+# Per step: kv_cache_write stores the new tokens' k/v at their slots, then paged_attention
+# reads them back with the cached context. q holds the new tokens of S sequences (cu_seqlens:
+# query start offsets);
 # seq_lens[s] is sequence s's length including them, so its queries sit at positions
 # seq_lens[s] - q_len .. seq_lens[s] - 1 and attend to keys 0 .. seq_lens[s] - 1.
 
 
 def _paged_infer(types: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
-    q, _, v = types[:3]
-    return TensorType(q.dtype, (*q.shape[:-1], v.shape[-1]))
+    q, _, v_cache = types[:3]
+    return TensorType(q.dtype, (*q.shape[:-1], v_cache.shape[-1]))
 
 
 @register(
     "paged_attention",
-    arity=(9, 10),
+    arity=(6, 7),
     attrs=("scale", "causal", "sliding_window", "softcap"),
     infer=_paged_infer,
     scalar_inputs=False,
+    kernel=True,
 )
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -144,18 +144,16 @@ def paged_attention(
     sliding_window: int,
     softcap: float,
 ) -> torch.Tensor:
-    """Write this step's k/v into the cache slots, then attend each sequence's new queries
-    over its cached keys through its block table; inputs (q [T,Hq,D], k/v [T,Hkv,D],
-    k_cache/v_cache [NB,BS,Hkv,D], slot_mapping [T], block_tables [S,MB], seq_lens [S],
-    cu_seqlens [S+1][, sinks [Hq]]). The caches are updated in place."""
-    nb, bs, hkv = k_cache.shape[:3]
-    k_cache.view(nb * bs, hkv, -1).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, hkv, -1).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    """Attend each sequence's new queries over its cached keys through its block table;
+    inputs (q [T,Hq,D], k_cache/v_cache [NB,BS,Hkv,D] already holding this step's K/V (the
+    kv_cache_write results), block_tables [S,MB], seq_lens [S], cu_seqlens [S+1][, sinks
+    [Hq]]). Sequences without queries (seq_len 0 padding) are skipped; padded rows are 0."""
+    bs, hkv = k_cache.shape[1:3]
+    out = q.new_zeros(*q.shape[:-1], v_cache.shape[-1])
     bounds = cu_seqlens.tolist()
     for s, ctx in enumerate(seq_lens.tolist()):
         start, end = bounds[s], bounds[s + 1]
-        if end == start:
+        if end == start or ctx == 0:
             continue
         blocks = block_tables[s, : (ctx + bs - 1) // bs].long()
         keys = k_cache[blocks].reshape(-1, hkv, k_cache.shape[-1])[:ctx]  # [ctx, Hkv, D]

@@ -11,9 +11,9 @@ import torch
 
 from kiln.errors import VerifyError
 from kiln.ir.dims import Dim, evaluate, from_expr, shape_symbols
-from kiln.ir.types import TensorType, dtype_name, torch_dtype
+from kiln.ir.types import TensorType, TupleType, ValueType, dtype_name, torch_dtype
 
-InferFn = Callable[[Sequence[TensorType], Mapping[str, Any]], TensorType]
+InferFn = Callable[[Sequence[TensorType], Mapping[str, Any]], TensorType | TupleType]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,14 @@ class OpDef:
     doc: str = ""
     scalar_inputs: bool = field(default=True)
     """Whether rank-0 const inputs may be passed to impl as Python numbers."""
+    writes: tuple[int, ...] = ()
+    """Operands the op writes in place. Result i (element i of a tuple result, or the single
+    result) is the written operand writes[i] after the write: it aliases that operand's
+    storage, and every later reader must read it instead of the operand (the verifier checks)."""
+    device_arg: bool = False
+    """Whether impl makes a tensor from nothing and takes the executing device as `device=`."""
+    kernel: bool = False
+    """Whether the op is in the kernel op set that every target implements as a kernel."""
 
 
 OPS: dict[str, OpDef] = {}
@@ -89,7 +97,7 @@ def _probe(op: OpDef, types: Sequence[TensorType], attrs: Mapping[str, Any], bin
 _BASE, _STEP = 1009, 7
 
 
-def infer_type(op: OpDef, types: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+def infer_type(op: OpDef, types: Sequence[ValueType], attrs: Mapping[str, Any]) -> ValueType:
     """The result type of `op` on inputs of `types`.
 
     Ops without an explicit rule are evaluated on meta tensors: each symbol gets a large prime,
@@ -98,6 +106,8 @@ def infer_type(op: OpDef, types: Sequence[TensorType], attrs: Mapping[str, Any])
     """
     if op.infer is not None:
         return op.infer(types, attrs)
+    if any(isinstance(t, TupleType) for t in types):
+        raise VerifyError(f"op '{op.name}' reads a multi-result value; project it with get_result")
     if op.kind == "elementwise":
         # Meta kernels skip some dtype checks (bool arithmetic, say): run the real kernel on
         # one element per operand so the verifier rejects what the interpreter cannot run.

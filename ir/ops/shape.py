@@ -111,16 +111,16 @@ def triu(x: torch.Tensor, diagonal: int) -> torch.Tensor:
 # -- tensors made from sizes -----------------------------------------------------------------
 
 
-@register("arange", arity=0, attrs=("start", "end", "step", "dtype"), dim_attrs=("start", "end"))
-def arange(start: int, end: int, step: int, dtype: str) -> torch.Tensor:
-    """start, start+step, ... below end."""
-    return torch.arange(start, end, step, dtype=torch_dtype(dtype))
+@register("arange", arity=0, attrs=("start", "end", "step", "dtype"), dim_attrs=("start", "end"), device_arg=True)
+def arange(start: int, end: int, step: int, dtype: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """start, start+step, ... below end (on `device`, which the executor passes)."""
+    return torch.arange(start, end, step, dtype=torch_dtype(dtype), device=device)
 
 
-@register("full", arity=0, attrs=("shape", "value", "dtype"), dim_attrs=("shape",))
-def full(shape: list[int], value: float, dtype: str) -> torch.Tensor:
-    """A tensor of one value."""
-    return torch.full(shape, value, dtype=torch_dtype(dtype))
+@register("full", arity=0, attrs=("shape", "value", "dtype"), dim_attrs=("shape",), device_arg=True)
+def full(shape: list[int], value: float, dtype: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """A tensor of one value (on `device`, which the executor passes)."""
+    return torch.full(shape, value, dtype=torch_dtype(dtype), device=device)
 
 
 @register("full_like", arity=1, kind="elementwise", attrs=("value", "dtype"))

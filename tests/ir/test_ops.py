@@ -14,12 +14,17 @@ from kiln.errors import VerifyError
 from kiln.ir import Graph, Node, TensorType, const_node, input_node, run_graph, verify
 from kiln.ir.dims import evaluate
 from kiln.ir.ops import OPS, get_op, infer_type, resolve_attrs
-from kiln.ir.ops.attention import attention, contiguous_paged_inputs, paged_attention
-from kiln.ir.types import LONG, dtype_name, torch_dtype
+from kiln.ir.ops.attention import attention, paged_attention
+from kiln.ir.ops.kernels import kv_cache_write
+from kiln.ir.printer import _parse_type
+from kiln.ir.step_inputs import contiguous_paged_inputs
+from kiln.ir.types import LONG, TupleType, dtype_name, torch_dtype
 
 
-def _t(text: str) -> TensorType:
-    """'f32[T,4]' -> TensorType (the IR text form of a type)."""
+def _t(text: str) -> TensorType | TupleType:
+    """'f32[T,4]' -> TensorType, '(f32[T,4], i64[T])' -> TupleType (the IR text form of a type)."""
+    if text.startswith("("):
+        return _parse_type(text)
     dtype, dims = text[:-1].split("[")
     shape = tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims.split(",") if d)
     return TensorType(LONG[dtype], shape)
@@ -167,10 +172,31 @@ CASES: list[Case] = [
          {**ATTN, "sliding_window": 2, "softcap": 20.0}, "f32[T,4,8]", {3: _cu}),
     Case("attention", ["bf16[1,T,2,8]", "bf16[1,T,1,8]", "bf16[1,T,1,8]", "i32[4]"], ATTN, "bf16[1,T,2,8]", {3: _cu}),
     Case("paged_attention",
-         ["f32[T,4,8]", "f32[T,2,8]", "f32[T,2,6]", "f32[NB,4,2,8]", "f32[NB,4,2,6]", "i64[T]", "i32[3,MB]", "i32[3]", "i32[4]"],
+         ["f32[T,4,8]", "f32[NB,4,2,8]", "f32[NB,4,2,6]", "i32[3,MB]", "i32[3]", "i32[4]"],
          ATTN, "f32[T,4,6]",
-         {3: _paged("k_cache"), 4: _paged("v_cache"), 5: _paged("slot_mapping"), 6: _paged("block_tables"),
-          7: _paged("seq_lens"), 8: _cu}),
+         {1: _paged("k_cache"), 2: _paged("v_cache"), 3: _paged("block_tables"), 4: _paged("seq_lens"), 5: _cu}),
+    # the rest of the kernel op set
+    Case("kv_cache_write", ["f32[T,2,8]", "f32[T,2,6]", "f32[NB,4,2,8]", "f32[NB,4,2,6]", "i64[T]"], {},
+         "(f32[NB,4,2,8], f32[NB,4,2,6])",
+         {2: _paged("k_cache"), 3: _paged("v_cache"), 4: _paged("slot_mapping")}),
+    Case("get_result", ["(f32[T,4], i64[T])"], {"index": 1}, "i64[T]",
+         {0: lambda t: (torch.randn(t, 4), torch.arange(t))}),
+    Case("fused_add_rms_norm", ["bf16[T,8]", "bf16[T,8]", "bf16[8]"],
+         {"eps": 1e-6, "offset": 1.0, "weight_fp32": True}, "(bf16[T,8], bf16[T,8])"),
+    Case("fused_add_rms_norm", ["f32[T,8]", "f32[T,8]"], {"eps": 1e-6, "offset": 0.0, "weight_fp32": False},
+         "(f32[T,8], f32[T,8])"),
+    Case("rms_norm", ["bf16[T,2,4]", "bf16[4]"], {"normalized_shape": [4], "eps": 1e-6, "offset": 0.0,
+         "weight_fp32": False}, expected="bf16[T,2,4]"),
+    Case("rope", ["bf16[T,4,8]", "i64[T]", "bf16[16,8]", "bf16[16,8]"], {"style": "neox", "rotary_dim": 8},
+         "bf16[T,4,8]", {1: lambda t: torch.arange(t)}),
+    Case("rope", ["f32[T,4,8]", "i64[T]", "f32[16,4]", "f32[16,4]"], {"style": "interleaved", "rotary_dim": 4},
+         "f32[T,4,8]", {1: lambda t: torch.arange(t)}),
+    Case("silu_and_mul", ["f32[T,8]"], expected="f32[T,4]"),
+    Case("gelu_and_mul", ["bf16[T,2,8]"], {"approximate": "tanh"}, "bf16[T,2,4]"),
+    Case("softcap", ["f32[T,4]"], {"cap": 30.0}),
+    Case("gather_rows", ["f32[T,4]", "i64[2]"], {}, "f32[2,4]", {1: lambda t: torch.tensor([0, t - 1])}),
+    Case("expert_linear", ["f32[T,8]", "f32[3,5,8]", "i64[T]"], {}, "f32[T,5]",
+         {2: lambda t: torch.arange(t) % 3}),
 ]  # fmt: skip
 
 
@@ -200,13 +226,18 @@ def test_infer_type_matches_reference_impl(case: Case):
             case.values[i](t) if i in case.values else _random(ty, bindings, g)
             for i, ty in enumerate(types)
         ]
+        for ty, a in zip(types, args, strict=True):  # symbols only given values fix (NB, MB)
+            for d, size in zip(ty.shape if isinstance(ty, TensorType) else (), getattr(a, "shape", ()), strict=False):
+                if isinstance(d, str) and d.isidentifier():
+                    bindings.setdefault(d, size)
         out = op.impl(*args, **resolve_attrs(op, case.attrs, bindings))
-        assert dtype_name(out.dtype) == inferred.dtype, (
-            f"T={t}: ran to {out.dtype}, inferred {inferred}"
-        )
-        assert list(out.shape) == [evaluate(d, bindings) for d in inferred.shape], (
-            f"T={t}: ran to {tuple(out.shape)}, inferred {inferred}"
-        )
+        outs = out if isinstance(inferred, TupleType) else (out,)
+        assert len(outs) == len(inferred.types)
+        for got, want in zip(outs, inferred.types, strict=True):
+            assert dtype_name(got.dtype) == want.dtype, f"T={t}: ran to {got.dtype}, inferred {inferred}"
+            assert list(got.shape) == [evaluate(d, bindings) for d in want.shape], (
+                f"T={t}: ran to {tuple(got.shape)}, inferred {inferred}"
+            )
 
 
 def test_cases_cover_every_registered_op():
@@ -424,9 +455,9 @@ def test_paged_attention_prefill_then_decode_matches_attention():
     def step(rows: list[int], seq_lens: list[int]) -> torch.Tensor:
         per_seq = [sum(1 for r in rows if cu[s] <= r < cu[s + 1]) for s in range(len(lengths))]
         step_cu = torch.tensor([0, *torch.tensor(per_seq).cumsum(0).tolist()], dtype=torch.int32)
+        kw, vw = kv_cache_write(k[rows], v[rows], kc, vc, meta["slot_mapping"][rows])
         return paged_attention(
-            q[rows], k[rows], v[rows], kc, vc, meta["slot_mapping"][rows], meta["block_tables"],
-            torch.tensor(seq_lens, dtype=torch.int32), step_cu, **attrs,
+            q[rows], kw, vw, meta["block_tables"], torch.tensor(seq_lens, dtype=torch.int32), step_cu, **attrs,
         )  # fmt: skip
 
     # prefill all but the last token of every sequence, then decode the last tokens together

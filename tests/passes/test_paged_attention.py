@@ -1,4 +1,4 @@
-"""paged-attention: every attention node reads and writes the paged KV cache."""
+"""paged-attention: every attention node writes the paged KV cache in place, then reads it."""
 
 from __future__ import annotations
 
@@ -44,13 +44,19 @@ AFTER = """graph {
   @wkv = param : f32[4,8]
   %3 = linear(%0, @wkv) : f32[T,4]
   %4 = reshape(%3) {"shape": ["T", 1, 4]} : f32[T,1,4]
-  %5 = paged_attention(%2, %4, %4, %k_cache.0, %v_cache.0, %slot_mapping, %block_tables, %seq_lens, %cu_seqlens) {"scale": 0.5, "causal": true, "sliding_window": 0, "softcap": 0.0} : f32[T,2,4]
-  %6 = reshape(%5) {"shape": ["T", 8]} : f32[T,8]
-  %7 = paged_attention(%2, %4, %4, %k_cache.1, %v_cache.1, %slot_mapping, %block_tables, %seq_lens, %cu_seqlens) {"scale": 0.5, "causal": true, "sliding_window": 3, "softcap": 0.0} : f32[T,2,4]
-  %8 = reshape(%7) {"shape": ["T", 8]} : f32[T,8]
-  %9 = add(%6, %8) : f32[T,8]
-  %10 = linear(%9, @embed) : f32[T,16]
-  return %10
+  %5 = kv_cache_write(%4, %4, %k_cache.0, %v_cache.0, %slot_mapping) : (f32[NB,BS,1,4], f32[NB,BS,1,4])
+  %6 = get_result(%5) {"index": 0} : f32[NB,BS,1,4]
+  %7 = get_result(%5) {"index": 1} : f32[NB,BS,1,4]
+  %8 = paged_attention(%2, %6, %7, %block_tables, %seq_lens, %cu_seqlens) {"scale": 0.5, "causal": true, "sliding_window": 0, "softcap": 0.0} : f32[T,2,4]
+  %9 = reshape(%8) {"shape": ["T", 8]} : f32[T,8]
+  %10 = kv_cache_write(%4, %4, %k_cache.1, %v_cache.1, %slot_mapping) : (f32[NB,BS,1,4], f32[NB,BS,1,4])
+  %11 = get_result(%10) {"index": 0} : f32[NB,BS,1,4]
+  %12 = get_result(%10) {"index": 1} : f32[NB,BS,1,4]
+  %13 = paged_attention(%2, %11, %12, %block_tables, %seq_lens, %cu_seqlens) {"scale": 0.5, "causal": true, "sliding_window": 3, "softcap": 0.0} : f32[T,2,4]
+  %14 = reshape(%13) {"shape": ["T", 8]} : f32[T,8]
+  %15 = add(%9, %14) : f32[T,8]
+  %16 = linear(%15, @embed) : f32[T,16]
+  return %16
 }"""
 
 
