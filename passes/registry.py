@@ -15,19 +15,29 @@ PASSES: dict[str, str] = {
     "paged-attention": "kiln.passes.paged_attention:PagedAttention",
 }
 
+# The kernel op set (kiln.ir.ops.kernels): each pass turns one traced pattern into kernel-set ops.
+KERNEL_SET: list[str] = []
+
+_SERVING = [
+    # -- normalize what tracing produced
+    "canonicalize",
+    "cse",
+    "dce",
+    # -- fusions that hold on every target
+    "merge-projections",
+    # -- the kernel op set
+    *KERNEL_SET,
+    # -- serving shape: logits only for sampled rows, attention over the paged KV cache
+    "last-token-logits",
+    "paged-attention",
+    "dce",
+]
+
 PIPELINES: dict[str, list[str]] = {
-    "reference": [
-        # -- normalize what tracing produced
-        "canonicalize",
-        "cse",
-        "dce",
-        # -- fusions that hold on every target
-        "merge-projections",
-        # -- serving shape: logits only for sampled rows, attention over the paged KV cache
-        "last-token-logits",
-        "paged-attention",
-        "dce",
-    ],
+    "reference": _SERVING,
+    # The compiled targets run the same passes; their kernels come from codegen per target.
+    "cuda": _SERVING,
+    "cpu": _SERVING,
 }
 
 
