@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kiln.runtime.engine import LLMEngine, Prompt
-from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.outputs import OutputAccumulator, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class RequestStream:
         self._unfinished = set(request_ids)
         now = time.monotonic()
         self._timing = {rid: _Timing(now) for rid in request_ids}
+        self._whole = OutputAccumulator()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -102,7 +103,7 @@ class RequestStream:
         if isinstance(item, BaseException):
             self.abort()
             raise item
-        item = self._coalesce(item)
+        item = self._whole.add(self._coalesce(item))
         self._observe(item)
         if item.finished:
             self._unfinished.discard(item.request_id)
@@ -132,7 +133,8 @@ class RequestStream:
     def _coalesce(self, item: RequestOutput) -> RequestOutput:
         """When the reader lags behind the engine, merge the outputs already queued for the same
         request into the newest one (deltas joined), so a slow client gets fewer, larger chunks
-        instead of falling further behind."""
+        instead of falling further behind. The engine's outputs carry deltas only, so merging
+        joins them; `__anext__` then folds the result into the request's whole output."""
         while self._items and not item.finished:
             nxt = self._items[0]
             if not isinstance(nxt, RequestOutput) or nxt.request_id != item.request_id:
@@ -141,6 +143,8 @@ class RequestStream:
             for old, new in zip(item.outputs, nxt.outputs, strict=True):
                 new.delta_text = old.delta_text + new.delta_text
                 new.delta_token_ids = old.delta_token_ids + new.delta_token_ids
+                if old.delta_logprobs is not None and new.delta_logprobs is not None:
+                    new.delta_logprobs = old.delta_logprobs + new.delta_logprobs
             item = nxt
         return item
 

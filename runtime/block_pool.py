@@ -84,12 +84,13 @@ class BlockPool:
         return self.cached.get(block_hash) if self.enable_caching else None
 
     def can_allocate(self, n: int) -> bool:
+        """Whether n blocks are free (the check of the can_allocate/allocate pair)."""
         return n <= len(self.free)
 
     def allocate(self, n: int) -> list[KVBlock] | None:
         """n fresh blocks (ref_cnt 1), evicting least recently freed cached blocks; None when
         fewer than n are free (an expected outcome: the scheduler preempts or waits)."""
-        if n > len(self.free):
+        if not self.can_allocate(n):
             return None
         out = []
         for _ in range(n):

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from kiln.ir.step_inputs import LOGITS_INDICES
 from kiln.ir.types import torch_dtype
 from kiln.runtime.block_pool import BlockPool
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.model import CompiledModel
-from kiln.runtime.model_runner import build_step_inputs
-from kiln.runtime.outputs import CompletionOutput, RequestOutput
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.outputs import CompletionOutput, OutputAccumulator, RequestOutput
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import Sampler, SamplingState
 from kiln.runtime.sampling_params import Logprob, SamplingParams
@@ -26,6 +27,9 @@ from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+PAD_DECODE_STEPS = False
+"""Run decode-only steps at bucketed batch sizes (needs paged attention that skips slot -1)."""
 
 Prompt = str | dict
 
@@ -88,12 +92,15 @@ class LLMEngine:
         self.pool = BlockPool(num_kv_blocks, enable_caching=enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, block_size)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
+        self.runner = ModelRunner(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len, self.device,
+                                  pad=PAD_DECODE_STEPS)
         self.sampler = Sampler()
         self.groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}
         self._states: dict[str, SamplingState] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list[dict[int, Logprob]]] = {}
+        """Per request, the logprob entries not yet reported."""
         self._cumulative: dict[str, float] = {}
         self._reported: dict[str, int] = {}
         self._ids = itertools.count()
@@ -141,7 +148,7 @@ class LLMEngine:
                 child_params = dataclasses.replace(params, seed=params.seed + i)
             req = Request(f"{request_id}#{i}", ids, child_params, prompt=text, index=i, group_id=request_id)
             self._states[req.request_id] = SamplingState(
-                child_params, req.prompt_token_ids, req.output_token_ids, self.tokenizer.eos_token_ids
+                child_params, req.prompt_token_ids, eos_token_ids=self.tokenizer.eos_token_ids
             )
             self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, child_params)
             self._logprobs[req.request_id] = []
@@ -180,13 +187,18 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         self.scheduler.finish(req, reason)
+        self.runner.release(req)
+        self.sampler.release(self._states[req.request_id])
         req.stop_reason = stop_reason
         self.finish_counts[reason] += 1
 
     # -- stepping ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; outputs for every request that progressed or finished."""
+        """Run one scheduled batch; outputs for every request that progressed or finished.
+        They carry what is new since the request's previous output (delta_token_ids,
+        delta_logprobs, delta_text; text is the whole text so far): fold them into whole
+        outputs with `OutputAccumulator`."""
         touched: set[str] = set()
         for req in list(self.scheduler.running):
             if self.kv.num_blocks_for(req.num_tokens) > self.pool.num_blocks:
@@ -195,12 +207,13 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step.requests:
             return [self._output(g) for g in touched]
-        inputs, sampled = build_step_inputs(step, self.kv)
-        inputs.update(self.kv_caches)
+        batch = self.runner.prepare(step)
+        sampled = batch.sampled
+        inputs = {**batch.inputs, **self.kv_caches}
         try:
             logits = self.model.executor.run(inputs)[0]
-            if "logits_indices" not in self.model.plan.inputs:  # compiled without last-token-logits
-                logits = logits[inputs["logits_indices"]]
+            if LOGITS_INDICES.name not in self.model.plan.inputs:  # compiled without last-token-logits
+                logits = logits[inputs[LOGITS_INDICES.name]]
         except Exception:
             log.exception("model step failed; failing the %d requests in it", len(step.requests))
             for req in step.requests:
@@ -218,21 +231,21 @@ class LLMEngine:
         return [self._output(g) for g in touched]
 
     def _append(self, req: Request, token: int, logprobs: dict[int, Logprob] | None) -> None:
-        req.output_token_ids.append(token)
+        req.append_token(token)
         self.num_generated_tokens += 1
         if logprobs is not None:
             self._logprobs[req.request_id].append(logprobs)
             self._cumulative[req.request_id] += logprobs[token].logprob
         p = req.params
         stop_str = self._detok[req.request_id].update([token])
-        done_min = len(req.output_token_ids) >= p.min_tokens
+        done_min = req.num_output_tokens >= p.min_tokens
         if done_min and token in p.stop_token_ids:
             self._finish(req, "stop", token)
         elif done_min and not p.ignore_eos and token in self.tokenizer.eos_token_ids:
             self._finish(req, "stop")
         elif stop_str is not None:
             self._finish(req, "stop", stop_str)
-        elif p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+        elif p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
             self._finish(req, "length")
         elif req.num_tokens >= self.max_model_len:
             self._finish(req, "length")
@@ -244,18 +257,20 @@ class LLMEngine:
             detok = self._detok[req.request_id]
             delta = detok.take_delta() + (detok.finish() if req.finished else "")
             reported = self._reported.get(req.request_id, 0)
-            self._reported[req.request_id] = len(req.output_token_ids)
+            self._reported[req.request_id] = req.num_output_tokens
             want_lp = req.params.logprobs is not None
+            delta_lp = self._logprobs[req.request_id]
+            self._logprobs[req.request_id] = []
             outs.append(CompletionOutput(
                 index=req.index,
                 text=detok.text,
-                token_ids=list(req.output_token_ids),
+                token_ids=[],
                 cumulative_logprob=self._cumulative[req.request_id] if want_lp else None,
-                logprobs=list(self._logprobs[req.request_id]) if want_lp else None,
                 finish_reason=req.finish_reason,
                 stop_reason=req.stop_reason,
                 delta_text=delta,
-                delta_token_ids=req.output_token_ids[reported:],
+                delta_token_ids=req.all_token_ids[req.prompt_len + reported :],
+                delta_logprobs=delta_lp if want_lp else None,
             ))
         finished = all(r.finished for r in reqs)
         cached = sum(r.num_cached_tokens for r in reqs)
@@ -271,13 +286,14 @@ class LLMEngine:
         self._prompts.pop(group_id, None)
 
     def run(self, request_ids: Iterable[str]) -> dict[str, RequestOutput]:
-        """Step until the given requests finish; their final outputs by id."""
+        """Step until the given requests finish; their final (whole) outputs by id."""
         pending = set(request_ids)
         final: dict[str, RequestOutput] = {}
+        acc = OutputAccumulator()
         while pending:
             if not self.has_unfinished_requests():
                 raise RuntimeError(f"requests {sorted(pending)} are lost: nothing left to run")
-            for out in self.step():
+            for out in map(acc.add, self.step()):
                 if out.finished and out.request_id in pending:
                     final[out.request_id] = out
                     pending.discard(out.request_id)

@@ -43,7 +43,7 @@ class KVCacheManager:
 
     def _full_hashes(self, req: Request, num_tokens: int) -> list[int]:
         hashes = self.hashes.setdefault(req.request_id, [])
-        tokens = req.all_token_ids
+        tokens = req.all_token_ids  # the live list: only the new blocks' tokens are read
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else None
@@ -71,7 +71,7 @@ class KVCacheManager:
         total = req.num_computed_tokens + len(prefix) * self.block_size + num_new_tokens
         need = -(-total // self.block_size) - len(table) - len(prefix)
         reclaimed = sum(1 for b in prefix if b.ref_cnt == 0)  # taken out of the free queue
-        if need > self.pool.num_free - reclaimed:
+        if not self.pool.can_allocate(max(need, 0) + reclaimed):
             if not table:
                 del self.tables[req.request_id]
             return False
@@ -104,8 +104,15 @@ class KVCacheManager:
         self.hashes.pop(req.request_id, None)
         self.cached_upto.pop(req.request_id, None)
 
+    def table(self, req: Request) -> list[KVBlock]:
+        """The request's blocks in order (the live list: read it, never change it)."""
+        return self.tables.get(req.request_id, [])
+
     def block_ids(self, req: Request) -> list[int]:
-        return [b.block_id for b in self.tables.get(req.request_id, [])]
+        """A copy of the request's block ids (for tests and debugging; the model runner reads
+        only newly allocated blocks through `table`)."""
+        return [b.block_id for b in self.table(req)]
 
     def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)

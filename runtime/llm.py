@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kiln.runtime.engine import LLMEngine, Prompt
-from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.outputs import OutputAccumulator, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 
 Params = SamplingParams | Sequence[SamplingParams] | None
@@ -48,11 +48,12 @@ class LLM:
         continuous batching; the final outputs in the order of the prompts."""
         ids = self._add(prompts, sampling_params)
         final: dict[str, RequestOutput] = {}
+        acc = OutputAccumulator()
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while len(final) < len(ids):
                 if not self.engine.has_unfinished_requests():
                     raise RuntimeError("requests were lost: the engine has nothing left to run")
-                for out in self.engine.step():
+                for out in map(acc.add, self.engine.step()):
                     if out.finished:
                         final[out.request_id] = out
                         bar.update(1)
@@ -61,12 +62,14 @@ class LLM:
     def generate_stream(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None) -> Iterator[RequestOutput]:
         """Like generate, but yields every request's output after each step it progressed in:
         `outputs[i].delta_text` / `delta_token_ids` hold what is new; the last one for a
-        request has finished=True."""
+        request has finished=True. A request's outputs are one object whose token_ids and
+        logprobs grow step by step (copy them to keep a snapshot)."""
         ids = set(self._add(prompts, sampling_params))
+        acc = OutputAccumulator()
         while ids:
             if not self.engine.has_unfinished_requests():
                 raise RuntimeError("requests were lost: the engine has nothing left to run")
-            for out in self.engine.step():
+            for out in map(acc.add, self.engine.step()):
                 if out.request_id in ids:
                     if out.finished:
                         ids.discard(out.request_id)

@@ -1,53 +1,190 @@
-"""Turns a scheduled step into the artifact's inputs (flattened tokens + paged metadata)."""
+"""Turns a scheduled step into the artifact's inputs, in buffers allocated once.
+
+Names, dtypes and padding rules come from `kiln.ir.step_inputs`. Every input is a view into a
+persistent buffer sized for the engine's limits (T = max_num_batched_tokens tokens, S =
+max_num_seqs sequences, MB = ceil(max_model_len / BS) blocks per table row), filled on the host
+(pinned when the device is CUDA) and copied to the device with non_blocking copies.
+
+Block tables are kept per request: each running request owns one row of a persistent
+[S, MB] table and only its newly allocated blocks are written into it, so a step gathers its
+rows instead of rebuilding them. Slots come from one vectorized gather:
+
+    token j of sequence s, at position p:   slot = table[row(s), p // BS] * BS + p % BS
+
+    request table (persistent)          step block_tables = request_table[rows of the step]
+    row 0: [b7 b2 b9  0  0 ...]         padded sequences get row 0 of zeros
+    row 1: [b4  0  0  0  0 ...]
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from kiln.ir.step_inputs import (
+    BLOCK_TABLES,
+    CU_SEQLENS,
+    HOST_INTS,
+    INPUT_IDS,
+    LOGITS_INDICES,
+    POSITION_IDS,
+    SEQ_LENS,
+    SLOT_MAPPING,
+    STEP_INPUTS,
+    bucket_tokens,
+)
+from kiln.ir.types import torch_dtype
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.request import Request
 from kiln.runtime.scheduler import SchedulerOutput
 
+MAX_SEQ_LEN, MAX_QUERY_LEN = HOST_INTS
 
-def build_step_inputs(step: SchedulerOutput, kv: KVCacheManager) -> tuple[dict[str, torch.Tensor], list[Request]]:
-    """Inputs for one forward pass and the requests whose last row is sampled.
 
-    Request r contributes its tokens [computed, computed + n): positions continue from what
-    is cached, slots come from its block table, and if the chunk reaches the end of its
-    tokens its last row is in logits_indices (a prefill chunk that stops short is not sampled).
-    """
-    bs = kv.block_size
-    ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
-    cu = [0]
-    seq_lens: list[int] = []
-    rows: list[int] = []
-    sampled: list[Request] = []
-    tables = []
-    for req, n in zip(step.requests, step.num_new_tokens, strict=True):
-        start = req.num_computed_tokens
-        table = kv.block_ids(req)
-        ids.extend(req.all_token_ids[start : start + n])
-        pos.extend(range(start, start + n))
-        slots.extend(table[j // bs] * bs + j % bs for j in range(start, start + n))
-        cu.append(cu[-1] + n)
-        seq_lens.append(start + n)
-        tables.append(table)
-        if start + n == req.num_tokens:
-            rows.append(cu[-1] - 1)
-            sampled.append(req)
-    width = max(len(t) for t in tables)
-    block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
-    for i, t in enumerate(tables):
-        block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    inputs = {
-        "input_ids": torch.tensor(ids, dtype=torch.int64),
-        "position_ids": torch.tensor(pos, dtype=torch.int64),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-        "slot_mapping": torch.tensor(slots, dtype=torch.int64),
-        "block_tables": block_tables,
-        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
-        "logits_indices": torch.tensor(rows, dtype=torch.int64),
-    }
-    return inputs, sampled
+@dataclass
+class StepBatch:
+    """One step's model inputs and what to do with its logits."""
+
+    inputs: dict[str, torch.Tensor]
+    """Schema name -> tensor (views into the runner's buffers, sized to the padded counts)."""
+    host_ints: dict[str, int]
+    """max_seq_len and max_query_len of the real sequences."""
+    sampled: list[Request] = field(default_factory=list)
+    """The requests whose logits rows are sampled, in logits_indices order."""
+    num_tokens: int = 0
+    """Real token rows (the padded count is len(inputs["input_ids"]))."""
+
+
+@dataclass
+class _Row:
+    """A running request's row of the request table."""
+
+    index: int
+    table: list
+    """The KV cache manager's block list the row mirrors (a new list after preemption)."""
+    known: int = 0
+    """Leading blocks of the table already written into the row."""
+
+
+class ModelRunner:
+    """Builds each step's inputs into persistent buffers; pad=True runs decode-only steps at
+    bucketed sizes (`bucket_tokens`), so a decode batch of B sequences repeats one shape."""
+
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 max_model_len: int, device: str | torch.device = "cpu", pad: bool = True):
+        self.kv = kv
+        self.device = torch.device(device)
+        self.pad = pad
+        self.max_tokens = max_num_batched_tokens
+        self.max_seqs = max_num_seqs
+        self.block_size = kv.block_size
+        self.width = -(-max_model_len // kv.block_size)  # MB: fixed for the engine's life
+        pin = self.device.type == "cuda"
+        rows = {INPUT_IDS: self.max_tokens, POSITION_IDS: self.max_tokens, SLOT_MAPPING: self.max_tokens,
+                CU_SEQLENS: self.max_seqs + 1, SEQ_LENS: self.max_seqs, LOGITS_INDICES: self.max_seqs}
+        self._host = {i.name: torch.zeros(n, dtype=torch_dtype(i.dtype), pin_memory=pin) for i, n in rows.items()}
+        self._host[BLOCK_TABLES.name] = torch.zeros(self.max_seqs, self.width, dtype=torch_dtype(BLOCK_TABLES.dtype),
+                                                    pin_memory=pin)
+        self._dev = self._host if not pin else {k: torch.empty_like(v, device=self.device) for k, v in self._host.items()}
+        # The request table: one row per running request, plus row max_seqs of zeros for padding.
+        self._req_table = torch.zeros(self.max_seqs + 1, self.width, dtype=torch_dtype(BLOCK_TABLES.dtype))
+        self._req_np = self._req_table.numpy()
+        self._rows: dict[str, _Row] = {}
+        self._free_rows = list(range(self.max_seqs - 1, -1, -1))
+        self._arange = torch.arange(self.max_tokens, dtype=torch.int64)  # [T]
+
+    # -- per-request rows ------------------------------------------------------------------------
+
+    def release(self, req: Request) -> None:
+        """Forget a finished or preempted request's row."""
+        row = self._rows.pop(req.request_id, None)
+        if row is not None:
+            self._free_rows.append(row.index)
+
+    def _row(self, req: Request) -> int:
+        """The request's row index, with any newly allocated blocks written into it."""
+        table = self.kv.table(req)
+        row = self._rows.get(req.request_id)
+        if row is None or row.table is not table:  # new, or re-admitted after preemption
+            if row is None:
+                row = self._rows[req.request_id] = _Row(self._free_rows.pop(), table)
+            row.table, row.known = table, 0
+            self._req_np[row.index] = BLOCK_TABLES.pad
+        if len(table) > row.known:
+            if len(table) > self.width:
+                raise ValueError(f"request {req.request_id} holds {len(table)} blocks; the table has {self.width}")
+            self._req_np[row.index, row.known : len(table)] = [b.block_id for b in table[row.known :]]
+            row.known = len(table)
+        return row.index
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def prepare(self, step: SchedulerOutput) -> StepBatch:
+        """Inputs for one forward pass and the requests whose last row is sampled.
+
+        Request r contributes its tokens [computed, computed + n): positions continue from what
+        is cached, slots come from its block table, and if the chunk reaches the end of its
+        tokens its last row is in logits_indices (a prefill chunk that stops short is not sampled).
+        """
+        for req in step.preempted:
+            self.release(req)
+        num_seqs = len(step.requests)
+        if num_seqs == 0 or num_seqs > self.max_seqs:
+            raise ValueError(f"a step has 1..{self.max_seqs} sequences, got {num_seqs}")
+        ids: list[int] = []
+        starts: list[int] = []
+        rows: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[Request] = []
+        end = 0
+        for req, n in zip(step.requests, step.num_new_tokens, strict=True):
+            start = req.num_computed_tokens
+            ids += req.all_token_ids[start : start + n]
+            starts.append(start)
+            rows.append(self._row(req))
+            end += n
+            if start + n == req.num_tokens:
+                logits_rows.append(end - 1)
+                sampled.append(req)
+        num_tokens = end
+        if num_tokens > self.max_tokens:
+            raise ValueError(f"a step has at most {self.max_tokens} tokens, got {num_tokens}")
+        padded_seqs, padded_tokens = num_seqs, num_tokens
+        if self.pad and num_tokens == num_seqs:  # all decodes: run at the bucketed shape
+            padded_seqs = padded_tokens = bucket_tokens(num_seqs, self.max_seqs)
+
+        h = self._host
+        n_new = torch.tensor(step.num_new_tokens, dtype=torch.int64)  # [S]
+        start_t = torch.tensor(starts, dtype=torch.int64)  # [S]
+        row_t = torch.tensor(rows, dtype=torch.int64)  # [S]
+        cu = h[CU_SEQLENS.name]  # [S_max + 1]
+        cu[1 : num_seqs + 1] = n_new.cumsum(0)
+        cu[num_seqs + 1 : padded_seqs + 1] = num_tokens  # padded sequences own no rows
+        seq_of = torch.repeat_interleave(torch.arange(num_seqs), n_new, output_size=num_tokens)  # [T]
+        pos = h[POSITION_IDS.name][:num_tokens]  # [T]
+        torch.sub(self._arange[:num_tokens], (cu[:num_seqs].long() - start_t)[seq_of], out=pos)
+        blocks = self._req_table[row_t[seq_of], pos // self.block_size]  # [T]
+        slots = h[SLOT_MAPPING.name]  # [T_max]
+        torch.add(blocks.long() * self.block_size, pos % self.block_size, out=slots[:num_tokens])
+        h[INPUT_IDS.name][:num_tokens] = torch.tensor(ids, dtype=torch.int64)
+        lens = h[SEQ_LENS.name]  # [S_max]
+        lens[:num_seqs] = start_t + n_new
+        padded_rows = torch.cat([row_t, row_t.new_full((padded_seqs - num_seqs,), self.max_seqs)])  # [S']
+        torch.index_select(self._req_table, 0, padded_rows, out=h[BLOCK_TABLES.name][:padded_seqs])
+        h[LOGITS_INDICES.name][: len(logits_rows)] = torch.tensor(logits_rows, dtype=torch.int64)
+        for name, pad in ((INPUT_IDS, num_tokens), (POSITION_IDS, num_tokens), (SLOT_MAPPING, num_tokens)):
+            h[name.name][pad:padded_tokens] = name.pad
+        lens[num_seqs:padded_seqs] = SEQ_LENS.pad
+
+        sizes = {INPUT_IDS.name: padded_tokens, POSITION_IDS.name: padded_tokens, SLOT_MAPPING.name: padded_tokens,
+                 CU_SEQLENS.name: padded_seqs + 1, SEQ_LENS.name: padded_seqs, BLOCK_TABLES.name: padded_seqs,
+                 LOGITS_INDICES.name: len(logits_rows)}
+        inputs = {}
+        for name in STEP_INPUTS:
+            inputs[name] = self._dev[name][: sizes[name]]
+            if self._dev is not h:
+                inputs[name].copy_(h[name][: sizes[name]], non_blocking=True)
+        host_ints = {MAX_SEQ_LEN: max(s + n for s, n in zip(starts, step.num_new_tokens, strict=True)),
+                     MAX_QUERY_LEN: max(step.num_new_tokens)}
+        return StepBatch(inputs, host_ints, sampled, num_tokens)

@@ -17,7 +17,10 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Request:
-    """One generated sequence (a prompt with n > 1 becomes n requests sharing its blocks)."""
+    """One generated sequence (a prompt with n > 1 becomes n requests sharing its blocks).
+
+    Its tokens live in one growing list, `all_token_ids` (prompt, then output): appending is
+    O(1) and nothing on the step path copies the history."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -29,7 +32,6 @@ class Request:
     """The id the caller gave; requests of one prompt share it."""
     adapter_id: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     """Tokens whose K/V are in the cache; catches up with num_tokens step by step."""
     status: Status = Status.WAITING
@@ -38,14 +40,30 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache when first admitted."""
+    all_token_ids: list[int] = field(init=False)
+    """Prompt then output token ids; only ever appended to."""
+    prompt_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        self.prompt_len = len(self.prompt_token_ids)
+
+    def append_token(self, token: int) -> None:
+        """Record one generated token (O(1))."""
+        self.all_token_ids.append(token)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def output_token_ids(self) -> list[int]:
+        """A copy of the generated tokens (not for the step path: it copies the output)."""
+        return self.all_token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.prompt_len
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def finished(self) -> bool:

@@ -8,35 +8,61 @@ Per row, in this order (vLLM's):
                 │                                              ─> min-p ─> one draw
                 └─> logprobs (log_softmax of the raw logits)
 
-Everything is batched except the random draw: each sampled row takes one uniform number from its
-own generator (or the global one) and inverts its own CDF, so a seeded request yields the same
-tokens whatever else shares its batch.
+Everything is batched and stays on the logits' device:
+
+- Penalty counts are kept, not recounted: the sampler owns one row of output-token counts per
+  penalized request (updated by one scatter per step) and the prompt's seen-mask, built once.
+- The draw inverts each row's CDF at one uniform number u = hash(request seed, tokens generated
+  so far), computed with integer ops on the device: a seeded request yields the same tokens
+  whatever else shares its batch, and no random number crosses from the host. Unseeded requests
+  take a seed from the global RNG (or the state's generator) when their state is created.
+- Rows without top-k/top-p/min-p draw over the unsorted probabilities (no sort). Filtered rows
+  look at their top `CANDIDATES` logits (torch.topk); a row whose kept set may reach past them
+  falls back to the same computation over the whole sorted vocabulary, so the result is exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from kiln.runtime.sampling_params import Logprob, SamplingParams
 
+CANDIDATES = 1024
+"""Logits a filtered row looks at before it falls back to a full sort."""
 
-@dataclass
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(eq=False)
 class SamplingState:
-    """What the sampler needs to know about one generated sequence (owned by the engine)."""
+    """What the sampler needs to know about one generated sequence (created by the engine;
+    the sampler advances it by one token per call that samples it)."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int] = field(default_factory=list)
-    """The engine appends each sampled token."""
-    eos_token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+    """Tokens generated before this state was made (counted once, when first penalized)."""
+    eos_token_ids: Sequence[int] = ()
     generator: torch.Generator | None = None
-    """Set from params.seed when not given (a CPU generator); None => the global RNG."""
+    """Draws the seed of an unseeded request; None => the global RNG."""
+    seed: int = field(init=False)
+    """params.seed, or a draw from the generator: keys the request's random stream."""
+    num_generated: int = field(init=False)
+    """Tokens generated so far (the stream's counter, and the min_tokens clock)."""
+    banned: list[int] = field(init=False)
+    """Token ids forbidden below min_tokens: stop_token_ids, and EOS unless ignore_eos."""
 
     def __post_init__(self) -> None:
-        if self.generator is None and self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+        p = self.params
+        if p.seed is not None:
+            self.seed = p.seed
+        else:
+            self.seed = int(torch.randint(0, 1 << 62, (), generator=self.generator))
+        self.num_generated = len(self.output_token_ids)
+        self.banned = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids)))
 
 
 @dataclass
@@ -50,110 +76,206 @@ class SampleResult:
 
 
 class Sampler:
-    """Turns [B, V] logits into one token per row; stateless (state lives in SamplingState)."""
+    """Turns [B, V] logits into one token per row. Holds the penalty counts of the requests it
+    has penalized (one row each, freed by `release`)."""
+
+    def __init__(self) -> None:
+        self._counts: torch.Tensor | None = None  # [C, V] float32: output-token counts
+        self._prompt_seen: torch.Tensor | None = None  # [C, V] bool
+        self._slot: dict[SamplingState, int] = {}
+        self._free: list[int] = []
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
-        """Pick one token per row of logits (row i belongs to states[i])."""
+        """Pick one token per row of logits (row i belongs to states[i]) and advance the states."""
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(
                 f"logits must be [B, V] with B = len(states) = {len(states)}, got {tuple(logits.shape)}"
             )
-        raw = logits.float()  # [B, V]
-        x = apply_penalties(raw, states)  # [B, V], a copy
-        _mask_min_tokens(x, states)
+        raw = logits.float()  # [B, V]; a view when already float32: never written
+        pen_rows = [i for i, s in enumerate(states) if _has_penalty(s.params)]
+        x = self.apply_penalties(raw, states, pen_rows)
+        x = _mask_min_tokens(x, raw, states)
         tokens = x.argmax(dim=-1)  # [B]
         rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if rows:
             idx = torch.tensor(rows, device=x.device)
             tokens[idx] = _sample(x[idx], [states[i] for i in rows])
+        if pen_rows:
+            slots = torch.tensor([self._slot[states[i]] for i in pen_rows], device=x.device)
+            chosen = tokens[torch.tensor(pen_rows, device=x.device)]
+            self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
+        for s in states:
+            s.num_generated += 1
         token_ids = tokens.tolist()
         return SampleResult(token_ids, _logprobs(raw, token_ids, states))
 
+    def release(self, state: SamplingState) -> None:
+        """Free a finished request's penalty row."""
+        slot = self._slot.pop(state, None)
+        if slot is not None:
+            self._free.append(slot)
 
-def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """A copy of float32 logits [B, V] with repetition, frequency and presence penalties applied."""
-    x = logits.clone()  # [B, V]
-    rows = [i for i, s in enumerate(states) if _has_penalty(s.params)]
-    if not rows:
+    def apply_penalties(self, logits: torch.Tensor, states: list[SamplingState],
+                        rows: list[int] | None = None) -> torch.Tensor:
+        """float32 logits [B, V] with repetition, frequency and presence penalties applied to
+        `rows` (default: every penalized row); a copy when any row is penalized."""
+        if rows is None:
+            rows = [i for i, s in enumerate(states) if _has_penalty(s.params)]
+        if not rows:
+            return logits
+        dev = logits.device
+        slots = torch.tensor([self._slot_of(states[i], logits.shape[1], dev) for i in rows], device=dev)
+        ps = [states[i].params for i in rows]
+        idx = torch.tensor(rows, device=dev)
+        sub = logits[idx]  # [R, V]
+        counts = self._counts[slots]  # [R, V]
+        seen = self._prompt_seen[slots] | (counts > 0)  # [R, V]
+        rep = torch.tensor([p.repetition_penalty for p in ps], device=dev).unsqueeze(1)  # [R, 1]
+        sub = torch.where(seen & (rep != 1), torch.where(sub > 0, sub / rep, sub * rep), sub)
+        freq = torch.tensor([p.frequency_penalty for p in ps], device=dev).unsqueeze(1)  # [R, 1]
+        pres = torch.tensor([p.presence_penalty for p in ps], device=dev).unsqueeze(1)  # [R, 1]
+        x = logits.clone()  # [B, V]
+        x[idx] = sub - freq * counts - pres * (counts > 0).float()
         return x
-    dev, vocab = x.device, x.shape[1]
-    ps = [states[i].params for i in rows]
-    sub = x[rows]  # [R, V]
-    seen_ids = [
-        (states[i].prompt_token_ids + states[i].output_token_ids)
-        if p.repetition_penalty != 1
-        else []
-        for i, p in zip(rows, ps, strict=True)
-    ]
-    seen = _token_counts(seen_ids, vocab, dev) > 0  # [R, V]
-    rep = torch.tensor([p.repetition_penalty for p in ps], device=dev).unsqueeze(1)  # [R, 1]
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    counts = _token_counts([states[i].output_token_ids for i in rows], vocab, dev)  # [R, V]
-    freq = torch.tensor([p.frequency_penalty for p in ps], device=dev).unsqueeze(1)  # [R, 1]
-    pres = torch.tensor([p.presence_penalty for p in ps], device=dev).unsqueeze(1)  # [R, 1]
-    x[rows] = sub - freq * counts - pres * (counts > 0).float()
-    return x
+
+    def _slot_of(self, state: SamplingState, vocab: int, device: torch.device) -> int:
+        """The state's counts row; a new one holds its prompt mask and any earlier outputs."""
+        if self._counts is None or self._counts.shape[1] != vocab or self._counts.device != device:
+            self._counts = torch.zeros(8, vocab, device=device)
+            self._prompt_seen = torch.zeros(8, vocab, dtype=torch.bool, device=device)
+            self._slot, self._free = {}, list(range(7, -1, -1))
+        slot = self._slot.get(state)
+        if slot is not None:
+            return slot
+        if not self._free:  # double the pool
+            n = self._counts.shape[0]
+            self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])
+            self._prompt_seen = torch.cat([self._prompt_seen, torch.zeros_like(self._prompt_seen)])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        slot = self._slot[state] = self._free.pop()
+        self._counts[slot] = 0
+        self._prompt_seen[slot] = False
+        prompt = torch.tensor([t for t in state.prompt_token_ids if t < vocab], dtype=torch.long, device=device)
+        self._prompt_seen[slot, prompt] = True
+        out = torch.tensor([t for t in state.output_token_ids if t < vocab], dtype=torch.long, device=device)
+        self._counts[slot].index_put_((out,), torch.ones(out.shape, device=device), accumulate=True)
+        return slot
 
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
 
 
-def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """counts[r, t] = occurrences of token t in id_lists[r]; float32 [R, V]."""
-    width = max((len(ids) for ids in id_lists), default=0)
-    # pad with an extra column V that is dropped afterwards
-    ids = torch.tensor([ids + [vocab] * (width - len(ids)) for ids in id_lists], dtype=torch.long)
-    ids = ids.reshape(len(id_lists), width).to(device)  # [R, L]
-    counts = torch.zeros(len(id_lists), vocab + 1, device=device)  # [R, V + 1]
-    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
-    return counts[:, :vocab]
-
-
-def _mask_min_tokens(x: torch.Tensor, states: list[SamplingState]) -> None:
-    """In place: forbid stop_token_ids, and EOS unless ignore_eos, below min_tokens (as vLLM)."""
+def _mask_min_tokens(x: torch.Tensor, raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """x with stop_token_ids, and EOS unless ignore_eos, forbidden below min_tokens (as vLLM);
+    copied first if x is still the caller's raw logits."""
     rows: list[int] = []
     cols: list[int] = []
+    vocab = x.shape[1]
     for i, s in enumerate(states):
-        p = s.params
-        if len(s.output_token_ids) >= p.min_tokens:
-            continue
-        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(s.eos_token_ids))
-        banned = {t for t in banned if t < x.shape[1]}
-        rows += [i] * len(banned)
-        cols += sorted(banned)
+        if s.num_generated < s.params.min_tokens:
+            banned = [t for t in s.banned if t < vocab]
+            rows += [i] * len(banned)
+            cols += banned
     if rows:
+        if x is raw:
+            x = x.clone()
         x[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = float("-inf")
+    return x
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32) without overflowing int64."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (Wellons' lowbias32) over int64 tensors holding [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniforms(seeds: list[int], counters: list[int], device: torch.device) -> torch.Tensor:
+    """One float32 in [0, 1) per row from (seed, counter), counter-based: [R]."""
+    s = torch.tensor([[v & _M32, (v >> 32) & _M32, c & _M32] for v, c in zip(seeds, counters, strict=True)],
+                     dtype=torch.int64, device=device).reshape(-1, 3)  # [R, 3]
+    h = _hash32(_hash32(_hash32(s[:, 0] ^ 0x9E3779B9) ^ s[:, 1]) ^ s[:, 2])  # [R]
+    return (h >> 8).float() * (1.0 / (1 << 24))
 
 
 def _sample(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """One token id per row of penalized logits x [R, V], drawn from each row's filtered
-    distribution with that row's generator; returns [R] int64."""
+    distribution at its own uniform; returns [R] int64."""
     dev, vocab = x.device, x.shape[1]
     ps = [s.params for s in states]
+    u = uniforms([s.seed for s in states], [s.num_generated for s in states], dev)  # [R]
     temp = torch.tensor([p.temperature for p in ps], device=dev).unsqueeze(1)  # [R, 1]
-    top_k = torch.tensor([p.top_k or vocab for p in ps], device=dev).unsqueeze(1)  # [R, 1]
-    top_p = torch.tensor([p.top_p for p in ps], device=dev).unsqueeze(1)  # [R, 1]
-    min_p = torch.tensor([p.min_p for p in ps], device=dev).unsqueeze(1)  # [R, 1]
+    x = x / temp
+    filtered = [i for i, p in enumerate(ps) if (p.top_k and p.top_k < vocab) or p.top_p < 1 or p.min_p > 0]
+    if not filtered:
+        return _draw_unsorted(x, u)
+    out = torch.empty(len(states), dtype=torch.int64, device=dev)  # [R]
+    plain = [i for i in range(len(ps)) if i not in set(filtered)]
+    if plain:
+        p_idx = torch.tensor(plain, device=dev)
+        out[p_idx] = _draw_unsorted(x[p_idx], u[p_idx])
+    f_idx = torch.tensor(filtered, device=dev)
+    fps = [ps[i] for i in filtered]
+    top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in fps], device=dev)  # [F]
+    top_p = torch.tensor([p.top_p for p in fps], device=dev)  # [F]
+    min_p = torch.tensor([p.min_p for p in fps], device=dev)  # [F]
+    k = min(vocab, max(CANDIDATES, int(max(p.top_k or 0 for p in fps))))
+    tokens, fits = _draw_top(x[f_idx], u[f_idx], top_k, top_p, min_p, k)
+    if k < vocab and not bool(fits.all()):
+        bad = (~fits).nonzero().squeeze(1)
+        tokens[bad], _ = _draw_top(x[f_idx[bad]], u[f_idx[bad]], top_k[bad], top_p[bad], min_p[bad], vocab)
+    out[f_idx] = tokens
+    return out
 
-    # Every filter keeps a prefix of the tokens sorted by logit, so work in sorted order.
-    sorted_x, order = (x / temp).sort(dim=-1, descending=True, stable=True)  # [R, V] each
-    pos = torch.arange(vocab, device=dev)  # [V]
-    sorted_x = sorted_x.masked_fill(pos >= top_k, float("-inf"))
-    probs = sorted_x.softmax(dim=-1)  # [R, V], renormalized after top-k
-    mass_before = probs.cumsum(dim=-1) - probs  # [R, V]
+
+def _draw_unsorted(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from softmax(x) [R, V] at u [R], in vocabulary order (no sort)."""
+    probs = x.softmax(dim=-1)  # [R, V]
+    cdf = probs.cumsum(dim=-1)  # [R, V]
+    choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # [R]
+    # u * total can round up to total: stay on the last token with any mass
+    vocab = x.shape[1]
+    last = vocab - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)  # [R]
+    return torch.minimum(choice, last)
+
+
+def _draw_top(x: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw from the top-k/top-p/min-p filtered softmax(x) [F, V] looking only at the k largest
+    logits; returns the tokens [F] and whether each row's kept set surely lies within them [F]
+    (k = V: always)."""
+    vocab = x.shape[1]
+    vals, order = x.topk(k, dim=-1)  # [F, k] each, descending
+    pos = torch.arange(k, device=x.device)  # [k]
+    in_k = pos < top_k.unsqueeze(1)  # [F, k]
+    # top-k renormalizes over the k kept logits; without top-k the mass is over the whole row
+    lse = torch.where(top_k < vocab, vals.masked_fill(~in_k, float("-inf")).logsumexp(-1), x.logsumexp(-1))  # [F]
+    probs = (vals - lse.unsqueeze(1)).exp() * in_k  # [F, k]
+    mass_before = probs.cumsum(dim=-1) - probs  # [F, k]
+    tp = top_p.unsqueeze(1)  # [F, 1]
     # top_p == 1 keeps everything even when float rounding pushes the cumulative mass past 1
-    keep = (mass_before < top_p) | (top_p >= 1)  # [R, V]
-    keep &= probs >= min_p * probs[:, :1]  # the ratio to the max is the same before renormalizing
+    keep = in_k & ((mass_before < tp) | (tp >= 1))  # [F, k]
+    keep &= probs >= min_p.unsqueeze(1) * probs[:, :1]  # the ratio to the max is the same before renormalizing
     keep &= probs > 0
     keep[:, 0] = True
-    cdf = (probs * keep).cumsum(dim=-1)  # [R, V]
-
-    u = torch.stack([torch.rand((), generator=s.generator) for s in states]).to(dev)  # [R]
-    target = (u * cdf[:, -1]).unsqueeze(1)  # [R, 1]
-    choice = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [R]
+    # Every token past the candidates has mass_before >= the candidates' mass and a probability
+    # <= the last candidate's: it is dropped when top-k ends inside, top-p is reached, or min-p
+    # already drops the last candidate.
+    fits = (top_k <= k) | ((top_p < 1) & (probs.sum(-1) >= top_p)) | (probs[:, -1] < min_p * probs[:, 0])
+    cdf = (probs * keep).cumsum(dim=-1)  # [F, k]
+    choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # [F]
     choice = torch.minimum(choice, keep.sum(dim=-1) - 1)  # guards u * total rounding up to total
-    return order.gather(1, choice.unsqueeze(1)).squeeze(1)
+    return order.gather(1, choice.unsqueeze(1)).squeeze(1), fits
 
 
 def _logprobs(

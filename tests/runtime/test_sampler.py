@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from kiln.runtime.sampler import Sampler, SamplingState, apply_penalties
+from kiln.runtime.sampler import Sampler, SamplingState
 from kiln.runtime.sampling_params import SamplingParams as P
 
 ALPHA = 1e-4
@@ -38,18 +38,19 @@ def test_greedy_is_argmax_of_raw_logits(dtype):
 def _run(
     states: list[SamplingState], steps: int, vocab: int, seed: int, slot_of=None
 ) -> list[list[int]]:
-    """Sample `steps` tokens for every state from seeded random logits, appending outputs."""
+    """Sample `steps` tokens for every state from seeded random logits; each state's tokens."""
     g = torch.Generator().manual_seed(seed)
     sampler = Sampler()
+    tokens: list[list[int]] = [[] for _ in states]
     for step in range(steps):
         logits = torch.randn(len(states), vocab, generator=g)  # [B, V]
         if slot_of is not None:  # give the probe row the same logits whatever its position
             probe_logits = torch.randn(vocab, generator=torch.Generator().manual_seed(1000 + step))
             logits[slot_of(step)] = probe_logits
-        res = sampler(logits, states)
-        for s, t in zip(states, res.token_ids, strict=True):
-            s.output_token_ids.append(t)
-    return [s.output_token_ids for s in states]
+        res = sampler(logits, states)  # advances every state by one token
+        for out, t in zip(tokens, res.token_ids, strict=True):
+            out.append(t)
+    return tokens
 
 
 def test_seeded_sampling_is_independent_of_the_batch():
@@ -58,18 +59,18 @@ def test_seeded_sampling_is_independent_of_the_batch():
     )
     vocab, steps = 64, 40
     alone = _state(probe, prompt=[3, 4])
-    _run([alone], steps, vocab, seed=0, slot_of=lambda step: 0)
+    (alone_ids,) = _run([alone], steps, vocab, seed=0, slot_of=lambda step: 0)
     others = [P(temperature=0), P(seed=8, top_k=5), P(), P(temperature=1.5, min_p=0.1), P(seed=7)]
     torch.manual_seed(123)  # the unseeded rows draw from the global RNG in between
     batch = [_state(p) for p in others]
     batch.insert(3, _state(probe, prompt=[3, 4]))
-    _run(batch, steps, vocab, seed=1, slot_of=lambda step: 3)
-    assert batch[3].output_token_ids == alone.output_token_ids
+    batch_ids = _run(batch, steps, vocab, seed=1, slot_of=lambda step: 3)
+    assert batch_ids[3] == alone_ids
     again = _state(probe, prompt=[3, 4])
-    _run(
+    again_ids = _run(
         [_state(P()), _state(P(temperature=0)), again], steps, vocab, seed=2, slot_of=lambda step: 2
-    )
-    assert again.output_token_ids == alone.output_token_ids
+    )[2]
+    assert again_ids == alone_ids
 
 
 def test_different_seeds_differ():
@@ -106,7 +107,7 @@ def test_penalties_change_exactly_the_expected_logits():
         ),
         _state(P(), prompt=[1, 2, 3], output=[4, 5]),  # no penalties: untouched
     ]
-    got = apply_penalties(raw, states)
+    got = Sampler().apply_penalties(raw, states)
     want = _reference_penalties(raw, states)
     changed = want != raw.double()
     assert torch.equal(got[~changed], raw[~changed])  # everything else is bit-identical
@@ -132,8 +133,6 @@ def test_min_tokens_blocks_eos_and_stop_ids():
         assert res.token_ids[0] not in (1, 5) and res.token_ids[1] not in (1, 5)
         assert res.token_ids[2] == 1  # ignore_eos: EOS ends nothing, so it is not masked (as vLLM)
         assert res.token_ids[3] == 1
-        for s, t in zip(states, res.token_ids, strict=True):
-            s.output_token_ids.append(t)
     assert sampler(logits, states).token_ids[:2] == [1, 1]  # min_tokens reached
 
 

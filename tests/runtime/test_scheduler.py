@@ -76,8 +76,8 @@ def test_scheduler_invariants(specs, num_blocks, block_size, budget, max_seqs, c
             assert len(kv.tables[r.request_id]) * block_size >= r.num_computed_tokens + n
             r.num_computed_tokens += n
             if r.num_computed_tokens == r.num_tokens:
-                r.output_token_ids.append(7)
-                if len(r.output_token_ids) >= r.params.max_tokens:
+                r.append_token(7)
+                if r.num_output_tokens >= r.params.max_tokens:
                     sched.finish(r, "length")
         step += 1
         if step > max(a for _, _, a, _ in reqs) and not sched.has_work():
