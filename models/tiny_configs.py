@@ -245,3 +245,38 @@ def tiny_config(arch: str) -> PretrainedConfig:
         accepted = ", ".join(sorted(TINY_CONFIGS))
         raise ValueError(f"unknown tiny architecture {arch!r}; accepted: {accepted}") from None
     return factory()
+
+
+# Shapes of a ~1B-parameter model, for measurements that need realistic proportions (how much
+# of the FLOPs sits in GEMMs vs. elementwise glue) but no weights: graphs trace on meta.
+_REALISTIC: dict[str, int] = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "n_embd": 2048,
+    "word_embed_proj_dim": 2048,
+    "intermediate_size": 8192,
+    "ffn_dim": 8192,
+    "n_inner": 8192,
+    "moe_intermediate_size": 1024,
+    "shared_expert_intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "n_head": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "query_pre_attn_scalar": 128,
+    "max_position_embeddings": 4096,
+    "n_positions": 4096,
+}
+
+
+def realistic_config(arch: str) -> PretrainedConfig:
+    """``arch``'s tiny config with the hidden, head, MLP and vocabulary sizes of a ~1B model
+    (2 layers); every other field, and so every feature it exercises, is kept."""
+    config = tiny_config(arch)
+    present = config.to_dict()
+    for key, value in _REALISTIC.items():
+        if present.get(key) is not None:
+            setattr(config, key, value)
+    if present.get("attention_multiplier") is not None:
+        config.attention_multiplier = 1.0 / _REALISTIC["head_dim"]
+    return config

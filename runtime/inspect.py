@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.runtime.artifact import read_manifest, verify_hashes
+from kiln.ir.cost import NOMINAL, kernel_coverage
+from kiln.ir.serialize import loads
+from kiln.runtime.artifact import GRAPH, read_manifest, verify_hashes
 
 
 def _human(n: float) -> str:
@@ -16,8 +18,10 @@ def _human(n: float) -> str:
 
 
 def describe(path: str | Path, verify: bool = False) -> str:
-    """Summary text: model, target, ops by kind, parameters, passes, fallbacks, files."""
+    """Summary text: model, target, ops by kind, kernel-set coverage, parameters, passes,
+    fallbacks, files."""
     m = read_manifest(path)
+    cov = kernel_coverage(loads((Path(path) / GRAPH).read_text()))
     model = m["model"]
     lines = [
         f"artifact   {Path(path)}",
@@ -27,6 +31,9 @@ def describe(path: str | Path, verify: bool = False) -> str:
         f"compiled   in {m.get('compile_seconds')} s from {m['source']['path']}",
         "ops (kernel: count)",
         *(f"  {k:28s} {v}" for k, v in m["ops"].items()),
+        f"kernel set {cov.flop_share:.2%} of FLOPs (a {NOMINAL['T']}-token step), "
+        f"{cov.weight_share:.2%} of weight bytes",
+        "other ops  " + (", ".join(f"{k} {v}" for k, v in cov.other_ops.most_common()) or "none"),
         "passes",
         *(
             f"  {i:2d}. {p['pass']:22s} {p['nodes']:5d} ops"
