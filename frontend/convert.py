@@ -15,11 +15,11 @@ from kiln.errors import KilnError, UnsupportedOpError
 from kiln.ir.dims import Dim, from_expr, to_expr
 from kiln.ir.graph import Graph, Node, const_node, input_node, param_node
 from kiln.ir.ops import get_op, infer_type
+from kiln.ir.step_inputs import CU_SEQLENS
 from kiln.ir.types import TensorType, dtype_name
 
-# The token symbol; cu_seqlens has one entry per sequence plus one.
+# The token symbol (kiln.ir.step_inputs names the rest).
 TOKENS = "T"
-SEQS = "S"
 _SKIP = {
     "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range",
     "_assert_async", "_check_is_size", "_functional_assert_async",
@@ -85,7 +85,7 @@ class Converter:
     def cu_seqlens(self) -> Node:
         """The graph input giving sequence boundaries in the flattened token axis."""
         if self._cu_seqlens is None:
-            self._cu_seqlens = input_node("cu_seqlens", TensorType("int32", (f"{SEQS} + 1",)))
+            self._cu_seqlens = input_node(CU_SEQLENS.name, CU_SEQLENS.type)
             self.nodes.append(self._cu_seqlens)
         return self._cu_seqlens
 

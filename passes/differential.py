@@ -7,7 +7,15 @@ import torch
 from kiln.errors import VerifyError
 from kiln.ir.graph import Graph
 from kiln.ir.interpreter import WeightFn, run_graph
-from kiln.ir.step_inputs import contiguous_paged_inputs
+from kiln.ir.step_inputs import (
+    CU_SEQLENS,
+    INPUT_IDS,
+    LOGITS_INDICES,
+    POSITION_IDS,
+    SLOT_MAPPING,
+    contiguous_paged_inputs,
+    is_cache_input,
+)
 from kiln.ir.types import FLOAT_DTYPES
 
 # Max |a - b| relative to max |reference| per compute dtype: float32 reorderings (a merged
@@ -16,15 +24,15 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 2e-2, "bfloat16": 5e-2
 
 
 def sample_batch(vocab: int, seed: int, lengths: tuple[int, ...] = (5, 11, 3)) -> dict[str, torch.Tensor]:
-    """A flattened batch of random token ids in the standard input names."""
+    """A flattened batch of random token ids in the step-input schema's names."""
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     return {
-        "input_ids": torch.randint(0, vocab, (total,), generator=g),
-        "position_ids": torch.cat([torch.arange(n) for n in lengths]),
-        "cu_seqlens": cu,
-        "logits_indices": cu[1:].long() - 1,
+        INPUT_IDS.name: torch.randint(0, vocab, (total,), generator=g),
+        POSITION_IDS.name: torch.cat([torch.arange(n) for n in lengths]),
+        CU_SEQLENS.name: cu,
+        LOGITS_INDICES.name: cu[1:].long() - 1,
     }
 
 
@@ -33,9 +41,10 @@ PAGED_BLOCK_SIZE = 4
 
 def _inputs_for(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names = {n.name for n in graph.inputs}
-    if "slot_mapping" in names:
-        lengths = (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]).tolist()
-        caches = {n.name: n.type for n in graph.inputs if n.name.startswith(("k_cache.", "v_cache."))}
+    if SLOT_MAPPING.name in names:
+        cu = batch[CU_SEQLENS.name]
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        caches = {n.name: n.type for n in graph.inputs if is_cache_input(n.name)}
         batch = {**batch, **contiguous_paged_inputs(lengths, PAGED_BLOCK_SIZE, caches, shuffle_seed=len(lengths))}
     out = {}
     for node in graph.inputs:
@@ -53,8 +62,8 @@ def _comparable(before: Graph, after: Graph, x: torch.Tensor, y: torch.Tensor,
     if x.numel() == y.numel():
         return x.reshape(-1), y.reshape(-1)
     has = {n.name for n in after.inputs} - {n.name for n in before.inputs}
-    if "logits_indices" in has and x.dim() >= 2:
-        rows = x.reshape(-1, x.shape[-1])[batch["logits_indices"]]
+    if LOGITS_INDICES.name in has and x.dim() >= 2:
+        rows = x.reshape(-1, x.shape[-1])[batch[LOGITS_INDICES.name]]
         if rows.numel() == y.numel():
             return rows.reshape(-1), y.reshape(-1)
     return x, y
