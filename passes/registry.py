@@ -13,10 +13,12 @@ PASSES: dict[str, str] = {
     "merge-projections": "kiln.passes.merge_projections:MergeProjections",
     "last-token-logits": "kiln.passes.last_token_logits:LastTokenLogits",
     "paged-attention": "kiln.passes.paged_attention:PagedAttention",
+    "weight-layout": "kiln.passes.weight_layout:WeightLayout",
+    "rope": "kiln.passes.rope:Rope",
 }
 
 # The kernel op set (kiln.ir.ops.kernels): each pass turns one traced pattern into kernel-set ops.
-KERNEL_SET: list[str] = []
+KERNEL_SET: list[str] = ["rope"]
 
 _SERVING = [
     # -- normalize what tracing produced

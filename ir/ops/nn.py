@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from kiln.errors import VerifyError
+from kiln.ir.dims import dims_equal
 from kiln.ir.ops.kernels import rms_normalize
 from kiln.ir.ops.registry import register
+from kiln.ir.types import TensorType
 
 
-@register("linear", arity=(2, 3), kind="opaque", scalar_inputs=False, kernel=True)
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias); weight: [out, in]."""
+@register("linear", arity=(2, 3), kind="opaque", optional_attrs=("weight_layout",), scalar_inputs=False,
+          infer=lambda types, attrs: _linear_infer(types, attrs), kernel=True)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           weight_layout: str = "out_in") -> torch.Tensor:
+    """x @ weight.T (+ bias); weight [out, in], or [in, out] with weight_layout "in_out" (the
+    layout a target asks for, stored that way by weight folding)."""
+    if weight_layout == "in_out":
+        out = x @ weight
+        return out + bias if bias is not None else out
     return F.linear(x, weight, bias)
+
+
+LINEAR_LAYOUTS = ("out_in", "in_out")
+
+
+def _linear_infer(types: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
+    x, w = types[:2]
+    layout = attrs.get("weight_layout", "out_in")
+    if layout not in LINEAR_LAYOUTS:
+        raise VerifyError(f"linear weight_layout '{layout}' is not one of {', '.join(LINEAR_LAYOUTS)}")
+    k, n = (w.shape[1], w.shape[0]) if layout == "out_in" else (w.shape[0], w.shape[1])
+    if w.rank != 2 or not dims_equal(x.shape[-1], k):
+        raise VerifyError(f"linear of {x} by a {layout} weight {w}: inner dims differ")
+    if len(types) == 3 and (types[2].rank != 1 or not dims_equal(types[2].shape[0], n)):
+        raise VerifyError(f"linear bias {types[2]} does not match {n} outputs")
+    return TensorType(x.dtype, (*x.shape[:-1], n))
 
 
 @register("matmul", arity=2, kind="opaque", scalar_inputs=False)
