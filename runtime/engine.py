@@ -28,9 +28,6 @@ from kiln.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-PAD_DECODE_STEPS = False
-"""Run decode-only steps at bucketed batch sizes (needs paged attention that skips slot -1)."""
-
 Prompt = str | dict
 
 
@@ -92,8 +89,7 @@ class LLMEngine:
         self.pool = BlockPool(num_kv_blocks, enable_caching=enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, block_size)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
-        self.runner = ModelRunner(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len, self.device,
-                                  pad=PAD_DECODE_STEPS)
+        self.runner = ModelRunner(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len, self.device)
         self.sampler = Sampler()
         self.groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}

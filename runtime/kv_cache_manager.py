@@ -67,6 +67,13 @@ class KVCacheManager:
     def allocate(self, req: Request, num_new_tokens: int, prefix: list[KVBlock] = ()) -> bool:
         """Blocks for the request's next num_new_tokens tokens (after its computed ones and
         any reused prefix); False, changing nothing, when the pool cannot provide them."""
+        bs = self.block_size
+        table = self.tables.get(req.request_id)
+        if table and not prefix:  # the common decode: room in the last block, no block fills
+            total = req.num_computed_tokens + num_new_tokens
+            if total <= len(table) * bs and (
+                    not self.pool.enable_caching or total // bs <= self.cached_upto.get(req.request_id, 0)):
+                return True
         table = self.tables.setdefault(req.request_id, [])
         total = req.num_computed_tokens + len(prefix) * self.block_size + num_new_tokens
         need = -(-total // self.block_size) - len(table) - len(prefix)

@@ -252,8 +252,8 @@ def _draw_unsorted(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _draw_top(x: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
               k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw from the top-k/top-p/min-p filtered softmax(x) [F, V] looking only at the k largest
-    logits; returns the tokens [F] and whether each row's kept set surely lies within them [F]
-    (k = V: always)."""
+    logits (k >= every top_k below V); returns the tokens [F] and whether each row's kept set
+    surely lies within them [F] (k = V: always)."""
     vocab = x.shape[1]
     vals, order = x.topk(k, dim=-1)  # [F, k] each, descending
     pos = torch.arange(k, device=x.device)  # [k]

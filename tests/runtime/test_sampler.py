@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from kiln.runtime.sampler import Sampler, SamplingState
+from kiln.runtime.sampler import CANDIDATES, Sampler, SamplingState, _draw_top, uniforms
 from kiln.runtime.sampling_params import SamplingParams as P
 
 ALPHA = 1e-4
@@ -226,3 +226,65 @@ def test_unseeded_rows_use_the_global_rng():
 def test_rejects_mismatched_batch():
     with pytest.raises(ValueError, match="len\\(states\\)"):
         Sampler()(torch.zeros(2, 5), [_state(P())])
+
+
+def test_incremental_penalty_counts_equal_a_recount():
+    """After many steps the kept counts give exactly the penalties of a from-scratch recount."""
+    vocab = 30
+    params = [P(seed=1, repetition_penalty=1.4, frequency_penalty=0.3),
+              P(seed=2, presence_penalty=0.8), P(temperature=0, frequency_penalty=-0.2), P(seed=3)]
+    prompts = [[1, 2, 2], [5], [7, 8, 9], [0]]
+    states = [_state(p, prompt=pr) for p, pr in zip(params, prompts, strict=True)]
+    sampler = Sampler()
+    tokens = _run_with(sampler, states, steps=25, vocab=vocab)
+    sampler.release(states[3])  # releasing a row leaves the others intact
+    raw = torch.randn(4, vocab, generator=torch.Generator().manual_seed(9)) * 3  # [B, V]
+    got = sampler.apply_penalties(raw, states)
+    fresh = [_state(p, prompt=pr, output=t) for p, pr, t in zip(params, prompts, tokens, strict=True)]
+    torch.testing.assert_close(got.double(), _reference_penalties(raw, fresh), rtol=1e-6, atol=1e-6)
+    assert any(len(set(t)) > 3 for t in tokens)
+
+
+def _run_with(sampler: Sampler, states: list[SamplingState], steps: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(4)
+    tokens: list[list[int]] = [[] for _ in states]
+    for _ in range(steps):
+        res = sampler(torch.randn(len(states), vocab, generator=g), states)
+        for out, t in zip(tokens, res.token_ids, strict=True):
+            out.append(t)
+    return tokens
+
+
+def test_uniforms_depend_only_on_seed_and_counter():
+    dev = torch.device("cpu")
+    a = uniforms([7, 2**40 + 3, 7], [0, 5, 1], dev)
+    b = uniforms([7], [1], dev)
+    assert a[2] == b[0] and a[0] != a[2]
+    u = uniforms([11] * 20_000, list(range(20_000)), dev)
+    assert 0 <= u.min() and u.max() < 1
+    hist = torch.histc(u, bins=10, min=0, max=1)
+    assert chisquare(hist.numpy()).pvalue > ALPHA
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])  # flat: top-p rows fall back; peaked: they fit
+def test_candidate_filtering_equals_the_full_sort(scale):
+    """Looking at the top CANDIDATES logits picks exactly the token the full sort picks for the
+    same uniform, and the rows whose kept set may reach past them are the ones that fall back."""
+    g = torch.Generator().manual_seed(5)
+    vocab, rows = 5000, 64
+    x = torch.randn(rows, vocab, generator=g) * scale  # [R, V]
+    u = torch.rand(rows, generator=g)  # [R]
+    top_k = torch.tensor([vocab, 40, 700, vocab] * (rows // 4))
+    top_p = torch.tensor([0.9, 1.0, 0.95, 1.0] * (rows // 4))
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.05] * (rows // 4))
+    want, fits = _draw_top(x, u, top_k, top_p, min_p, vocab)
+    assert fits.all()
+    got, fits = _draw_top(x, u, top_k, top_p, min_p, CANDIDATES)
+    assert torch.equal(got[fits], want[fits])
+    assert fits[1::4].all() and fits[2::4].all()  # top-k within the candidates always fits
+    assert bool(fits[0::4].all()) == (scale > 1)  # flat top-p 0.9 keeps more than the candidates
+    states = [_state(P(top_k=int(k) if k < vocab else 0, top_p=float(p), min_p=float(m), seed=i))
+              for i, (k, p, m) in enumerate(zip(top_k, top_p, min_p, strict=True))]
+    res = Sampler()(x, states)
+    assert res.token_ids == _draw_top(x, uniforms(list(range(rows)), [0] * rows, x.device),
+                                      top_k, top_p, min_p, vocab)[0].tolist()

@@ -1,0 +1,184 @@
+"""Host overhead of the runtime, now and at an earlier commit, in the same run.
+
+    python benchmarks/host_overhead.py                  # vs. 6bedeba (before issue 8)
+    python benchmarks/host_overhead.py --before HEAD~3
+
+(a) Host time per engine step (scheduling, input building, output processing): the model call
+returns a preallocated logits tensor and the sampler returns fixed tokens, nothing else is
+subtracted; 1, 64 and 256 running decode sequences of --context-token contexts, median step.
+(b) The sampler's time per step for --rows rows of a --vocab vocabulary (random logits):
+greedy, and temperature 0.8 with top-p 0.9 on N(0, 1) logits (flat: top-p keeps most of the
+vocabulary) and on N(0, 5^2) logits (peaked, as trained models' are), median.
+
+The earlier commit is checked out into a temporary git worktree and measured in a subprocess
+whose PYTHONPATH maps its folders to kiln.* (pyproject's package-dir); the current tree is
+measured the same way. The measurement handles both the old API (build_step_inputs,
+SamplingState with output lists) and the new one: it only uses LLMEngine, Sampler and
+SamplingState(params, prompt_token_ids). Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the measurement (runs in a subprocess against one tree) ---------------------------------------
+
+
+def _host_step_ms(artifact: str, num_seqs: int, context: int, steps: int) -> float:
+    import torch
+
+    from kiln.runtime.engine import LLMEngine
+    from kiln.runtime.sampler import SampleResult
+    from kiln.runtime.sampling_params import SamplingParams
+
+    blocks = num_seqs * (-(-(context + steps + 16) // 16) + 1)
+    eng = LLMEngine(artifact, max_num_batched_tokens=2048, max_num_seqs=max(num_seqs, 1), block_size=16,
+                    num_kv_blocks=blocks, max_model_len=context + steps + 64, enable_prefix_caching=True)
+    logits = torch.zeros(max(num_seqs, 2048), eng.model.vocab_size)  # [rows, V], returned every step
+    eng.model.executor.run = lambda inputs: [logits[: len(inputs["logits_indices"])]]
+    eng.sampler = lambda lg, states: SampleResult([5] * len(states), [None] * len(states))
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=10 * (context + steps), ignore_eos=True)
+    for i in range(num_seqs):
+        ids = torch.randint(3, eng.model.vocab_size, (context,), generator=g).tolist()
+        eng.add_request(str(i), {"prompt_token_ids": ids}, params)
+    while len(eng.scheduler.running) < num_seqs or eng.scheduler.waiting or any(
+            r.num_computed_tokens < r.num_tokens - 1 for r in eng.scheduler.running):
+        eng.step()  # prefill (the fake model makes it cheap)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def _sampler_ms(rows: int, vocab: int, reps: int) -> dict[str, float]:
+    import torch
+
+    from kiln.runtime.sampler import Sampler, SamplingState
+    from kiln.runtime.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(rows, vocab, generator=g)  # [rows, V]
+    cases = {"greedy": (flat, SamplingParams(temperature=0)),
+             "top_p0.9_flat": (flat, SamplingParams(temperature=0.8, top_p=0.9)),
+             "top_p0.9_peaked": (flat * 5, SamplingParams(temperature=0.8, top_p=0.9))}
+    out = {}
+    for name, (logits, params) in cases.items():
+        sampler = Sampler()
+        states = [SamplingState(params, [1, 2, 3]) for _ in range(rows)]
+        sampler(logits, states)  # warm up
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            sampler(logits, states)
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times) * 1e3
+    return out
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    res = {"host_step_ms": {str(n): _host_step_ms(args.artifact, n, args.context_tokens, args.steps)
+                            for n in args.seqs},
+           "sampler_ms": _sampler_ms(args.rows, args.vocab, args.reps)}
+    Path(args.worker).write_text(json.dumps(res))
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+def _package_tree(src: Path, dst: Path) -> Path:
+    """A folder holding kiln/ whose subpackages link to src's folders, as pyproject maps them."""
+    dirs = tomllib.loads((src / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    pkg = dst / "kiln"
+    pkg.mkdir(parents=True)
+    for f in (src / dirs["kiln"]).iterdir():
+        (pkg / f.name).symlink_to(f)
+    for name, folder in dirs.items():
+        if name != "kiln":
+            link = pkg / name.removeprefix("kiln.")
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(src / folder)
+    return dst
+
+
+def _measure(tree: Path, tmp: Path, label: str, args: argparse.Namespace) -> dict:
+    """Compile the demo model with tree's code and run the worker there."""
+    path = _package_tree(tree, tmp / f"pkg-{label}")
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    artifact = tmp / f"artifact-{label}"
+    compile_cmd = ("import sys; from kiln.cli import compile_model_main; "
+                   f"sys.argv = ['compile-model', {str(tree / args.model_dir)!r}, '-o', {str(artifact)!r}, '--force']; "
+                   "sys.exit(compile_model_main())")
+    subprocess.run([sys.executable, "-c", compile_cmd], env=env, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
+    out = tmp / f"result-{label}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), "--artifact", str(artifact),
+           "--context-tokens", str(args.context_tokens), "--steps", str(args.steps), "--rows", str(args.rows),
+           "--vocab", str(args.vocab), "--reps", str(args.reps), "--seqs", *map(str, args.seqs)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    subprocess.run(cmd, env=env, check=True, cwd=tmp)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", default="6bedeba", help="the commit to compare with")
+    ap.add_argument("--model-dir", default="models/demo")
+    ap.add_argument("--seqs", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--context-tokens", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=50, help="decode steps timed per batch size")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=128_000)
+    ap.add_argument("--reps", type=int, default=5, help="timed sampler calls per case")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--out", default="benchmarks/results/host_overhead.json")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="kiln-host-") as d:
+        tmp = Path(d)
+        wt = tmp / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(wt), args.before],
+                       check=True, capture_output=True)
+        try:
+            before = _measure(wt, tmp, "before", args)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], check=False)
+        after = _measure(ROOT, tmp, "after", args)
+    rows = [(f"host step, {n} decodes of {args.context_tokens} tokens", "host_step_ms", str(n)) for n in args.seqs]
+    rows += [(f"sampler {args.rows}x{args.vocab}, {case}", "sampler_ms", case) for case in before["sampler_ms"]]
+    print(f"{'ms (median)':<48}{'before ' + args.before:>18}{'after':>12}{'speedup':>10}")
+    for label, kind, key in rows:
+        b, a = before[kind][key], after[kind][key]
+        print(f"{label:<48}{b:>18.3f}{a:>12.3f}{b / a:>9.1f}x")
+    result = {"before_ref": args.before, "before": before, "after": after, "args": vars(args),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
