@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from kiln.codegen.lowering import LoweredModule
 from kiln.ir.graph import Graph
 from kiln.ir.serialize import dumps
 from kiln.runtime.artifact import (
@@ -21,8 +22,8 @@ from kiln.runtime.artifact import (
     MANIFEST,
     PLAN,
     WEIGHTS_DIR,
+    sha256_file,
 )
-from kiln.runtime.plan import ExecutionPlan
 
 SHARD_BYTES = 1 << 30
 
@@ -50,19 +51,27 @@ def write_weights(root: Path, sources: dict[str, Callable[[], torch.Tensor]], sh
 def write_artifact(
     root: Path,
     graph: Graph,
-    plan: ExecutionPlan,
+    lowered: LoweredModule,
     weights: dict[str, Callable[[], torch.Tensor]],
     copy_files: dict[str, Path],
     manifest: dict[str, Any],
 ) -> None:
     """Everything into `root` (which must not exist yet); the manifest goes last, listing every
-    file with its size and sha256, so a partial directory is never a valid artifact."""
-    from kiln.frontend.checkpoint import sha256_file
-
+    file with its size and sha256, so a partial directory is never a valid artifact. The
+    lowering's files (compiled kernels, tuning.json) are stored and hashed like the rest, and
+    its fallbacks recorded."""
+    plan = lowered.plan
     root.mkdir(parents=True)
     (root / GRAPH).write_text(dumps(graph))
     (root / PLAN).write_text(json.dumps(plan.to_dict()))
-    rels = [GRAPH, PLAN, *write_weights(root, weights)]
+    rels = [GRAPH, PLAN]
+    for rel, data in sorted(lowered.files.items()):
+        if rel in (GRAPH, PLAN, MANIFEST) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"a lowering may not write '{rel}'")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        rels.append(rel)
+    rels += write_weights(root, weights)
     for rel, src in copy_files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, root / rel)
@@ -72,10 +81,9 @@ def write_artifact(
     manifest = {
         "format_version": FORMAT_VERSION,
         **manifest,
+        "fallbacks": list(lowered.fallbacks),
         "ops": dict(Counter(s.kernel for s in plan.steps).most_common()),
         "parameters": {"tensors": len(params), "elements": sum(n.type.numel() for n in params.values()), "bytes": nbytes},
         "files": {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in rels},
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-

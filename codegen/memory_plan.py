@@ -1,73 +1,153 @@
-"""Memory planning: liveness of every value and buffer slots reused across non-overlapping
-lifetimes (greedy interval colouring in execution order)."""
+"""Memory planning: which results are views of other storage, the liveness of every storage,
+and arena slots reused across non-overlapping lifetimes (greedy interval colouring in
+execution order).
+
+Storage and aliases:
+
+    input / param / const   their own storage, never in the arena
+    op result               one arena buffer per result (a multi-result op has several)
+    reshape/permute/expand/slice   a view of its operand when torch can view it at the
+                            operand's layout (checked on meta tensors), else an op result
+    get_result              the projected result's buffer
+    in-place write result   the written operand's buffer
+
+A storage lives until the last reader of any alias of it (views keep their base alive).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import sympy
+import torch
 
-from kiln.ir.dims import from_expr, to_expr
-from kiln.ir.graph import Graph, Node
+from kiln.ir.dims import evaluate, shape_symbols
+from kiln.ir.graph import SOURCE_OPS, Graph, Node
+from kiln.ir.ops import get_op, resolve_attrs
+from kiln.ir.types import PACKED, TensorType, torch_dtype
 
-# Ops whose result may alias their first operand's storage.
+# Ops whose result may be a view of their first operand's storage.
 VIEW_OPS = frozenset({"reshape", "permute", "expand", "slice"})
+
+# Two sets of probe sizes (distinct primes, as the type rules use): a reshape is a view only
+# when torch can view it at both.
+_PROBES = ((1009, 101), (1201, 89))
+
+
+@dataclass
+class Storage:
+    """A buffer of the plan before numbering: a source, an arena result, or a view."""
+
+    node: Node
+    """The node that made it."""
+    index: int
+    """Which result of that node."""
+    kind: str
+    """input | param | const | arena | view."""
+    type: TensorType
+    base: Storage | None = None
+    """The viewed storage (view)."""
+    slot: int | None = None
+    """Arena slot (arena)."""
+
+    @property
+    def root(self) -> Storage:
+        """The storage that owns the memory (a view's ultimate base)."""
+        s = self
+        while s.base is not None:
+            s = s.base
+        return s
 
 
 @dataclass
 class MemoryPlan:
     """Where each value lives."""
 
-    slot: dict[Node, int]
-    """Value -> buffer slot."""
-    free_after: dict[Node, list[Node]]
-    """Op node -> values whose last reader it is."""
-    slot_bytes: list[str]
-    """Per slot, bytes of the largest value it holds (a symbolic expression)."""
+    buffers: list[Storage]
+    """Every storage and view, in execution order (a view after its base)."""
+    values: dict[Node, list[Storage]]
+    """Node -> its results' storages (a projection or in-place result: the aliased one)."""
+    slots: list[list[Storage]] = field(default_factory=list)
+    """Per arena slot, the buffers it holds over the run."""
 
 
-def _bytes(n: Node) -> sympy.Expr:
-    total = sympy.Integer(0)
-    for t in n.type.types:
-        size = sympy.Rational(t.itemsize)
-        for d in t.shape:
-            size = size * to_expr(d)
-        total += size
-    return total
+def _meta(t: TensorType, bindings: dict[str, int]) -> torch.Tensor:
+    shape = [evaluate(d, bindings) for d in t.shape]
+    if t.dtype in PACKED and shape:
+        shape[-1] //= PACKED[t.dtype]
+    return torch.empty(shape, dtype=torch_dtype(t.dtype), device="meta")
+
+
+def _view(n: Node, base: torch.Tensor, bindings: dict[str, int]) -> torch.Tensor | None:
+    attrs = resolve_attrs(get_op(n.op), n.attrs, bindings)
+    if n.op == "reshape":
+        try:
+            return base.view(attrs["shape"])
+        except RuntimeError:
+            return None
+    return get_op(n.op).impl(base, **attrs)
 
 
 def plan_memory(graph: Graph) -> MemoryPlan:
-    """Assign slots: sources (inputs, params, consts) get their own; op results reuse the slot
-    of a value that died at an earlier step. Graph outputs are never freed."""
+    """Classify every result (source, arena, view, alias) and assign arena slots: an op's
+    results take slots freed by values that died at an earlier step, never the slot of one of
+    its own operands. Graph outputs are never freed."""
+    syms = shape_symbols([t.shape for n in graph.nodes for t in n.type.types])
+    probes = [{s: base + step * i for i, s in enumerate(syms)} for base, step in _PROBES]
+    values: dict[Node, list[Storage]] = {}
+    metas: dict[int, list[torch.Tensor]] = {}
+    buffers: list[Storage] = []
+
+    def new(n: Node, i: int, kind: str, t: TensorType, base: Storage | None, meta: list[torch.Tensor]) -> Storage:
+        s = Storage(n, i, kind, t, base)
+        buffers.append(s)
+        metas[id(s)] = meta
+        return s
+
+    for n in graph.nodes:
+        if n.op in SOURCE_OPS:
+            values[n] = [new(n, 0, n.op, n.type, None, [_meta(n.type, b) for b in probes])]
+        elif n.op == "get_result":
+            values[n] = [values[n.inputs[0]][n.attrs["index"]]]
+        elif n.writes:
+            values[n] = [values[x][0] for x in n.writes]
+        elif n.op in VIEW_OPS:
+            base = values[n.inputs[0]][0]
+            views = [_view(n, m, b) for m, b in zip(metas[id(base)], probes, strict=True)]
+            if all(v is not None for v in views):
+                values[n] = [new(n, 0, "view", n.type, base, views)]
+            else:
+                values[n] = [new(n, 0, "arena", n.type, None, [_meta(n.type, b) for b in probes])]
+        else:
+            values[n] = [
+                new(n, i, "arena", t, None, [_meta(t, b) for b in probes]) for i, t in enumerate(n.type.types)
+            ]
+    plan = MemoryPlan(buffers, values)
+    _assign_slots(graph, plan)
+    return plan
+
+
+def _assign_slots(graph: Graph, plan: MemoryPlan) -> None:
     end = len(graph.nodes)
-    last_use: dict[Node, int] = {o: end for o in graph.outputs}
+    last: dict[int, int] = {}
     for i, n in enumerate(graph.nodes):
+        for s in plan.values[n]:
+            last.setdefault(id(s.root), i)
         for x in n.inputs:
-            last_use[x] = max(last_use.get(x, i), i)
-    # A view shares its base's storage: the base lives as long as any view of it.
-    for n in reversed(graph.nodes):
-        if n.op in VIEW_OPS and n in last_use:
-            base = n.inputs[0]
-            last_use[base] = max(last_use[base], last_use[n])
-    outputs = set(graph.outputs)
-    dies_at: dict[int, list[Node]] = {}
-    for x, last in last_use.items():
-        if x not in outputs:
-            dies_at.setdefault(last, []).append(x)
-    slot: dict[Node, int] = {}
-    free_after: dict[Node, list[Node]] = {}
-    sizes: list[sympy.Expr] = []
+            for s in plan.values[x]:
+                last[id(s.root)] = i
+    for o in graph.outputs:
+        for s in plan.values[o]:
+            last[id(s.root)] = end
+    dies_at: dict[int, list[Storage]] = {}
+    for s in plan.buffers:
+        if s.kind == "arena":
+            dies_at.setdefault(last[id(s)], []).append(s)
     pool: list[int] = []
     for i, n in enumerate(graph.nodes):
-        if n.op in ("input", "param", "const") or not pool:
-            slot[n] = len(sizes)
-            sizes.append(_bytes(n))
-        else:
-            slot[n] = pool.pop()
-            sizes[slot[n]] = sympy.Max(sizes[slot[n]], _bytes(n))
-        dead = dies_at.get(i, [])
-        if n.op not in ("input", "param", "const"):
-            free_after[n] = dead
-            # Only intermediate results give their slot back; sources stay resident.
-            pool.extend(slot[x] for x in dead if x.op not in ("input", "param", "const"))
-    return MemoryPlan(slot, free_after, [str(from_expr(s)) if not isinstance(s, sympy.Max) else str(s) for s in sizes])
+        for s in plan.values[n]:
+            if s.kind == "arena" and s.node is n and s.slot is None:
+                s.slot = pool.pop() if pool else len(plan.slots)
+                if s.slot == len(plan.slots):
+                    plan.slots.append([])
+                plan.slots[s.slot].append(s)
+        pool.extend(s.slot for s in dies_at.get(i, []))

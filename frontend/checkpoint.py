@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +25,6 @@ TOKENIZER_FILES = (
 )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Checkpoint:
     """A checkpoint directory and what it holds; weights are opened, never read, here."""
@@ -52,10 +42,10 @@ class Checkpoint:
     def model_type(self) -> str:
         return self.config.model_type
 
-    def source_hashes(self) -> dict[str, str]:
-        """sha256 of config.json and of every weight file (the artifact records them)."""
-        files = [self.path / "config.json", *self.weight_files]
-        return {f.name: sha256_file(f) for f in files}
+    @property
+    def source_files(self) -> list[Path]:
+        """config.json and every weight file: what the artifact records hashes of."""
+        return [self.path / "config.json", *self.weight_files]
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor as stored (dtype untouched)."""

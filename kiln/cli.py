@@ -8,17 +8,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from kiln.codegen.targets import MODEL_DTYPES, TARGETS
 from kiln.errors import KilnError
-
-TARGETS = ("reference", "cpu", "cuda")
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _add_compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--target", default="reference", choices=TARGETS)
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     p.add_argument("--passes", default=None,
                    help="comma list replacing the target's pipeline, or +name/-name edits of it")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after each pass into DIR")

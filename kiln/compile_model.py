@@ -7,19 +7,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 import kiln
 from kiln.codegen.artifact_writer import write_artifact
 from kiln.codegen.fold_weights import fold_weights
-from kiln.codegen.targets import get_lowering
+from kiln.codegen.targets import MODEL_DTYPES, get_lowering
 from kiln.frontend import import_model
+from kiln.ir.types import torch_dtype
 from kiln.ir.verifier import verify
 from kiln.passes import PassManager, get_pass, resolve_pipeline
-from kiln.runtime.artifact import TOKENIZER_DIR
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from kiln.runtime.artifact import TOKENIZER_DIR, sha256_file
 
 
 def compile(
@@ -38,8 +36,8 @@ def compile(
     writes the IR after each pass; `verify_passes` runs each pass's output against its input
     on random inputs and raises VerifyError on a mismatch.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype '{dtype}' is not supported; accepted: {', '.join(DTYPES)}")
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not supported; accepted: {', '.join(MODEL_DTYPES)}")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output '{out}' exists; remove it or pass overwrite=True (--force)")
@@ -47,7 +45,7 @@ def compile(
     names = resolve_pipeline(target, passes)
     started = time.time()
     stages = tqdm(total=4, desc="compile: trace", unit="stage", leave=False, disable=None)
-    imported = import_model(str(model_dir), DTYPES[dtype])
+    imported = import_model(str(model_dir), torch_dtype(dtype))
     stages.update()
     stages.set_description("compile: passes")
     pm = PassManager(
@@ -61,7 +59,7 @@ def compile(
     stages.set_description("compile: lower")
     graph, folded = fold_weights(graph, imported.weights)
     verify(graph)
-    plan = lower(graph)
+    lowered = lower(graph)
     stages.update()
     stages.set_description("compile: write artifact")
     sources = {
@@ -77,16 +75,15 @@ def compile(
         "target": target,
         "dtype": dtype,
         "model": {k: graph.meta.get(k) for k in ("model_type", "architectures", "vocab_size", "max_position_embeddings")},
-        "source": {"path": str(Path(model_dir).resolve()), "sha256": ckpt.source_hashes()},
+        "source": {"path": str(Path(model_dir).resolve()), "sha256": {f.name: sha256_file(f) for f in ckpt.source_files}},
         "pipeline": names,
         "passes": pm.report,
-        "fallbacks": [],
         "compile_seconds": None,
     }
     staging = Path(tempfile.mkdtemp(prefix=".kiln-", dir=out.parent if out.parent.exists() else None))
     try:
         manifest["compile_seconds"] = round(time.time() - started, 2)
-        write_artifact(staging / "a", graph, plan, sources, copies, manifest)
+        write_artifact(staging / "a", graph, lowered, sources, copies, manifest)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)

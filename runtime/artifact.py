@@ -3,7 +3,9 @@
     OUT/
       manifest.json      format and kiln versions, target, dtype, source hashes, pipeline, files
       graph.json         the lowered IR
-      plan.json          the execution plan
+      plan.json          the execution plan (runtime/plan.py)
+      kernels/           compiled kernels of the target (none on reference)
+      tuning.json        kernel configs chosen for the target (optional)
       weights/*.safetensors
       tokenizer/         the checkpoint's tokenizer files
       config.json, generation_config.json   copied from the checkpoint
@@ -18,18 +20,25 @@ from typing import Any
 
 from kiln.errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 PLAN = "plan.json"
+TUNING = "tuning.json"
+KERNELS_DIR = "kernels"
 WEIGHTS_DIR = "weights"
 TOKENIZER_DIR = "tokenizer"
 # Small files whose full hash is checked at every load; weights are checked by size and header.
-_HASHED_ON_LOAD = (GRAPH, PLAN)
+_HASHED_ON_LOAD = (GRAPH, PLAN, TUNING)
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks (the hash the manifest records)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_manifest(path: str | Path, target: str | None = None) -> dict[str, Any]:
@@ -65,7 +74,7 @@ def read_manifest(path: str | Path, target: str | None = None) -> dict[str, Any]
                 f"artifact file '{f}' has {size} bytes, the manifest says {info['size']}: it is "
                 "truncated or was modified; recompile the artifact"
             )
-        if rel in _HASHED_ON_LOAD and sha256_bytes(f.read_bytes()) != info["sha256"]:
+        if rel in _HASHED_ON_LOAD and sha256_file(f) != info["sha256"]:
             raise ArtifactError(f"artifact file '{f}' does not match its sha256 in the manifest")
     return manifest
 
@@ -74,15 +83,7 @@ def verify_hashes(path: str | Path) -> list[str]:
     """Every file whose sha256 differs from the manifest (slow on big weights)."""
     root = Path(path)
     manifest = read_manifest(root)
-    bad = []
-    for rel, info in manifest["files"].items():
-        h = hashlib.sha256()
-        with open(root / rel, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-        if h.hexdigest() != info["sha256"]:
-            bad.append(rel)
-    return bad
+    return [rel for rel, info in manifest["files"].items() if sha256_file(root / rel) != info["sha256"]]
 
 
 def read_json(root: Path, rel: str) -> Any:

@@ -1,53 +1,261 @@
-"""Runs an execution plan: kernel calls over a flat list of buffer slots."""
+"""Runs an execution plan (runtime/plan.py): destination-passing kernel calls over an arena
+allocated once.
+
+At load: kernels resolve through the provider registry, weights and constants go to the
+device (rank-0 constants as device tensors, plus a host number for kernels that take one), and
+the arena is laid out for the limits given (the largest bindings of T, S, R, ... a call may
+have). Per call: symbols are read off the input shapes by the plan's rules (no sympy); the
+buffer views and resolved attributes of that binding tuple are built once and cached, so a
+repeated shape (a decode bucket) costs no re-slicing; a call larger than the limits grows the
+arena (one new allocation) and is the new limit.
+
+Outputs are views of arena memory: the next `run` overwrites them. Consume (or clone) them
+before calling again; the engine samples from the logits right away, `CompiledModel.forward`
+returns a copy.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from kiln.errors import ArtifactError
-from kiln.ir.interpreter import bind_symbols
-from kiln.ir.ops import OPS, OpDef, resolve_attrs
-from kiln.ir.types import TensorType, torch_dtype
-from kiln.runtime.plan import ExecutionPlan
+from kiln.errors import ArtifactError, KilnError
+from kiln.ir.ops import OPS
+from kiln.ir.types import PACKED, TensorType, torch_dtype
+from kiln.kernels import Launcher
+from kiln.runtime.plan import Buffer, ExecutionPlan, evaluate
+from kiln.runtime.providers import resolve
+
+ALIGN = 256
+"""Byte alignment of each slot in the arena."""
+CACHED_BINDINGS = 256
+"""Binding tuples whose views are kept (least recently used dropped first)."""
 
 
-def _kernel(kernel: str) -> OpDef:
-    kind, _, name = kernel.partition(":")
-    if kind != "torch" or name not in OPS:
-        raise ArtifactError(f"plan calls kernel '{kernel}', which this runtime does not provide")
-    return OPS[name]
+def _view_fn(op: str):
+    # A reshape must stay a view of the arena: torch's reshape may silently copy.
+    if op == "reshape":
+        return lambda x, shape: x.view(shape)
+    return OPS[op].impl
+
+
+@dataclass
+class _Binding:
+    """Everything that depends only on the symbol values of a call."""
+
+    values: list[Any]
+    """Per buffer: its tensor (params, consts, arena views, their views); inputs filled per call."""
+    attrs: list[dict[str, Any]]
+    """Per step, its attributes with forms evaluated."""
+    view_attrs: dict[int, dict[str, Any]]
+    """Per view of an input, its attributes with forms evaluated."""
+    input_shapes: list[tuple[int, ...]]
+    """Expected shape of each input, in `PlanExecutor.input_order`."""
 
 
 class PlanExecutor:
-    """Holds a plan, its weights and constants on one device, and runs it on inputs."""
+    """Holds a plan, its weights, constants and arena on one device, and runs it on inputs."""
 
-    def __init__(self, plan: ExecutionPlan, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu"):
+    def __init__(self, plan: ExecutionPlan, weights: Mapping[str, torch.Tensor],
+                 device: str | torch.device = "cpu", limits: Mapping[str, int] | None = None):
+        """`limits`: the largest value of each symbol a call will have (T = max tokens per step,
+        S and R = max sequences, NB, BS, MB); symbols left out are sized by the first call."""
         self.plan = plan
         self.device = torch.device(device)
-        self.ops = [_kernel(s.kernel) for s in plan.steps]
-        self.input_types = {k: TensorType(d, tuple(s)) for k, (d, s) in plan.input_types.items()}
-        self.resident: list[object] = [None] * plan.num_slots
-        for name, slot in plan.params.items():
-            self.resident[slot] = weights[name].to(self.device)
-        for slot, value, dtype, shape in plan.consts:
-            self.resident[slot] = value if not shape else torch.tensor(value, dtype=torch_dtype(dtype), device=self.device)
-        # Steps whose attributes hold symbolic dims are resolved per call; the rest once.
-        self._static = [not op.dim_attrs for op in self.ops]
+        if self.device.type == "cuda" and self.device.index is None:  # compare equal to tensors' devices
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        _check(plan)
+        self.launchers: list[Launcher] = [resolve(s.kernel) for s in plan.steps]
+        self.input_types: dict[str, TensorType] = plan.input_types
+        self.input_order = [(b.name, i, torch_dtype(b.dtype)) for i, b in enumerate(plan.buffers) if b.kind == "input"]
+        written = {o for s in plan.steps for o in s.outputs}
+        self._written_inputs = {i for _, i, _ in self.input_order if i in written}
+        self._rules = [(r.symbol, r.input, r.axis, r.coeff, r.offset) for r in plan.bindings]
+        self._arena_ids = [i for i, b in enumerate(plan.buffers) if b.kind == "arena"]
+        self._input_views = [i for i, b in enumerate(plan.buffers) if b.kind == "view" and self._root(i).kind == "input"]
+        self._view_fns = {i: _view_fn(b.op) for i, b in enumerate(plan.buffers) if b.kind == "view"}
+        n = len(plan.buffers)
+        self._resident: list[Any] = [None] * n
+        host: list[Any] = []
+        for i, b in enumerate(plan.buffers):
+            if b.kind == "param":
+                if b.name not in weights:
+                    raise ArtifactError(f"the plan needs weight '{b.name}', which the artifact's weights lack")
+                w = weights[b.name]
+                self._resident[i] = w if w.device == self.device else w.to(self.device)
+            elif b.kind == "const":
+                self._resident[i] = torch.tensor(b.value, dtype=torch_dtype(b.dtype), device=self.device)
+        # Scalars a kernel takes by value live after the buffers, as host numbers.
+        self._steps: list[tuple[Launcher, list[int], list[int]]] = []
+        for step, fn in zip(plan.steps, self.launchers, strict=True):
+            ins = list(step.inputs)
+            for pos in step.scalars:
+                ins[pos] = n + len(host)
+                host.append(plan.buffers[step.inputs[pos]].value)
+            self._steps.append((fn, ins, list(step.outputs)))
+        self._resident.extend(host)
+        self.limits: dict[str, int] = dict(limits or {})
+        self._slot_bytes: list[int] = []
+        self._offsets: list[int] = []
+        self.arena: torch.Tensor | None = None
+        self._cache: OrderedDict[tuple[int, ...], _Binding] = OrderedDict()
+        if all(s in self.limits for s in plan.symbols):
+            self._layout(self.limits)
+
+    def _root(self, i: int) -> Buffer:
+        b = self.plan.buffers[i]
+        while b.kind == "view":
+            b = self.plan.buffers[b.base]
+        return b
+
+    # -- the arena ------------------------------------------------------------------------------
+
+    def _layout(self, bindings: Mapping[str, int]) -> None:
+        """Lay the slots out for `bindings` (the new limits) and allocate the arena once."""
+        self._slot_bytes = [max((evaluate(f, bindings) for f in forms), default=0) for forms in self.plan.slots]
+        self._offsets, total = [], 0
+        for size in self._slot_bytes:
+            self._offsets.append(total)
+            total += -(-size // ALIGN) * ALIGN
+        self.arena = torch.empty(total, dtype=torch.uint8, device=self.device)
+        self.limits = dict(bindings)
+        self._cache.clear()
+
+    def _arena_view(self, b: Buffer, bindings: Mapping[str, int]) -> torch.Tensor:
+        shape = [evaluate(d, bindings) for d in b.shape]
+        dtype = torch_dtype(b.dtype)
+        if b.dtype in PACKED and shape:
+            shape[-1] //= PACKED[b.dtype]
+        numel = 1
+        for d in shape:
+            numel *= d
+        start = self._offsets[b.slot]
+        raw = self.arena[start : start + numel * dtype.itemsize]
+        return raw.view(dtype).view(shape)
+
+    def reserve(self, limits: Mapping[str, int]) -> None:
+        """Make the arena hold calls up to `limits` (no allocation when it already does)."""
+        merged = {s: max(self.limits.get(s, 0), limits.get(s, 0)) for s in {*self.limits, *limits}}
+        if self.arena is None or any(
+            evaluate(f, merged) > size for forms, size in zip(self.plan.slots, self._slot_bytes, strict=True) for f in forms
+        ):
+            self._layout(merged)
+
+    def _binding(self, key: tuple[int, ...], bindings: dict[str, int]) -> _Binding:
+        self.reserve(bindings)
+        plan = self.plan
+        values = list(self._resident)
+        for i in self._arena_ids:
+            values[i] = self._arena_view(plan.buffers[i], bindings)
+        view_attrs: dict[int, dict[str, Any]] = {}
+        for i, b in enumerate(plan.buffers):
+            if b.kind != "view":
+                continue
+            attrs = {**b.attrs, **_resolve(b.dim_attrs, bindings)}
+            if i in self._input_views:
+                view_attrs[i] = attrs
+            else:
+                values[i] = self._apply_view(i, values[b.base], attrs)
+        entry = _Binding(
+            values=values,
+            attrs=[{**s.attrs, **_resolve(s.dim_attrs, bindings)} if s.dim_attrs else s.attrs for s in plan.steps],
+            view_attrs=view_attrs,
+            input_shapes=[tuple(evaluate(d, bindings) for d in plan.buffers[i].shape) for _, i, _ in self.input_order],
+        )
+        self._cache[key] = entry
+        if len(self._cache) > CACHED_BINDINGS:
+            self._cache.popitem(last=False)
+        return entry
+
+    def _apply_view(self, i: int, base: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+        try:
+            return self._view_fns[i](base, **attrs)
+        except RuntimeError as e:
+            b = self.plan.buffers[i]
+            raise ArtifactError(f"plan buffer {i} ({b.op} view of buffer {b.base}) is not a view: {e}") from None
+
+    # -- running --------------------------------------------------------------------------------
+
+    def bind(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Symbol values read off the input shapes by the plan's binding rules."""
+        bindings: dict[str, int] = {}
+        for sym, name, axis, coeff, offset in self._rules:
+            t = inputs.get(name)
+            if t is None:
+                raise KilnError(f"missing graph input '{name}' (expects {self.input_types[name]})")
+            if t.dim() <= axis:
+                raise KilnError(f"input '{name}' has shape {tuple(t.shape)}, expected {self.input_types[name]}")
+            value, rem = divmod(t.shape[axis] - evaluate(offset, bindings), coeff)
+            if rem or value < 0:
+                raise KilnError(f"input '{name}' has size {t.shape[axis]} where {self.input_types[name]} is expected")
+            bindings[sym] = value
+        return bindings
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Execute every step; returns the plan's outputs."""
-        bindings = bind_symbols(self.input_types, inputs)
-        slots = list(self.resident)
-        for name, slot in self.plan.inputs.items():
-            slots[slot] = inputs[name].to(self.device)
-        for step, op, static in zip(self.plan.steps, self.ops, self._static, strict=True):
-            args = [slots[i] for i in step.args]
-            if not op.scalar_inputs:
-                args = [a if isinstance(a, torch.Tensor) else torch.tensor(a, device=self.device) for a in args]
-            attrs = step.attrs if static else resolve_attrs(op, step.attrs, bindings)
-            slots[step.out] = op.impl(*args, **attrs)
-            for f in step.free:
-                slots[f] = None
-        return [slots[o] for o in self.plan.outputs]
+        """Execute every step; returns the plan's outputs (views of the arena, valid until the
+        next call). Inputs already on the device are used as they are (the KV caches are
+        written in place); others are copied to it."""
+        bindings = self.bind(inputs)
+        key = tuple(bindings[s] for s in self.plan.symbols)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._binding(key, bindings)
+        values = entry.values.copy()
+        device = self.device
+        for (name, i, dtype), shape in zip(self.input_order, entry.input_shapes, strict=True):
+            t = inputs.get(name)
+            if t is None:
+                raise KilnError(f"missing graph input '{name}' (expects {self.input_types[name]})")
+            if t.dtype != dtype or t.shape != shape:
+                raise KilnError(
+                    f"input '{name}' is {t.dtype} {tuple(t.shape)}, expected {self.input_types[name]} = {shape}"
+                )
+            if t.device != device:
+                if i in self._written_inputs:
+                    raise ValueError(f"input '{name}' is written in place and must be on {device}, not {t.device}")
+                t = t.to(device)
+            values[i] = t
+        for i in self._input_views:
+            values[i] = self._apply_view(i, values[self.plan.buffers[i].base], entry.view_attrs[i])
+        for (fn, ins, outs), attrs in zip(self._steps, entry.attrs, strict=True):
+            fn([values[o] for o in outs], [values[a] for a in ins], attrs)
+        return [values[o] for o in self.plan.outputs]
+
+
+def _resolve(dim_attrs: Mapping[str, Any], bindings: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        k: [evaluate(d, bindings) for d in v] if isinstance(v, list) else evaluate(v, bindings)
+        for k, v in dim_attrs.items()
+    }
+
+
+def _check(plan: ExecutionPlan) -> None:
+    """ArtifactError for a plan whose references do not hold together."""
+    n = len(plan.buffers)
+    for i, b in enumerate(plan.buffers):
+        if b.kind == "arena" and not (isinstance(b.slot, int) and 0 <= b.slot < len(plan.slots)):
+            raise ArtifactError(f"plan buffer {i} is in slot {b.slot!r}, but the plan has {len(plan.slots)} slots")
+        if b.kind == "view" and not (isinstance(b.base, int) and 0 <= b.base < i and b.op in OPS):
+            raise ArtifactError(f"plan buffer {i} is a view of buffer {b.base!r} by op {b.op!r}: not an earlier buffer")
+        if b.kind in ("input", "param") and not b.name:
+            raise ArtifactError(f"plan buffer {i} ({b.kind}) has no name")
+    for j, s in enumerate(plan.steps):
+        for i in [*s.inputs, *s.outputs]:
+            if not (isinstance(i, int) and 0 <= i < n):
+                raise ArtifactError(f"plan step {j} ({s.kernel}) names buffer {i!r}; the plan has {n}")
+        for i in s.outputs:
+            if plan.buffers[i].kind in ("param", "const"):
+                raise ArtifactError(f"plan step {j} ({s.kernel}) writes {plan.buffers[i].kind} buffer {i}")
+        if any(not 0 <= p < len(s.inputs) or plan.buffers[s.inputs[p]].kind != "const" for p in s.scalars):
+            raise ArtifactError(f"plan step {j} ({s.kernel}) passes a non-constant operand as a host number")
+    for i in plan.outputs:
+        if not (isinstance(i, int) and 0 <= i < n):
+            raise ArtifactError(f"plan output names buffer {i!r}; the plan has {n}")
+    inputs = set(plan.inputs)
+    for r in plan.bindings:
+        if r.input not in inputs or r.coeff == 0:
+            raise ArtifactError(f"plan binds symbol {r.symbol} from '{r.input}', which is not a graph input")

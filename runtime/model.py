@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kiln.errors import ArtifactError
-from kiln.ir.step_inputs import contiguous_paged_inputs
+from kiln.ir.step_inputs import contiguous_paged_inputs, is_cache_input
 from kiln.ir.types import TensorType
 from kiln.runtime.artifact import GRAPH, PLAN, TOKENIZER_DIR, WEIGHTS_DIR, read_json, read_manifest
 from kiln.runtime.executor import PlanExecutor
@@ -22,7 +22,11 @@ DEBUG_BLOCK_SIZE = 16
 class CompiledModel:
     """An artifact loaded for execution (the runtime's view: no compiler code involved)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", target: str | None = None):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", target: str | None = None,
+                 limits: Mapping[str, int] | None = None):
+        """Load and validate the artifact at `path` onto `device`; `target` (when given) must be
+        the one it was compiled for; `limits` are the largest symbol values a call will have
+        (T tokens, S sequences, ...: see PlanExecutor), sizing the arena at load."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path, target)
         try:
@@ -31,14 +35,14 @@ class CompiledModel:
             raise ArtifactError(f"'{self.path / PLAN}' is malformed ({e}); recompile the artifact") from None
         files = sorted((self.path / WEIGHTS_DIR).glob("*.safetensors"))
         weights = load_weights(files, set(self.plan.params), device)
-        self.executor = PlanExecutor(self.plan, weights, device)
+        self.executor = PlanExecutor(self.plan, weights, device, limits)
         self.config: dict[str, Any] = read_json(self.path, "config.json")
         self.vocab_size: int = self.manifest["model"]["vocab_size"]
 
     @property
     def cache_types(self) -> dict[str, TensorType]:
         """The per-layer KV-cache inputs of the plan ([NB, BS, Hkv, D] each)."""
-        return {k: t for k, t in self.executor.input_types.items() if k.startswith(("k_cache.", "v_cache."))}
+        return {k: t for k, t in self.executor.input_types.items() if is_cache_input(k)}
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -58,7 +62,8 @@ class CompiledModel:
     ) -> torch.Tensor:
         """Logits [T, V] (or [len(logits_indices), V]) for one flattened batch: input_ids and
         position_ids are 1-D LongTensors of T tokens, the sequences concatenated; seq_lens their
-        lengths. Each sequence attends only to itself, causally."""
+        lengths. Each sequence attends only to itself, causally. The logits are a copy (the
+        executor's outputs live in its arena)."""
         input_ids, position_ids = _tokens("input_ids", input_ids), _tokens("position_ids", position_ids)
         lens = torch.as_tensor(seq_lens, dtype=torch.int64).reshape(-1)
         total = input_ids.shape[0]
@@ -77,7 +82,7 @@ class CompiledModel:
             inputs["logits_indices"] = (
                 torch.arange(total) if logits_indices is None else logits_indices.to(torch.int64)
             )
-        return self.executor.run(inputs)[0]
+        return self.executor.run(inputs)[0].clone()
 
     __call__ = forward
 

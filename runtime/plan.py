@@ -1,33 +1,146 @@
-"""The execution plan: ordered kernel calls over numbered buffers (the artifact's plan.json).
+"""The execution plan (the artifact's plan.json, format 2): codegen writes it, the runtime runs it.
 
-Codegen writes it, the runtime executes it. Each step reads buffers, writes one, and lists the
-buffers whose last reader it is, so the executor drops them right after (slot reuse keeps the
-number of live buffers at what the memory plan computed).
+Buffers. Every value the plan touches is a numbered buffer with a dtype and a symbolic shape:
+
+    input   a graph input, bound by name at each call (the engine's step inputs and KV caches)
+    param   a weight, read by name from the artifact's safetensors at load
+    const   a literal (rank 0: a host number for kernels that take one, else a device tensor)
+    arena   an op result, placed in a slot of the arena
+    view    a view (reshape/permute/expand/slice) of another buffer: no storage of its own
+
+A multi-result op writes several arena buffers; a projection of one result, and the result of
+an in-place write, are the same buffer as what they name (the written operand), so neither
+appears as a buffer of its own.
+
+Arena. Slots are reused across non-overlapping lifetimes (codegen/memory_plan.py). A slot's
+size is the largest byte count of the buffers it holds; the runtime evaluates them at the
+largest bindings it will see and lays the slots out once, at aligned offsets:
+
+    arena: | slot 0 | pad | slot 1 | pad | slot 2 | ...     one allocation per device
+    buffer b in slot s, at bindings B: arena[off(s) : off(s) + nbytes(b, B)] viewed as b
+
+Forms. A dim is an int or an affine form {"const": c, SYMBOL: coeff, ...} ({"const": 1, "T":
+2} is 2*T+1); a byte count may also hold products of symbols ({"S*MB": 4} is 4*S*MB). Symbols
+(T, S, R, NB, BS, MB) are bound from input shapes by the plan's rules:
+symbol = (input.shape[axis] - offset) / coeff. Evaluating a form needs no sympy.
+
+Steps are destination-passing: kernel(outputs, inputs, attrs) writes its output buffers. The
+kernel id carries its provider (`torch:rms_norm`; `triton:`, `tvm:`, `aoti:` for compiled
+targets; see runtime/providers.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-PLAN_FORMAT = 1
+from kiln.ir.types import TensorType
+
+PLAN_FORMAT = 2
+BUFFER_KINDS = ("input", "param", "const", "arena", "view")
+_REQUIRED = frozenset({"kind", "dtype", "shape", "kernel", "inputs", "outputs"})
+
+Form = int | dict[str, int]
+"""An int, or {"const": c, "T": a, "S*MB": b, ...}: c + a*T + b*S*MB."""
+
+
+def evaluate(form: Form, bindings: Mapping[str, int]) -> int:
+    """The value of a form once its symbols are bound (KeyError names an unbound symbol)."""
+    if isinstance(form, int):
+        return form
+    total = 0
+    for key, coeff in form.items():
+        if key == "const":
+            total += coeff
+            continue
+        for sym in key.split("*"):
+            coeff *= bindings[sym]
+        total += coeff
+    return total
+
+
+def form_str(form: Form) -> int | str:
+    """An int, or the form as an IR dim string ("S+1", "2*T")."""
+    if isinstance(form, int):
+        return form
+    terms = [
+        (k if c == 1 else f"{c}*{k}")
+        for k, c in form.items()
+        if k != "const" and c
+    ]
+    if form.get("const"):
+        terms.append(str(form["const"]))
+    return "+".join(terms).replace("+-", "-") or 0
+
+
+def form_symbols(form: Form) -> set[str]:
+    """The symbols a form mentions."""
+    if isinstance(form, int):
+        return set()
+    return {s for k in form if k != "const" for s in k.split("*")}
+
+
+@dataclass
+class Buffer:
+    """One value of the plan (see the module docstring for the kinds)."""
+
+    kind: str
+    """input | param | const | arena | view."""
+    dtype: str
+    """IR dtype name."""
+    shape: list[Form]
+    """Logical shape, each dim an int or an affine form."""
+    name: str | None = None
+    """Graph input or weight name (input, param)."""
+    value: Any = None
+    """The literal (const): a number or a nested list."""
+    slot: int | None = None
+    """Arena slot (arena)."""
+    base: int | None = None
+    """The viewed buffer (view)."""
+    op: str | None = None
+    """The view op: reshape | permute | expand | slice (view)."""
+    attrs: dict[str, Any] = field(default_factory=dict)
+    """The view op's attributes with constant values (view)."""
+    dim_attrs: dict[str, Any] = field(default_factory=dict)
+    """The view op's attributes holding forms, evaluated per binding (view)."""
+
+    @property
+    def type(self) -> TensorType:
+        """The buffer's type with symbolic dims as IR dim strings."""
+        return TensorType(self.dtype, tuple(form_str(d) for d in self.shape))
 
 
 @dataclass
 class Step:
-    """One kernel call."""
+    """One kernel call, destination-passing."""
 
     kernel: str
-    """Kernel id: "torch:<op>" runs the IR op's torch reference; targets add their own."""
-    args: list[int]
-    """Buffer slots read, in the op's operand order."""
-    out: int
-    """Buffer slot written."""
+    """Kernel id "provider:name" ("torch:linear" runs the IR op's torch reference)."""
+    inputs: list[int]
+    """Buffers read, in the op's operand order."""
+    outputs: list[int]
+    """Buffers written: fresh arena buffers, or the written operands of an in-place op."""
     attrs: dict[str, Any] = field(default_factory=dict)
-    """The op's attributes (symbolic dims resolved at run time)."""
-    free: list[int] = field(default_factory=list)
-    """Slots whose value is dead after this step."""
+    """Attributes with constant values."""
+    dim_attrs: dict[str, Any] = field(default_factory=dict)
+    """Attributes holding forms (or lists of forms), evaluated per binding."""
+    scalars: list[int] = field(default_factory=list)
+    """Operand positions passed as host numbers (rank-0 consts of kernels that take them)."""
+
+
+@dataclass
+class BindingRule:
+    """symbol = (inputs[input].shape[axis] - offset) / coeff."""
+
+    symbol: str
+    input: str
+    axis: int
+    coeff: int = 1
+    offset: Form = 0
+    """A form in symbols bound by earlier rules."""
 
 
 @dataclass
@@ -35,29 +148,57 @@ class ExecutionPlan:
     """A whole forward pass."""
 
     target: str
-    num_slots: int
-    inputs: dict[str, int]
-    """Graph input name -> slot."""
-    params: dict[str, int]
-    """Weight name (in the artifact's safetensors) -> slot."""
-    consts: list[tuple[int, Any, str, list]]
-    """(slot, value, dtype, shape) of literal constants."""
+    """The target that lowered it."""
+    symbols: list[str]
+    """Every symbol, in the order of the runtime's binding tuples."""
+    bindings: list[BindingRule]
+    """How each symbol is read off the inputs, in order."""
+    buffers: list[Buffer]
+    """Every value; a view comes after its base."""
+    slots: list[list[Form]]
+    """Per arena slot, the byte counts of the buffers it holds (its size is their max)."""
     steps: list[Step]
     outputs: list[int]
-    input_types: dict[str, tuple[str, list]] = field(default_factory=dict)
-    """Graph input name -> (dtype, symbolic shape)."""
-    slot_bytes: list[str] = field(default_factory=list)
-    """Per slot, the largest value it holds in bytes (an expression in the symbols)."""
+    """Buffers returned, in order."""
+
+    @property
+    def inputs(self) -> dict[str, int]:
+        """Graph input name -> buffer."""
+        return {b.name: i for i, b in enumerate(self.buffers) if b.kind == "input"}
+
+    @property
+    def params(self) -> dict[str, int]:
+        """Weight name -> buffer."""
+        return {b.name: i for i, b in enumerate(self.buffers) if b.kind == "param"}
+
+    @property
+    def input_types(self) -> dict[str, TensorType]:
+        """Graph input name -> type (symbolic dims as IR dim strings)."""
+        return {b.name: b.type for b in self.buffers if b.kind == "input"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}
+        """The JSON form (plan.json); fields of buffers and steps at their defaults are left out."""
+        data = dataclasses.asdict(self)
+        for key in ("buffers", "steps"):
+            data[key] = [{k: v for k, v in d.items() if k in _REQUIRED or v not in (None, {}, [])} for d in data[key]]
+        return {"format": PLAN_FORMAT, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExecutionPlan:
+        """Read the JSON form; ValueError for another format, KeyError/TypeError for a
+        malformed plan."""
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"plan format {data.get('format')!r} is not {PLAN_FORMAT}")
-        fields = {k: v for k, v in data.items() if k != "format"}
-        fields["steps"] = [Step(**s) for s in fields["steps"]]
-        fields["consts"] = [tuple(c) for c in fields["consts"]]
-        fields["input_types"] = {k: tuple(v) for k, v in fields.get("input_types", {}).items()}
-        return cls(**fields)
+        buffers = [Buffer(**b) for b in data["buffers"]]
+        for i, b in enumerate(buffers):
+            if b.kind not in BUFFER_KINDS:
+                raise ValueError(f"buffer {i} has kind {b.kind!r}; expected one of {', '.join(BUFFER_KINDS)}")
+        return cls(
+            target=data["target"],
+            symbols=list(data["symbols"]),
+            bindings=[BindingRule(**r) for r in data["bindings"]],
+            buffers=buffers,
+            slots=[list(s) for s in data["slots"]],
+            steps=[Step(**s) for s in data["steps"]],
+            outputs=list(data["outputs"]),
+        )

@@ -10,7 +10,7 @@ import torch
 
 import kiln
 from kiln.errors import ArtifactError
-from kiln.runtime.artifact import read_manifest, verify_hashes
+from kiln.runtime.artifact import FORMAT_VERSION, read_manifest, verify_hashes
 from kiln.runtime.model import CompiledModel
 
 
@@ -28,7 +28,8 @@ def _weights(art):
 
 def test_layout_and_manifest(art):
     m = read_manifest(art)
-    assert m["target"] == "reference" and m["dtype"] == "float32" and m["format_version"] == 1
+    assert m["target"] == "reference" and m["dtype"] == "float32" and m["format_version"] == FORMAT_VERSION == 2
+    assert m["fallbacks"] == []
     assert m["kiln_version"] == kiln.__version__
     assert set(m["source"]["sha256"]) >= {"config.json", "model.safetensors"}
     assert m["pipeline"][0] == "canonicalize"

@@ -1,0 +1,67 @@
+"""Kernel providers: a plan's kernel id "provider:name" resolves, once at load, to a launcher
+from the provider's module in `kiln.kernels`.
+
+    torch:<op>    kiln.kernels.torch_provider: the IR op's torch reference (every target)
+    triton:<k>    Triton kernels of the cuda target (not in this runtime yet)
+    tvm:<k>       TVM/LLVM kernels of the cpu target (not in this runtime yet)
+    aoti:<k>      Inductor AOT packages of the cuda target (not in this runtime yet)
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from kiln.errors import ArtifactError
+from kiln.kernels import Launcher
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One kernel-id prefix."""
+
+    prefix: str
+    module: str | None
+    """The `kiln.kernels` module serving it; None while this runtime lacks it."""
+    target: str
+    """The compile target whose artifacts use it."""
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.prefix: p
+    for p in (
+        Provider("torch", "kiln.kernels.torch_provider", "reference"),
+        Provider("triton", None, "cuda"),
+        Provider("tvm", None, "cpu"),
+        Provider("aoti", None, "cuda"),
+    )
+}
+
+
+def _module(p: Provider, kernel: str) -> ModuleType:
+    if p.module is None:
+        raise ArtifactError(
+            f"the plan calls kernel '{kernel}' of provider '{p.prefix}' (target '{p.target}'), which this "
+            "runtime does not provide yet; recompile the artifact with --target reference"
+        )
+    return importlib.import_module(p.module)
+
+
+def resolve(kernel: str) -> Launcher:
+    """The launcher of kernel id "provider:name"; ArtifactError naming the kernel when the
+    provider is unknown or unavailable, or has no such kernel."""
+    prefix, sep, name = kernel.partition(":")
+    p = PROVIDERS.get(prefix)
+    if not sep or p is None:
+        raise ArtifactError(
+            f"the plan calls kernel '{kernel}' of unknown provider '{prefix}'; known: {', '.join(PROVIDERS)}"
+            "; recompile the artifact with this kiln"
+        )
+    fn = _module(p, kernel).launcher(name)
+    if fn is None:
+        raise ArtifactError(
+            f"the plan calls kernel '{kernel}', which provider '{prefix}' does not have; recompile the "
+            "artifact with this kiln"
+        )
+    return fn
