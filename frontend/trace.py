@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -111,7 +110,7 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype) -> Traced:
     pos = torch.zeros(1, _TRACE_TOKENS, dtype=torch.long, device="meta")
     tokens = torch.export.Dim("T", min=1, max=1 << 20)
     try:
-        with contextlib.redirect_stdout(None), torch.no_grad():
+        with torch.no_grad():
             program = torch.export.export(
                 _LogitsOnly(model),
                 (ids, pos),

@@ -252,3 +252,21 @@ def test_a_view_of_a_later_buffer_is_rejected():
     i = next(i for i, b in enumerate(plan.buffers) if b.kind == "view")
     with pytest.raises(ArtifactError, match=f"buffer {i} is a view of buffer {i + 1}"):
         PlanExecutor(_broken(plan, **{f"buffers.{i}.base": i + 1}), w)
+
+
+def test_running_needs_no_sympy(monkeypatch):
+    """Symbols bind and dim attributes resolve through the plan's forms, not kiln.ir.dims."""
+    import kiln.ir.dims as dims
+
+    g, w = _mlp()
+    ex = PlanExecutor(lower(g).plan, w)
+
+    def no_sympy(*a, **k):
+        raise AssertionError("sympy used while running")
+
+    monkeypatch.setattr(dims, "_parse", no_sympy)
+    monkeypatch.setattr(dims, "_compiled", no_sympy)
+    x = torch.randn(5, 8)
+    got = ex.run({"x": x})
+    monkeypatch.undo()
+    torch.testing.assert_close(got[0], _interp(g, {"x": x}, w)[0], rtol=0, atol=0)
