@@ -51,10 +51,15 @@ def _reference(op: OpDef) -> Launcher:
 
 
 def _linear(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
-    # F.linear on a 2-D input is addmm(bias, x, w.T) or mm(x, w.T): the same kernels.
+    # On a 2-D input the reference is addmm(bias, x, w.T) or mm(x, w.T) (F.linear), or
+    # mm(x, w) (+ bias) for an [in, out] weight: the same kernels, into the destination.
     x, w, *bias = args
     if x.dim() != 2:
-        outs[0].copy_(OPS["linear"].impl(*args))
+        outs[0].copy_(OPS["linear"].impl(*args, **attrs))
+    elif attrs.get("weight_layout", "out_in") == "in_out":
+        torch.mm(x, w, out=outs[0])
+        if bias:
+            outs[0].add_(bias[0])
     elif bias:
         torch.addmm(bias[0], x, w.t(), out=outs[0])
     else:

@@ -270,3 +270,23 @@ def test_running_needs_no_sympy(monkeypatch):
     got = ex.run({"x": x})
     monkeypatch.undo()
     torch.testing.assert_close(got[0], _interp(g, {"x": x}, w)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", ["T", "2,T"])
+def test_linear_into_its_destination_matches_the_reference(layout, bias, rows):
+    w_shape = "16,8" if layout == "out_in" else "8,16"
+    operands = "%x, @w, @b" if bias else "%x, @w"
+    g = parse_graph(f"""
+graph {{
+  %x = input : f32[{rows},8]
+  @w = param : f32[{w_shape}]
+  @b = param : f32[16]
+  %0 = linear({operands}) {{"weight_layout": "{layout}"}} : f32[{rows},16]
+  return %0
+}}""")
+    w = {"w": torch.randn(*map(int, w_shape.split(","))), "b": torch.randn(16)}
+    x = torch.randn(*(3 if d == "T" else int(d) for d in rows.split(",")), 8)
+    got = PlanExecutor(lower(g).plan, w).run({"x": x})[0]
+    torch.testing.assert_close(got, _interp(g, {"x": x}, w)[0], rtol=0, atol=0)
