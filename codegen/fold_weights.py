@@ -30,22 +30,30 @@ def _derived_name(n: Node, sources: list[str]) -> str:
 def fold_weights(graph: Graph, weights: WeightFn) -> tuple[Graph, dict[str, Callable[[], torch.Tensor]]]:
     """The graph with every foldable weight-only value replaced by a param, and for each new
     param a function computing its tensor. A value folds when it depends on no graph input and
-    is not larger than the params it reads (an expand or a broadcast stays in the graph)."""
+    is not larger than the params it reads (an expand or a broadcast stays in the graph), or
+    when it is built on a static `arange`: a table over positions (rope's cos/sin, [P, R]
+    from an inv_freq of R/2), stored once instead of recomputing transcendentals every step."""
     weight_only: dict[Node, list[Node]] = {}
+    ranged: set[Node] = set()  # weight-only values computed from a static arange
     for n in graph.nodes:
         if n.op == "param":
             weight_only[n] = [n]
         elif n.op == "const":
             weight_only[n] = []
+        elif n.op == "arange" and all(isinstance(d, int) for d in n.type.shape):
+            weight_only[n] = []
+            ranged.add(n)
         elif n.op != "input" and n.inputs and all(i in weight_only for i in n.inputs):
             weight_only[n] = list(dict.fromkeys(p for i in n.inputs for p in weight_only[i]))
+            if any(i in ranged for i in n.inputs):
+                ranged.add(n)
     users = graph.users()
     roots = [
         n for n in weight_only
         if n.op not in ("param", "const") and weight_only[n]
         and (any(u not in weight_only for u in users[n]) or n in graph.outputs)
         and n.type.shape and all(isinstance(d, int) for d in n.type.shape)
-        and n.type.numel() <= sum(p.type.numel() for p in weight_only[n])
+        and (n in ranged or n.type.numel() <= sum(p.type.numel() for p in weight_only[n]))
     ]
     taken = {p.name for p in graph.params}
     replace: dict[Node, Node] = {}

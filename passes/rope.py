@@ -1,0 +1,339 @@
+"""rope: the traced rotary embedding of q and k becomes one `rope` op over cos/sin tables.
+
+The cos/sin operands are not recognised by their formula. Whatever the graph computes from
+`position_ids` alone (inv_freq of any scaling scheme, attention scaling, casts) is cloned with
+the positions replaced by `arange(0, P)`: a weight-only table whose row p holds exactly the
+values the traced graph computes at position p, which codegen folds into a stored weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sympy
+
+from kiln.ir.dims import Dim, dims_equal, from_expr, to_expr
+from kiln.ir.graph import Graph, Node
+from kiln.ir.ops import get_op
+from kiln.ir.step_inputs import POSITION_IDS
+from kiln.ir.types import TupleType
+from kiln.passes.base import Pass, make
+
+TOKENS = POSITION_IDS.shape[0]
+DEFAULT_MAX_POSITIONS = 4096
+"""Table length when neither the pass option nor graph.meta["max_position_embeddings"] gives one."""
+
+# Position-only ops that keep each token's row apart (checked further in _rowwise).
+_ROW_OPS = frozenset({"reshape", "cat", "slice", "repeat_interleave", "expand"})
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A matched rotary application: x * cos + rotate(x) * sin on the first rotary_dim features."""
+
+    x: Node
+    """The rotated value, rank 3 in its traced layout (one token axis, features last)."""
+    cos: Node
+    """The position-only value multiplying x (broadcast against it)."""
+    sin: Node
+    """The position-only value multiplying rotate(x)."""
+    style: str
+    """"neox" (halves) or "interleaved" (pairs)."""
+    rotary_dim: int
+    """How many leading features rotate; the rest pass through."""
+    halves: bool = False
+    """cos/sin hold rotary_dim / 2 features, shared by both rotated halves (gpt_oss)."""
+
+
+Pattern = Callable[[Node, set[Node], dict[Node, Rotation]], Rotation | None]
+
+
+def _last_dim(n: Node) -> int | None:
+    d = n.type.shape[-1] if n.type.rank else None
+    return d if isinstance(d, int) else None
+
+
+def _on_last(n: Node) -> bool:
+    return n.attrs["dim"] % n.type.rank == n.type.rank - 1
+
+
+def _slice_of(n: Node, start: int, end: int, step: int) -> Node | None:
+    """The value n slices along its last axis as [start:end:step] (an end past the axis counts)."""
+    if n.op != "slice" or not _on_last(n) or (n.attrs["start"], n.attrs["step"]) != (start, step):
+        return None
+    x = n.inputs[0]
+    width = _last_dim(x)
+    stop = n.attrs["end"]
+    if width is None or not isinstance(stop, int) or min(stop, width) != end:
+        return None
+    return x
+
+
+def _scaled(m: Node, tables: set[Node]) -> tuple[Node, Node] | None:
+    """(value, table) of mul(value, table) in either order."""
+    if m.op != "mul":
+        return None
+    a, b = m.inputs
+    if b in tables and a not in tables:
+        return a, b
+    if a in tables and b not in tables:
+        return b, a
+    return None
+
+
+def match_neox(n: Node, tables: set[Node], found: dict[Node, Rotation]) -> Rotation | None:
+    """x * cos + cat(-x[..., h:], x[..., :h]) * sin (transformers' rotate_half)."""
+    if n.op != "add":
+        return None
+    for a, b in (n.inputs, n.inputs[::-1]):
+        direct, rotated = _scaled(a, tables), _scaled(b, tables)
+        if direct is None or rotated is None:
+            continue
+        (x, cos), (rot, sin) = direct, rotated
+        r = _last_dim(x)
+        if r is None or r % 2 or rot.op != "cat" or len(rot.inputs) != 2 or not _on_last(rot):
+            continue
+        neg, low = rot.inputs
+        if neg.op == "neg" and _slice_of(neg.inputs[0], r // 2, r, 1) is x and _slice_of(low, 0, r // 2, 1) is x:
+            return Rotation(x, cos, sin, "neox", r)
+    return None
+
+
+def match_interleaved(n: Node, tables: set[Node], found: dict[Node, Rotation]) -> Rotation | None:
+    """x * cos + stack(-x[..., 1::2], x[..., ::2], -1).flatten(-2) * sin (pairs: cohere, gptj)."""
+    if n.op != "add":
+        return None
+    for a, b in (n.inputs, n.inputs[::-1]):
+        direct, rotated = _scaled(a, tables), _scaled(b, tables)
+        if direct is None or rotated is None:
+            continue
+        (x, cos), (rot, sin) = direct, rotated
+        r = _last_dim(x)
+        if r is None or r % 2 or rot.op != "reshape" or not rot.type.same_as(x.type):
+            continue
+        pairs = rot.inputs[0]
+        if pairs.op != "cat" or len(pairs.inputs) != 2 or not _on_last(pairs) or pairs.type.rank != x.type.rank + 1:
+            continue
+        odd, even = pairs.inputs
+        if odd.op != "reshape" or even.op != "reshape" or odd.type.shape[-1] != 1 or even.type.shape[-1] != 1:
+            continue
+        neg = odd.inputs[0]
+        if neg.op == "neg" and _slice_of(neg.inputs[0], 1, r, 2) is x and _slice_of(even.inputs[0], 0, r, 2) is x:
+            return Rotation(x, cos, sin, "interleaved", r)
+    return None
+
+
+def match_halves(n: Node, tables: set[Node], found: dict[Node, Rotation]) -> Rotation | None:
+    """cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin) for x = [x1 | x2] (gpt_oss): neox with
+    cos/sin of half the width."""
+    if n.op != "cat" or len(n.inputs) != 2 or not _on_last(n):
+        return None
+    first, second = n.inputs
+    if first.op != "sub" or second.op != "add":
+        return None
+    direct, rotated = (_scaled(m, tables) for m in first.inputs)
+    if direct is None or rotated is None:
+        return None
+    (x1, cos), (x2, sin) = direct, rotated
+    h = _last_dim(x1)
+    x = _slice_of(x1, 0, h, 1) if h else None
+    if x is None or _last_dim(x) != 2 * h or _slice_of(x2, h, 2 * h, 1) is not x:
+        return None
+    terms = {_scaled(m, tables) for m in second.inputs}
+    if terms != {(x2, cos), (x1, sin)}:
+        return None
+    return Rotation(x, cos, sin, "neox", 2 * h, halves=True)
+
+
+def match_partial(n: Node, tables: set[Node], found: dict[Node, Rotation]) -> Rotation | None:
+    """cat(rotation of x[..., :R], x[..., R:]) (partial rotary: phi, stablelm, gpt_neox)."""
+    if n.op != "cat" or len(n.inputs) != 2 or not _on_last(n):
+        return None
+    rotated, rest = n.inputs
+    inner = found.get(rotated)
+    if inner is None or inner.rotary_dim != _last_dim(inner.x):
+        return None
+    r = inner.rotary_dim
+    x = _slice_of(inner.x, 0, r, 1)
+    if x is None:
+        x = inner.x  # rotary_dim == D (phi3): canonicalize dropped the full slice; rest is empty
+    width = _last_dim(x)
+    if width is None or _slice_of(rest, r, width, 1) is not x:
+        return None
+    return Rotation(x, inner.cos, inner.sin, inner.style, r, inner.halves)
+
+
+PATTERNS: tuple[Pattern, ...] = (match_neox, match_interleaved, match_halves, match_partial)
+
+
+def _is_token_dim(d: Dim) -> bool:
+    return dims_equal(d, TOKENS)
+
+
+def _token_axis(shape: tuple[Dim, ...]) -> int | None:
+    """The one axis of a shape that is the token count T (None when it has none, or others)."""
+    symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+    return symbolic[0] if len(symbolic) == 1 and _is_token_dim(shape[symbolic[0]]) else None
+
+
+def _rowwise(n: Node) -> bool:
+    """Whether a position-derived node keeps row t a function of position t alone."""
+    axis = _token_axis(n.type.shape)
+    if axis is None:
+        return False
+    if get_op(n.op).kind == "elementwise":
+        return True
+    if n.op not in _ROW_OPS:
+        return False
+    if n.op == "reshape":
+        # Row-major: the token axis must stay outermost (only size-1 axes before it).
+        src = n.inputs[0].type.shape
+        src_axis = _token_axis(src)
+        return src_axis is not None and all(d == 1 for d in (*src[:src_axis], *n.type.shape[:axis]))
+    if n.op == "expand":
+        return True
+    return all(isinstance(x.type.shape[n.attrs["dim"]], int) for x in n.inputs)
+
+
+def position_only(graph: Graph, positions: Node) -> set[Node]:
+    """The values computed row by row from `positions` and weights alone (no other input)."""
+    fixed: set[Node] = set()  # depends on no input, static shape
+    out = {positions}
+    for n in graph.nodes:
+        if n.op == "input" or isinstance(n.type, TupleType):
+            continue
+        if all(i in fixed for i in n.inputs) and all(isinstance(d, int) for d in n.type.shape):
+            fixed.add(n)
+        elif all(i in fixed or i in out for i in n.inputs) and _rowwise(n):
+            out.add(n)
+    return out
+
+
+def _at_positions(d: Dim, p: int) -> Dim:
+    return d if isinstance(d, int) else from_expr(to_expr(d).subs(sympy.Symbol(TOKENS), p))
+
+
+def _clone(n: Node, mapping: dict[Node, Node], p: int) -> Node:
+    """n rebuilt over mapping's replacements (positions -> arange), token dims in attrs -> p."""
+    if n in mapping:
+        return mapping[n]
+    if _token_axis(n.type.shape) is None:
+        return n  # position-only values all have a token axis: this one is weight-only
+    attrs = dict(n.attrs)
+    for key in get_op(n.op).dim_attrs:
+        v = attrs.get(key)
+        if isinstance(v, list | tuple):
+            attrs[key] = [_at_positions(d, p) for d in v]
+        elif v is not None:
+            attrs[key] = _at_positions(v, p)
+    mapping[n] = make(n.op, [_clone(i, mapping, p) for i in n.inputs], **attrs)
+    return mapping[n]
+
+
+def _table(value: Node, token_axis: int, width: int, clones: dict[Node, Node], p: int,
+           halves: bool) -> Node | None:
+    """value (broadcast against a rank-3 x with tokens on token_axis) at positions 0..p-1, as
+    [p, R]; clones maps the positions to their arange and memoizes the cloned nodes."""
+    shape, offset = value.type.shape, 3 - value.type.rank
+    if offset < 0 or shape[-1] != width:
+        return None
+    for i, d in enumerate(shape[:-1]):
+        if not (_is_token_dim(d) if i + offset == token_axis else d == 1):
+            return None
+    rows = _clone(value, clones, p)
+    if rows.op == "reshape":
+        rows = rows.inputs[0]
+    if rows.type.shape != (p, width):
+        rows = make("reshape", [rows], shape=[p, width])
+    return make("cat", [rows, rows], dim=1) if halves else rows
+
+
+def _permuted(x: Node, dims: list[int]) -> Node:
+    """x permuted by dims, cancelled against a permute below it (through casts and slices)."""
+    if dims == list(range(len(dims))):
+        return x
+    below = x
+    while below.op in ("cast", "slice"):
+        below = below.inputs[0]
+    if x.op == "permute":
+        return _permuted(x.inputs[0], [x.attrs["dims"][d] for d in dims])
+    if below.op != "permute":
+        return make("permute", [x], dims=dims)
+    if x.op == "cast":
+        return make("cast", [_permuted(x.inputs[0], dims)], dtype=x.attrs["dtype"])
+    attrs = {**x.attrs, "dim": dims.index(x.attrs["dim"] % x.type.rank)}
+    return make("slice", [_permuted(x.inputs[0], dims)], **attrs)
+
+
+def _cancel_permutes(n: Node) -> Node | None:
+    """A permute of a permute (through casts and slices, which canonicalize does not look
+    through) folded into one, or into nothing when they cancel."""
+    if n.op != "permute":
+        return None
+    below = n.inputs[0]
+    while below.op in ("cast", "slice"):
+        below = below.inputs[0]
+    if below.op != "permute":
+        return None
+    return _permuted(n.inputs[0], n.attrs["dims"])
+
+
+@dataclass(frozen=True)
+class Rope(Pass):
+    """Matches: the rotary embedding transformers applies to q and k, on op kinds alone —
+    x * cos + rotate_half(x) * sin (neox), its pairwise form (interleaved: cohere, gptj), the
+    split-halves form (gpt_oss), each optionally on the first R features concatenated with the
+    rest (partial rotary), in any dtype promotion; cos and sin must be computed row by row from
+    `position_ids` and weights alone. Emits: one `rope(x [T, H, D], position_ids, cos [P, R],
+    sin [P, R])` per match, where each table is the graph's own cos/sin subgraph cloned over
+    `arange(0, P)` (P: max_positions, else graph.meta["max_position_embeddings"], else
+    DEFAULT_MAX_POSITIONS) and reshaped to [P, R], a weight-only value codegen folds. Permutes
+    put x in [T, H, D]; then every permute of a permute, also through casts and slices, is
+    folded, so the traced transposes around q and k cancel."""
+
+    name = "rope"
+    max_positions: int | None = None
+
+    def apply(self, graph: Graph) -> Graph:
+        positions = next((n for n in graph.inputs if n.name == POSITION_IDS.name), None)
+        if positions is None:
+            return graph
+        p = self.max_positions or graph.meta.get("max_position_embeddings") or DEFAULT_MAX_POSITIONS
+        tables = position_only(graph, positions)
+        tables.discard(positions)
+        found: dict[Node, Rotation] = {}
+        for n in graph.nodes:
+            for pattern in PATTERNS:
+                if (m := pattern(n, tables, found)) is not None:
+                    found[n] = m
+                    break
+        memo: dict[tuple[Node, bool, int], Node | None] = {}
+        clones = {positions: make("arange", [], start=0, end=int(p), step=1, dtype=positions.type.dtype)}
+        replace: dict[Node, Node] = {}
+        for root, rot in found.items():
+            if (new := self._emit(root, rot, positions, clones, memo)) is not None:
+                replace[root] = new
+        if not replace:
+            return graph
+        return graph.substitute(replace).rewrite(_cancel_permutes)
+
+    def _emit(self, root: Node, rot: Rotation, positions: Node, clones: dict[Node, Node],
+              memo: dict[tuple[Node, bool, int], Node | None]) -> Node | None:
+        x = rot.x
+        t = _token_axis(x.type.shape)
+        if x.type.rank != 3 or t is None or t == 2:
+            return None
+        width = rot.rotary_dim // 2 if rot.halves else rot.rotary_dim
+        pair = []
+        for value in (rot.cos, rot.sin):
+            key = (value, rot.halves, t)
+            if key not in memo:
+                memo[key] = _table(value, t, width, clones, clones[positions].attrs["end"], rot.halves)
+            pair.append(memo[key])
+        if None in pair:
+            return None
+        perm = [t, 1 - t, 2]  # x's layout -> [T, H, D]; its own inverse
+        y = make("rope", [_permuted(x, perm), positions, *pair], style=rot.style, rotary_dim=rot.rotary_dim)
+        out = _permuted(y, perm)
+        return out if out.type.same_as(root.type) else None
