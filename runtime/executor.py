@@ -11,7 +11,7 @@ arena (one new allocation) and is the new limit.
 
 Outputs are views of arena memory: the next `run` overwrites them. Consume (or clone) them
 before calling again; the engine samples from the logits right away, `CompiledModel.forward`
-returns a copy.
+returns a copy. For the same reason one caller runs an executor at a time.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ targets; see runtime/providers.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,17 +162,17 @@ class ExecutionPlan:
     outputs: list[int]
     """Buffers returned, in order."""
 
-    @property
+    @functools.cached_property
     def inputs(self) -> dict[str, int]:
         """Graph input name -> buffer."""
         return {b.name: i for i, b in enumerate(self.buffers) if b.kind == "input"}
 
-    @property
+    @functools.cached_property
     def params(self) -> dict[str, int]:
         """Weight name -> buffer."""
         return {b.name: i for i, b in enumerate(self.buffers) if b.kind == "param"}
 
-    @property
+    @functools.cached_property
     def input_types(self) -> dict[str, TensorType]:
         """Graph input name -> type (symbolic dims as IR dim strings)."""
         return {b.name: b.type for b in self.buffers if b.kind == "input"}
