@@ -33,7 +33,7 @@ def _row_wise_chain(out: Node) -> tuple[Node, list[Node]] | None:
 class LastTokenLogits(Pass):
     """Matches: a graph output computed as linear(h [T, H], W) followed by row-wise elementwise
     ops (the LM head, soft-capping, scaling). Emits: a graph input `logits_indices` (int64
-    [R]) and index_select(h, logits_indices) before the LM head, so only the R rows the
+    [R]) and gather_rows(h, logits_indices) before the LM head, so only the R rows the
     runtime samples are projected to the vocabulary. Passing every row index keeps all logits."""
 
     name = "last-token-logits"
@@ -49,7 +49,7 @@ class LastTokenLogits(Pass):
         if h.type.rank != 2:
             return graph
         idx = input_node(LOGITS_INDICES, TensorType("int64", (ROWS,)))
-        rows = make("index_select", [h, idx], dim=0)
+        rows = make("gather_rows", [h, idx])
         new = make("linear", [rows, *head.inputs[1:]])
         replace = {head: new}
         prev, old_prev = new, head

@@ -15,10 +15,24 @@ PASSES: dict[str, str] = {
     "paged-attention": "kiln.passes.paged_attention:PagedAttention",
     "weight-layout": "kiln.passes.weight_layout:WeightLayout",
     "rope": "kiln.passes.rope:Rope",
+    "rms-norm": "kiln.passes.rms_norm:RmsNorm",
+    "layer-norm": "kiln.passes.layer_norm:LayerNorm",
+    "fused-add-rms-norm": "kiln.passes.fused_add_rms_norm:FusedAddRmsNorm",
+    "gated-activation": "kiln.passes.gated_activation:GatedActivation",
+    "softcap": "kiln.passes.softcap:Softcap",
+    "expert-linear": "kiln.passes.expert_linear:ExpertLinear",
 }
 
 # The kernel op set (kiln.ir.ops.kernels): each pass turns one traced pattern into kernel-set ops.
-KERNEL_SET: list[str] = ["rope"]
+KERNEL_SET: list[str] = [
+    "rope",
+    "rms-norm",
+    "layer-norm",
+    "fused-add-rms-norm",
+    "gated-activation",
+    "softcap",
+    "expert-linear",
+]
 
 _SERVING = [
     # -- normalize what tracing produced
