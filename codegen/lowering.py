@@ -130,7 +130,7 @@ def build_plan(graph: Graph, target: str, kernel: Callable[[Node], str]) -> Exec
             if f not in forms:
                 forms.append(f)
         slots.append(forms)
-    used = {s for b in mem.buffers for t in [b.type] for d in t.shape for s in symbols(d)}
+    used = {sym for b in mem.buffers for d in b.type.shape for sym in symbols(d)}
     return ExecutionPlan(
         target=target,
         symbols=sorted(used),

@@ -77,6 +77,7 @@ class PlanExecutor:
         self._rules = [(r.symbol, r.input, r.axis, r.coeff, r.offset) for r in plan.bindings]
         self._arena_ids = [i for i, b in enumerate(plan.buffers) if b.kind == "arena"]
         self._input_views = [i for i, b in enumerate(plan.buffers) if b.kind == "view" and self._root(i).kind == "input"]
+        self._input_view_set = set(self._input_views)
         self._view_fns = {i: _view_fn(b.op) for i, b in enumerate(plan.buffers) if b.kind == "view"}
         n = len(plan.buffers)
         self._resident: list[Any] = [None] * n
@@ -156,7 +157,7 @@ class PlanExecutor:
             if b.kind != "view":
                 continue
             attrs = {**b.attrs, **_resolve(b.dim_attrs, bindings)}
-            if i in self._input_views:
+            if i in self._input_view_set:
                 view_attrs[i] = attrs
             else:
                 values[i] = self._apply_view(i, values[b.base], attrs)
