@@ -44,9 +44,10 @@ def _host_step_ms(artifact: str, num_seqs: int, context: int, steps: int) -> flo
     from kiln.runtime.sampler import SampleResult
     from kiln.runtime.sampling_params import SamplingParams
 
-    blocks = num_seqs * (-(-(context + steps + 16) // 16) + 1)
+    # Requests admitted first decode while later ones prefill: leave room for that too.
+    max_len = context + num_seqs * context // 2048 + num_seqs + steps + 64
     eng = LLMEngine(artifact, max_num_batched_tokens=2048, max_num_seqs=max(num_seqs, 1), block_size=16,
-                    num_kv_blocks=blocks, max_model_len=context + steps + 64, enable_prefix_caching=True)
+                    num_kv_blocks=num_seqs * -(-max_len // 16), max_model_len=max_len, enable_prefix_caching=True)
     logits = torch.zeros(max(num_seqs, 2048), eng.model.vocab_size)  # [rows, V], returned every step
     eng.model.executor.run = lambda inputs: [logits[: len(inputs["logits_indices"])]]
     eng.sampler = lambda lg, states: SampleResult([5] * len(states), [None] * len(states))
@@ -58,11 +59,15 @@ def _host_step_ms(artifact: str, num_seqs: int, context: int, steps: int) -> flo
     while len(eng.scheduler.running) < num_seqs or eng.scheduler.waiting or any(
             r.num_computed_tokens < r.num_tokens - 1 for r in eng.scheduler.running):
         eng.step()  # prefill (the fake model makes it cheap)
+        if len(eng.scheduler.running) + len(eng.scheduler.waiting) < num_seqs:
+            raise RuntimeError("a request finished before the measurement")
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         eng.step()
         times.append(time.perf_counter() - t)
+    if len(eng.scheduler.running) < num_seqs:
+        raise RuntimeError("a request finished during the measurement")
     return statistics.median(times) * 1e3
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +30,19 @@ from kiln.runtime.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 Prompt = str | dict
+
+
+@dataclass(eq=False, slots=True)
+class _Track:
+    """The engine's bookkeeping for one request."""
+
+    state: SamplingState
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    """Logprob entries not yet reported."""
+    cumulative: float = 0.0
+    reported: int = 0
+    """Output tokens already reported."""
 
 
 def default_cache_bytes(device: torch.device) -> int:
@@ -93,12 +107,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}
-        self._states: dict[str, SamplingState] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._logprobs: dict[str, list[dict[int, Logprob]]] = {}
-        """Per request, the logprob entries not yet reported."""
-        self._cumulative: dict[str, float] = {}
-        self._reported: dict[str, int] = {}
+        self._track: dict[str, _Track] = {}
         self._ids = itertools.count()
         self.finish_counts: Counter[str] = Counter()
         self.num_generated_tokens = 0
@@ -143,12 +152,10 @@ class LLMEngine:
             if params.n > 1 and params.seed is not None:
                 child_params = dataclasses.replace(params, seed=params.seed + i)
             req = Request(f"{request_id}#{i}", ids, child_params, prompt=text, index=i, group_id=request_id)
-            self._states[req.request_id] = SamplingState(
-                child_params, req.prompt_token_ids, eos_token_ids=self.tokenizer.eos_token_ids
+            self._track[req.request_id] = _Track(
+                SamplingState(child_params, req.prompt_token_ids, eos_token_ids=self.tokenizer.eos_token_ids),
+                IncrementalDetokenizer(self.tokenizer, ids, child_params),
             )
-            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, ids, child_params)
-            self._logprobs[req.request_id] = []
-            self._cumulative[req.request_id] = 0.0
             children.append(req)
             self.scheduler.add(req)
         self.groups[request_id] = children
@@ -184,7 +191,7 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         self.scheduler.finish(req, reason)
         self.runner.release(req)
-        self.sampler.release(self._states[req.request_id])
+        self.sampler.release(self._track[req.request_id].state)
         req.stop_reason = stop_reason
         self.finish_counts[reason] += 1
 
@@ -196,10 +203,10 @@ class LLMEngine:
         delta_logprobs, delta_text; text is the whole text so far): fold them into whole
         outputs with `OutputAccumulator`."""
         touched: set[str] = set()
-        for req in list(self.scheduler.running):
-            if self.kv.num_blocks_for(req.num_tokens) > self.pool.num_blocks:
-                self._finish(req, "length")  # the whole cache cannot hold it any more
-                touched.add(req.group_id)
+        limit = self.pool.num_blocks * self.kv.block_size
+        for req in [r for r in self.scheduler.running if r.num_tokens > limit]:
+            self._finish(req, "length")  # the whole cache cannot hold it any more
+            touched.add(req.group_id)
         step = self.scheduler.schedule()
         if not step.requests:
             return [self._output(g) for g in touched]
@@ -220,20 +227,21 @@ class LLMEngine:
         for req, n in zip(step.requests, step.num_new_tokens, strict=True):
             req.num_computed_tokens += n
         if sampled:
-            result = self.sampler(logits, [self._states[r.request_id] for r in sampled])
-            for row, req in enumerate(sampled):
-                self._append(req, result.token_ids[row], result.logprobs[row])
+            tracks = [self._track[r.request_id] for r in sampled]
+            result = self.sampler(logits, [t.state for t in tracks])
+            for req, track, token, lp in zip(sampled, tracks, result.token_ids, result.logprobs, strict=True):
+                self._append(req, track, token, lp)
                 touched.add(req.group_id)
         return [self._output(g) for g in touched]
 
-    def _append(self, req: Request, token: int, logprobs: dict[int, Logprob] | None) -> None:
+    def _append(self, req: Request, track: _Track, token: int, logprobs: dict[int, Logprob] | None) -> None:
         req.append_token(token)
         self.num_generated_tokens += 1
         if logprobs is not None:
-            self._logprobs[req.request_id].append(logprobs)
-            self._cumulative[req.request_id] += logprobs[token].logprob
+            track.logprobs.append(logprobs)
+            track.cumulative += logprobs[token].logprob
         p = req.params
-        stop_str = self._detok[req.request_id].update([token])
+        stop_str = track.detok.update([token])
         done_min = req.num_output_tokens >= p.min_tokens
         if done_min and token in p.stop_token_ids:
             self._finish(req, "stop", token)
@@ -249,27 +257,22 @@ class LLMEngine:
     def _output(self, group_id: str) -> RequestOutput:
         reqs = self.groups[group_id]
         outs = []
+        finished = True
+        cached = 0
         for req in reqs:
-            detok = self._detok[req.request_id]
+            track = self._track[req.request_id]
+            detok = track.detok
             delta = detok.take_delta() + (detok.finish() if req.finished else "")
-            reported = self._reported.get(req.request_id, 0)
-            self._reported[req.request_id] = req.num_output_tokens
+            reported, track.reported = track.reported, req.num_output_tokens
             want_lp = req.params.logprobs is not None
-            delta_lp = self._logprobs[req.request_id]
-            self._logprobs[req.request_id] = []
+            delta_lp, track.logprobs = track.logprobs, []
             outs.append(CompletionOutput(
-                index=req.index,
-                text=detok.text,
-                token_ids=[],
-                cumulative_logprob=self._cumulative[req.request_id] if want_lp else None,
-                finish_reason=req.finish_reason,
-                stop_reason=req.stop_reason,
-                delta_text=delta,
-                delta_token_ids=req.all_token_ids[req.prompt_len + reported :],
-                delta_logprobs=delta_lp if want_lp else None,
+                req.index, detok.text, [], track.cumulative if want_lp else None, None, req.finish_reason,
+                req.stop_reason, delta, req.all_token_ids[req.prompt_len + reported :],
+                delta_lp if want_lp else None,
             ))
-        finished = all(r.finished for r in reqs)
-        cached = sum(r.num_cached_tokens for r in reqs)
+            finished = finished and req.finished
+            cached += req.num_cached_tokens
         out = RequestOutput(group_id, self._prompts[group_id], reqs[0].prompt_token_ids, outs, finished, cached)
         if finished:
             self._release(group_id)
@@ -277,8 +280,7 @@ class LLMEngine:
 
     def _release(self, group_id: str) -> None:
         for req in self.groups.pop(group_id):
-            for d in (self._states, self._detok, self._logprobs, self._cumulative, self._reported):
-                d.pop(req.request_id, None)
+            self._track.pop(req.request_id, None)
         self._prompts.pop(group_id, None)
 
     def run(self, request_ids: Iterable[str]) -> dict[str, RequestOutput]:

@@ -12,8 +12,8 @@ rows instead of rebuilding them. Slots come from one vectorized gather:
 
     token j of sequence s, at position p:   slot = table[row(s), p // BS] * BS + p % BS
 
-    request table (persistent)          step block_tables = request_table[rows of the step]
-    row 0: [b7 b2 b9  0  0 ...]         padded sequences get row 0 of zeros
+    request table (persistent)          step block_tables = request_table[rows of the step],
+    row 0: [b7 b2 b9  0  0 ...]         then all-zero rows for padded sequences
     row 1: [b4  0  0  0  0 ...]
 """
 
@@ -90,8 +90,8 @@ class ModelRunner:
                                                     pin_memory=pin)
         self._np = {k: v.numpy() for k, v in self._host.items()}
         self._dev = self._host if not pin else {k: torch.empty_like(v, device=self.device) for k, v in self._host.items()}
-        # The request table: one row per running request, plus row max_seqs of zeros for padding.
-        self._req_np = np.zeros((self.max_seqs + 1, self.width), dtype=self._np[BLOCK_TABLES.name].dtype)
+        # The request table: one row per running request.
+        self._req_np = np.zeros((self.max_seqs, self.width), dtype=self._np[BLOCK_TABLES.name].dtype)
         self._rows: dict[str, _Row] = {}
         self._free_rows = list(range(self.max_seqs - 1, -1, -1))
         self._arange = np.arange(self.max_tokens, dtype=np.int64)  # [T]
