@@ -1,5 +1,6 @@
-"""The reference pipeline with --verify on every tiny architecture: each pass keeps what the
-model computes, and the kernel-set passes leave no hand-written norm or gate/up activation."""
+"""Every target's pipeline with --verify on every tiny architecture: each pass keeps what the
+model computes, and the kernel-set passes leave no hand-written norm or gate/up activation.
+(Targets whose pipelines are the same list run once.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from kiln.frontend import import_model
 from kiln.ir.graph import Graph
 from kiln.models.tiny_configs import TINY_CONFIGS
 from kiln.passes import PassManager, get_pass, resolve_pipeline
+from kiln.passes.registry import PIPELINES
+
+PIPELINE_TARGETS = sorted({tuple(names): target for target, names in PIPELINES.items()}.values())
 
 KERNEL_OPS = ("rms_norm", "fused_add_rms_norm", "layer_norm", "silu_and_mul", "gelu_and_mul", "softcap",
               "expert_linear", "gather_rows")
@@ -53,10 +57,11 @@ def test_every_architecture_has_an_expectation():
     assert sorted(EXPECTED) == sorted(TINY_CONFIGS)
 
 
+@pytest.mark.parametrize("target", PIPELINE_TARGETS)
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
-def test_reference_pipeline_verifies_and_reaches_the_kernel_set(checkpoint, arch):
+def test_pipeline_verifies_and_reaches_the_kernel_set(checkpoint, arch, target):
     imported = import_model(str(checkpoint(arch)), torch.float32)
-    names = resolve_pipeline("reference", None)
+    names = resolve_pipeline(target, None)
     manager = PassManager([get_pass(n) for n in names], check_numerics=True, weights=imported.weights)
     graph = manager.run(imported.graph)
     assert all(e["max_rel_error"] <= 1e-4 for e in manager.report)
