@@ -49,6 +49,7 @@ def _host_step_ms(artifact: str, num_seqs: int, context: int, steps: int) -> flo
     eng = LLMEngine(artifact, max_num_batched_tokens=2048, max_num_seqs=max(num_seqs, 1), block_size=16,
                     num_kv_blocks=num_seqs * -(-max_len // 16), max_model_len=max_len, enable_prefix_caching=True)
     logits = torch.zeros(max(num_seqs, 2048), eng.model.vocab_size)  # [rows, V], returned every step
+    # the name as a literal: the old tree has no kiln.ir.step_inputs
     eng.model.executor.run = lambda inputs: [logits[: len(inputs["logits_indices"])]]
     eng.sampler = lambda lg, states: SampleResult([5] * len(states), [None] * len(states))
     g = torch.Generator().manual_seed(0)

@@ -163,8 +163,8 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request (all its completions) and free its blocks at once; its final output,
-        or None for an unknown or already finished id."""
+        """Stop a request (all its completions) and free its blocks at once; its final output
+        (a delta, as step's are), or None for an unknown or already finished id."""
         if request_id not in self.groups:
             return None
         for req in self.groups[request_id]:
@@ -242,16 +242,17 @@ class LLMEngine:
             track.cumulative += logprobs[token].logprob
         p = req.params
         stop_str = track.detok.update([token])
-        done_min = req.num_output_tokens >= p.min_tokens
+        num_out = req.num_output_tokens
+        done_min = num_out >= p.min_tokens
         if done_min and token in p.stop_token_ids:
             self._finish(req, "stop", token)
         elif done_min and not p.ignore_eos and token in self.tokenizer.eos_token_ids:
             self._finish(req, "stop")
         elif stop_str is not None:
             self._finish(req, "stop", stop_str)
-        elif p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
+        elif p.max_tokens is not None and num_out >= p.max_tokens:
             self._finish(req, "length")
-        elif req.num_tokens >= self.max_model_len:
+        elif num_out + req.prompt_len >= self.max_model_len:
             self._finish(req, "length")
 
     def _output(self, group_id: str) -> RequestOutput:

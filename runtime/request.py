@@ -59,10 +59,12 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
+        """Tokens generated so far."""
         return len(self.all_token_ids) - self.prompt_len
 
     @property
     def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
         return len(self.all_token_ids)
 
     @property

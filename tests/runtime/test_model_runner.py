@@ -19,7 +19,7 @@ from kiln.ir.step_inputs import (
 )
 from kiln.runtime.block_pool import BlockPool
 from kiln.runtime.kv_cache_manager import KVCacheManager
-from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.model_runner import MAX_QUERY_LEN, MAX_SEQ_LEN, ModelRunner
 from kiln.runtime.request import Request
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerOutput
@@ -86,8 +86,7 @@ def test_inputs_equal_recomputation_over_many_steps(num_blocks):
         assert batch.inputs[BLOCK_TABLES.name].shape[1] == WIDTH  # one width, every step
         assert batch.sampled == [r for r, n in zip(step.requests, step.num_new_tokens, strict=True)
                                  if r.num_computed_tokens + n == r.num_tokens]
-        assert batch.host_ints == {"max_seq_len": max(want[SEQ_LENS.name]),
-                                   "max_query_len": max(step.num_new_tokens)}
+        assert batch.host_ints == {MAX_SEQ_LEN: max(want[SEQ_LENS.name]), MAX_QUERY_LEN: max(step.num_new_tokens)}
         kinds.add((max(step.num_new_tokens) > 1, min(step.num_new_tokens) == 1))
         _advance(step, runner, sched, token=100 + step_no)
     assert all(r.finished for r in reqs)
