@@ -220,7 +220,8 @@ def _sample(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     if not filtered:
         return _draw_unsorted(x, u)
     out = torch.empty(len(states), dtype=torch.int64, device=dev)  # [R]
-    plain = [i for i in range(len(ps)) if i not in set(filtered)]
+    is_filtered = set(filtered)
+    plain = [i for i in range(len(ps)) if i not in is_filtered]
     if plain:
         p_idx = torch.tensor(plain, device=dev)
         out[p_idx] = _draw_unsorted(x[p_idx], u[p_idx])
