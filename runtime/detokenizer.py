@@ -18,6 +18,7 @@ len(longest stop) - 1 characters until the sequence finishes, since they may beg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from kiln.runtime.sampling_params import SamplingParams
@@ -62,17 +63,22 @@ class IncrementalDetokenizer:
         """The stop string that ended the text, if one did."""
         return self._stop
 
-    def update(self, new_token_ids: list[int]) -> str | None:
+    def update(self, new_token_ids: Sequence[int]) -> str | None:
         """Append generated tokens; return the stop string that matched (the text is then final)
         or None. Tokens given after a stop string matched or after finish() are ignored."""
         if self._stop is not None or self._finished:
             return None
-        self._ids += new_token_ids
-        prefix_text = self._decode(self._prefix, self._read)
-        new_text = self._decode(self._prefix, len(self._ids))
+        ids = self._ids
+        ids += new_token_ids
+        prefix, read, skip = self._prefix, self._read, self._params.skip_special_tokens
+        prefix_text = self._tok.decode(ids[prefix:read], skip) if prefix < read else ""
+        new_text = self._tok.decode(ids[prefix:], skip)
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return None  # nothing new yet, or a character is still split across tokens
-        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix, self._read = read, len(ids)
+        if not self._stops:  # the common case: nothing to search
+            self._text += new_text[len(prefix_text) :]
+            return None
         return self._append(new_text[len(prefix_text) :])
 
     def take_delta(self) -> str:

@@ -21,7 +21,7 @@ from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.model import CompiledModel
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import CompletionOutput, OutputAccumulator, RequestOutput
-from kiln.runtime.request import Request
+from kiln.runtime.request import Request, Status
 from kiln.runtime.sampler import Sampler, SamplingState
 from kiln.runtime.sampling_params import Logprob, SamplingParams
 from kiln.runtime.scheduler import Scheduler
@@ -204,7 +204,7 @@ class LLMEngine:
         outputs with `OutputAccumulator`."""
         touched: set[str] = set()
         limit = self.pool.num_blocks * self.kv.block_size
-        for req in [r for r in self.scheduler.running if r.num_tokens > limit]:
+        for req in [r for r in self.scheduler.running if len(r.all_token_ids) > limit]:
             self._finish(req, "length")  # the whole cache cannot hold it any more
             touched.add(req.group_id)
         step = self.scheduler.schedule()
@@ -232,17 +232,17 @@ class LLMEngine:
             for req, track, token, lp in zip(sampled, tracks, result.token_ids, result.logprobs, strict=True):
                 self._append(req, track, token, lp)
                 touched.add(req.group_id)
+            self.num_generated_tokens += len(sampled)
         return [self._output(g) for g in touched]
 
     def _append(self, req: Request, track: _Track, token: int, logprobs: dict[int, Logprob] | None) -> None:
-        req.append_token(token)
-        self.num_generated_tokens += 1
+        req.all_token_ids.append(token)
         if logprobs is not None:
             track.logprobs.append(logprobs)
             track.cumulative += logprobs[token].logprob
         p = req.params
-        stop_str = track.detok.update([token])
-        num_out = req.num_output_tokens
+        stop_str = track.detok.update((token,))
+        num_out = len(req.all_token_ids) - req.prompt_len
         done_min = num_out >= p.min_tokens
         if done_min and token in p.stop_token_ids:
             self._finish(req, "stop", token)
@@ -263,16 +263,19 @@ class LLMEngine:
         for req in reqs:
             track = self._track[req.request_id]
             detok = track.detok
-            delta = detok.take_delta() + (detok.finish() if req.finished else "")
-            reported, track.reported = track.reported, req.num_output_tokens
-            want_lp = req.params.logprobs is not None
-            delta_lp, track.logprobs = track.logprobs, []
+            done = req.status is Status.FINISHED
+            delta = detok.take_delta() + detok.finish() if done else detok.take_delta()
+            tokens = req.all_token_ids
+            reported, track.reported = track.reported, len(tokens) - req.prompt_len
+            if req.params.logprobs is None:
+                cumulative = delta_lp = None
+            else:
+                cumulative, delta_lp, track.logprobs = track.cumulative, track.logprobs, []
             outs.append(CompletionOutput(
-                req.index, detok.text, [], track.cumulative if want_lp else None, None, req.finish_reason,
-                req.stop_reason, delta, req.all_token_ids[req.prompt_len + reported :],
-                delta_lp if want_lp else None,
+                req.index, detok.text, [], cumulative, None, req.finish_reason,
+                req.stop_reason, delta, tokens[req.prompt_len + reported :], delta_lp,
             ))
-            finished = finished and req.finished
+            finished = finished and done
             cached += req.num_cached_tokens
         out = RequestOutput(group_id, self._prompts[group_id], reqs[0].prompt_token_ids, outs, finished, cached)
         if finished:

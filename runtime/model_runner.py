@@ -142,11 +142,12 @@ class ModelRunner:
         end = 0
         for req, n in zip(step.requests, step.num_new_tokens, strict=True):
             start = req.num_computed_tokens
-            ids += req.all_token_ids[start : start + n]
+            tokens = req.all_token_ids
+            ids += tokens[start : start + n]
             starts.append(start)
             rows.append(self._row(req))
             end += n
-            if start + n == req.num_tokens:
+            if start + n == len(tokens):
                 logits_rows.append(end - 1)
                 sampled.append(req)
         num_tokens = end

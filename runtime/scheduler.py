@@ -68,29 +68,35 @@ class Scheduler:
         self.waiting.appendleft(victim)
         out.preempted.append(victim)
 
+    def _reserve(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for a running request's next n tokens, preempting the newest running requests
+        until they fit; False when the request itself was preempted."""
+        allocate = self.kv.allocate
+        while not allocate(req, n):
+            victim = max((r for r in self.running if r not in out.requests), key=lambda r: r.arrival_time)
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        return True
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         # Running requests: decodes are one token behind, chunked prefills further.
-        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens):
+        decodes, chunks = [], []
+        for r in self.running:
+            (decodes if len(r.all_token_ids) - r.num_computed_tokens == 1 else chunks).append(r)
+        chunks.sort(key=lambda r: r.num_tokens - r.num_computed_tokens)
+        for req in decodes + chunks:
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate(req, n):
-                victim = max(
-                    (r for r in self.running if r not in out.requests),
-                    key=lambda r: r.arrival_time,
-                )
-                self._preempt(victim, out)
-                if victim is req:
-                    break
-            if req.status is not Status.RUNNING:
-                continue
-            out.requests.append(req)
-            out.num_new_tokens.append(n)
-            budget -= n
+            n = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
+            if self._reserve(req, n, out):
+                out.requests.append(req)
+                out.num_new_tokens.append(n)
+                budget -= n
         # Waiting requests, oldest first, while blocks and sequence slots last.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]

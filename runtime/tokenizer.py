@@ -16,6 +16,7 @@ class Tokenizer:
         root = Path(artifact)
         tdir = root / "tokenizer"
         self.config: dict[str, Any] = _read(tdir / "tokenizer_config.json")
+        self._single: dict[tuple[int, bool], str] = {}
         if (tdir / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as _Fast
 
@@ -48,7 +49,17 @@ class Tokenizer:
         return self._hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        """Text of token ids."""
+        """Text of token ids. One token's text is remembered: the incremental detokenizer
+        decodes a one-token context window for every generated token."""
+        if len(ids) == 1:
+            key = (ids[0], skip_special_tokens)
+            text = self._single.get(key)
+            if text is None:
+                text = self._single[key] = self._decode(ids, skip_special_tokens)
+            return text
+        return self._decode(ids, skip_special_tokens)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if self._tok is not None:
             return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
