@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,8 +132,15 @@ def _measure(tree: Path, tmp: Path, label: str, args: argparse.Namespace) -> dic
     path = _package_tree(tree, tmp / f"pkg-{label}")
     env = {**os.environ, "PYTHONPATH": str(path)}
     artifact = tmp / f"artifact-{label}"
+    # The demo model's config allows 256 positions; the measurement holds 1,000-token contexts,
+    # so compile a copy whose position tables reach far enough (the fake model never reads them).
+    model = tmp / f"model-{label}"
+    shutil.copytree(tree / args.model_dir, model, dirs_exist_ok=True)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = max(config.get("max_position_embeddings", 0), 8192)
+    (model / "config.json").write_text(json.dumps(config))
     compile_cmd = ("import sys; from kiln.cli import compile_model_main; "
-                   f"sys.argv = ['compile-model', {str(tree / args.model_dir)!r}, '-o', {str(artifact)!r}, '--force']; "
+                   f"sys.argv = ['compile-model', {str(model)!r}, '-o', {str(artifact)!r}, '--force']; "
                    "sys.exit(compile_model_main())")
     subprocess.run([sys.executable, "-c", compile_cmd], env=env, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
     out = tmp / f"result-{label}.json"

@@ -82,6 +82,11 @@ class LLMEngine:
             for t in caches.values()
         )
         limit = self.model.manifest["model"].get("max_position_embeddings")
+        if max_model_len is not None and limit and max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit} "
+                "(its position tables hold that many positions)"
+            )
         self.max_model_len = max_model_len or limit or 2048
         if num_kv_blocks is None:
             budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else default_cache_bytes(self.device)
@@ -104,6 +109,11 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, block_size)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
         self.runner = ModelRunner(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len, self.device)
+        # The largest step there can be: the executor's arena is laid out for it now, once.
+        self.model.executor.reserve({
+            "T": max_num_batched_tokens, "S": max_num_seqs, "R": max_num_seqs, "NB": num_kv_blocks,
+            "BS": block_size, "MB": self.runner.width,
+        })
         self.sampler = Sampler()
         self.groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}
