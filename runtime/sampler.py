@@ -18,7 +18,9 @@ Everything is batched and stays on the logits' device:
   take a seed from the global RNG (or the state's generator) when their state is created.
 - Rows without top-k/top-p/min-p draw over the unsorted probabilities (no sort). Filtered rows
   look at their top `CANDIDATES` logits (torch.topk); a row whose kept set may reach past them
-  falls back to the same computation over the whole sorted vocabulary, so the result is exact.
+  (a flat distribution under top-p) draws from the whole distribution and accepts the token if
+  the filters keep it (rejection sampling: exact, no sort, >= top_p acceptance per round), and
+  only a row still unaccepted after `REJECTION_ROUNDS` sorts its whole vocabulary.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ import torch
 from kiln.runtime.sampling_params import Logprob, SamplingParams
 
 CANDIDATES = 1024
-"""Logits a filtered row looks at before it falls back to a full sort."""
+"""Logits a filtered row looks at before it falls back to rejection draws, then a full sort."""
+REJECTION_ROUNDS = 8
+"""Rejection draws a wide top-p/min-p row makes before the full sort (each accepts with
+probability >= top_p)."""
 
 _M32 = 0xFFFFFFFF
 
@@ -200,11 +205,12 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniforms(seeds: list[int], counters: list[int], device: torch.device) -> torch.Tensor:
-    """One float32 in [0, 1) per row from (seed, counter), counter-based: [R]."""
+def uniforms(seeds: list[int], counters: list[int], device: torch.device, stream: int = 0) -> torch.Tensor:
+    """One float32 in [0, 1) per row from (seed, counter), counter-based: [R]. `stream` picks
+    an independent sequence (the retries of a rejection draw)."""
     s = torch.tensor([[v & _M32, (v >> 32) & _M32, c & _M32] for v, c in zip(seeds, counters, strict=True)],
                      dtype=torch.int64, device=device).reshape(-1, 3)  # [R, 3]
-    h = _hash32(_hash32(_hash32(s[:, 0] ^ 0x9E3779B9) ^ s[:, 1]) ^ s[:, 2])  # [R]
+    h = _hash32(_hash32(_hash32(s[:, 0] ^ 0x9E3779B9) ^ s[:, 1] ^ _hash32(s.new_tensor(stream))) ^ s[:, 2])  # [R]
     return (h >> 8).float() * (1.0 / (1 << 24))
 
 
@@ -233,10 +239,43 @@ def _sample(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     k = min(vocab, max(CANDIDATES, int(max(p.top_k or 0 for p in fps))))
     tokens, fits = _draw_top(x[f_idx], u[f_idx], top_k, top_p, min_p, k)
     if k < vocab and not bool(fits.all()):
-        bad = (~fits).nonzero().squeeze(1)
-        tokens[bad], _ = _draw_top(x[f_idx[bad]], u[f_idx[bad]], top_k[bad], top_p[bad], min_p[bad], vocab)
+        bad = (~fits).nonzero().squeeze(1)  # rows without top-k whose kept set is wide
+        fstates = [states[filtered[int(i)]] for i in bad.tolist()]
+        redo, done = _draw_rejection(x[f_idx[bad]], fstates, top_p[bad], min_p[bad])
+        left = (~done).nonzero().squeeze(1)
+        if len(left):
+            rows = bad[left]
+            redo[left], _ = _draw_top(x[f_idx[rows]], u[f_idx[rows]], top_k[rows], top_p[rows], min_p[rows], vocab)
+        tokens[bad] = redo
     out[f_idx] = tokens
     return out
+
+
+def _draw_rejection(x: torch.Tensor, states: list[SamplingState], top_p: torch.Tensor, min_p: torch.Tensor,
+                    rounds: int = REJECTION_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p/min-p draws without a sort, for rows without top-k: draw from the whole softmax(x)
+    [F, V] and accept the token when the filters keep it (the mass of tokens strictly more
+    probable is below top_p, and its probability is at least min_p times the largest), else
+    draw again from the next stream. Accepted draws follow the filtered distribution exactly;
+    the kept set holds at least top_p of the mass, so a round accepts with probability >= top_p.
+    Returns the tokens [F] and which rows accepted within `rounds` [F]."""
+    probs = x.softmax(dim=-1)  # [F, V]
+    cdf = probs.cumsum(dim=-1)  # [F, V], vocabulary order
+    top = probs.amax(dim=-1)  # [F]
+    tokens = probs.argmax(dim=-1)  # [F]
+    done = torch.zeros(len(states), dtype=torch.bool, device=x.device)  # [F]
+    seeds, counters = [s.seed for s in states], [s.num_generated for s in states]
+    for r in range(1, rounds + 1):
+        u = uniforms(seeds, counters, x.device, stream=r)  # [F]
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=x.shape[1] - 1)  # [F, 1]
+        p = probs.gather(1, pick)  # [F, 1]
+        above = (probs * (probs > p)).sum(dim=-1)  # [F]: mass strictly more probable
+        ok = ((above < top_p) | (top_p >= 1)) & (p.squeeze(1) >= min_p * top) & (p.squeeze(1) > 0) & ~done
+        tokens = torch.where(ok, pick.squeeze(1), tokens)
+        done |= ok
+        if bool(done.all()):
+            break
+    return tokens, done
 
 
 def _draw_unsorted(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

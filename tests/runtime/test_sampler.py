@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from kiln.runtime.sampler import CANDIDATES, Sampler, SamplingState, _draw_top, uniforms
+from kiln.runtime.sampler import CANDIDATES, Sampler, SamplingState, _draw_rejection, _draw_top, uniforms
 from kiln.runtime.sampling_params import SamplingParams as P
 
 ALPHA = 1e-4
@@ -285,6 +285,36 @@ def test_candidate_filtering_equals_the_full_sort(scale):
     assert bool(fits[0::4].all()) == (scale > 1)  # flat top-p 0.9 keeps more than the candidates
     states = [_state(P(top_k=int(k) if k < vocab else 0, top_p=float(p), min_p=float(m), seed=i))
               for i, (k, p, m) in enumerate(zip(top_k, top_p, min_p, strict=True))]
-    res = Sampler()(x, states)
-    assert res.token_ids == _draw_top(x, uniforms(list(range(rows)), [0] * rows, x.device),
-                                      top_k, top_p, min_p, vocab)[0].tolist()
+    res = torch.tensor(Sampler()(x, states).token_ids)
+    exact, _ = _draw_top(x, uniforms(list(range(rows)), [0] * rows, x.device), top_k, top_p, min_p, vocab)
+    assert torch.equal(res[fits], exact[fits])
+    # rows that do not fit are drawn by rejection: each token is one the filters keep
+    probs = x.softmax(-1)
+    for r in (~fits).nonzero().squeeze(1).tolist():
+        t = int(res[r])
+        above = probs[r][probs[r] > probs[r, t]].sum()
+        assert above < top_p[r] and probs[r, t] >= min_p[r] * probs[r].max()
+
+
+@pytest.mark.parametrize(("top_p", "min_p"), [(0.6, 0.0), (0.97, 0.2)])
+def test_rejection_draws_follow_the_filtered_distribution(top_p, min_p):
+    """Draws without a sort for wide top-p / min-p rows: the frequencies over many seeds match
+    the top-p / min-p filtered, renormalized softmax."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(40, generator=g)  # [V]
+    n = 20_000
+    x = logits.expand(n, -1)  # [N, V]
+    states = [_state(P(top_p=top_p, min_p=min_p, seed=i)) for i in range(n)]
+    tokens, done = _draw_rejection(x, states, torch.full((n,), top_p), torch.full((n,), min_p))
+    assert done.float().mean() > 0.99
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)
+    mass_before = probs[order].cumsum(0) - probs[order]
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[order] = (mass_before < top_p) & (probs[order] >= min_p * probs.max())
+    want = torch.where(keep, probs, 0.0)
+    counts = torch.bincount(tokens[done], minlength=40).double()
+    assert counts[~keep].sum() == 0
+    w = want.double()[keep]
+    expected = w / w.sum() * counts.sum()
+    assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > ALPHA
