@@ -8,7 +8,7 @@ values the traced graph computes at position p, which codegen folds into a store
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import sympy
@@ -82,17 +82,25 @@ def _scaled(m: Node, tables: set[Node]) -> tuple[Node, Node] | None:
     return None
 
 
-def match_neox(n: Node, tables: set[Node], found: dict[Node, Rotation]) -> Rotation | None:
-    """x * cos + cat(-x[..., h:], x[..., :h]) * sin (transformers' rotate_half)."""
+def _terms(n: Node, tables: set[Node]) -> Iterator[tuple[Node, Node, Node, Node, int]]:
+    """(x, cos, rotated, sin, width) for each reading of n = x * cos + rotated * sin whose x has
+    an even static last dim."""
     if n.op != "add":
-        return None
+        return
     for a, b in (n.inputs, n.inputs[::-1]):
         direct, rotated = _scaled(a, tables), _scaled(b, tables)
         if direct is None or rotated is None:
             continue
         (x, cos), (rot, sin) = direct, rotated
         r = _last_dim(x)
-        if r is None or r % 2 or rot.op != "cat" or len(rot.inputs) != 2 or not _on_last(rot):
+        if r is not None and r % 2 == 0:
+            yield x, cos, rot, sin, r
+
+
+def match_neox(n: Node, tables: set[Node], found: dict[Node, Rotation]) -> Rotation | None:
+    """x * cos + cat(-x[..., h:], x[..., :h]) * sin (transformers' rotate_half)."""
+    for x, cos, rot, sin, r in _terms(n, tables):
+        if rot.op != "cat" or len(rot.inputs) != 2 or not _on_last(rot):
             continue
         neg, low = rot.inputs
         if neg.op == "neg" and _slice_of(neg.inputs[0], r // 2, r, 1) is x and _slice_of(low, 0, r // 2, 1) is x:
@@ -102,15 +110,8 @@ def match_neox(n: Node, tables: set[Node], found: dict[Node, Rotation]) -> Rotat
 
 def match_interleaved(n: Node, tables: set[Node], found: dict[Node, Rotation]) -> Rotation | None:
     """x * cos + stack(-x[..., 1::2], x[..., ::2], -1).flatten(-2) * sin (pairs: cohere, gptj)."""
-    if n.op != "add":
-        return None
-    for a, b in (n.inputs, n.inputs[::-1]):
-        direct, rotated = _scaled(a, tables), _scaled(b, tables)
-        if direct is None or rotated is None:
-            continue
-        (x, cos), (rot, sin) = direct, rotated
-        r = _last_dim(x)
-        if r is None or r % 2 or rot.op != "reshape" or not rot.type.same_as(x.type):
+    for x, cos, rot, sin, r in _terms(n, tables):
+        if rot.op != "reshape" or not rot.type.same_as(x.type):
             continue
         pairs = rot.inputs[0]
         if pairs.op != "cat" or len(pairs.inputs) != 2 or not _on_last(pairs) or pairs.type.rank != x.type.rank + 1:
