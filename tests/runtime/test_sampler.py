@@ -9,7 +9,14 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from kiln.runtime.sampler import CANDIDATES, Sampler, SamplingState, _draw_rejection, _draw_top, uniforms
+from kiln.runtime.sampler import (
+    CANDIDATES,
+    Sampler,
+    SamplingState,
+    _draw_rejection,
+    _draw_top,
+    uniforms,
+)
 from kiln.runtime.sampling_params import SamplingParams as P
 
 ALPHA = 1e-4
