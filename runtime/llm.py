@@ -61,9 +61,9 @@ class LLM:
 
     def generate_stream(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None) -> Iterator[RequestOutput]:
         """Like generate, but yields every request's output after each step it progressed in:
-        `outputs[i].delta_text` / `delta_token_ids` hold what is new; the last one for a
-        request has finished=True. A request's outputs are one object whose token_ids and
-        logprobs grow step by step (copy them to keep a snapshot)."""
+        `outputs[i].delta_text` / `delta_token_ids` hold what is new, `text` / `token_ids` all
+        so far; the last one for a request has finished=True. Each yielded output is a snapshot
+        that later steps leave alone."""
         ids = set(self._add(prompts, sampling_params))
         acc = OutputAccumulator()
         while ids:
@@ -73,4 +73,4 @@ class LLM:
                 if out.request_id in ids:
                     if out.finished:
                         ids.discard(out.request_id)
-                    yield out
+                    yield out.snapshot()

@@ -9,6 +9,7 @@ async engine's streams and `LLMEngine.run`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from kiln.runtime.sampling_params import Logprob
@@ -50,6 +51,15 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache (summed over the n completions)."""
+
+    def snapshot(self) -> RequestOutput:
+        """A copy that later steps do not change (its completions and their lists copied)."""
+        outs = [
+            dataclasses.replace(c, token_ids=list(c.token_ids), delta_token_ids=list(c.delta_token_ids),
+                                logprobs=None if c.logprobs is None else list(c.logprobs))
+            for c in self.outputs
+        ]
+        return dataclasses.replace(self, outputs=outs)
 
 
 class OutputAccumulator:

@@ -167,3 +167,14 @@ def test_failed_step_leaves_no_cached_garbage(artifact):
     retry = fresh.generate(PROMPTS[1], p, use_tqdm=False)[0]
     assert retry.num_cached_tokens == 0 and retry.outputs[0].token_ids == healthy
     assert fresh.engine.pool.num_free == fresh.engine.pool.num_blocks
+
+
+
+def test_stream_outputs_are_snapshots(llm):
+    """Collected stream outputs keep each step's own delta and token list."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = list(llm.generate_stream({"prompt_token_ids": [5, 6, 7]}, params))
+    assert len(outs) == 6 and len({id(o) for o in outs}) == 6
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1, 2, 3, 4, 5, 6]
+    assert [t for o in outs for t in o.outputs[0].delta_token_ids] == outs[-1].outputs[0].token_ids
+    assert "".join(o.outputs[0].delta_text for o in outs) == outs[-1].outputs[0].text
