@@ -64,16 +64,23 @@ class KVCacheManager:
             hit.append(b)
         return hit
 
+    def _holds(self, req: Request, total: int) -> bool:
+        """Whether the request's blocks hold its first `total` tokens and every block they fill
+        is already registered in the prefix cache (allocating for them changes nothing)."""
+        table = self.tables.get(req.request_id)
+        return bool(table) and total <= len(table) * self.block_size and (
+            not self.pool.enable_caching or total // self.block_size <= self.cached_upto.get(req.request_id, 0))
+
+    def has_room_for_one(self, reqs: list[Request]) -> list[bool]:
+        """Per running request, whether allocate(req, 1) would change nothing (its next token
+        goes into a block it holds): the scheduler checks every decode at once."""
+        return [self._holds(req, req.num_computed_tokens + 1) for req in reqs]
+
     def allocate(self, req: Request, num_new_tokens: int, prefix: list[KVBlock] = ()) -> bool:
         """Blocks for the request's next num_new_tokens tokens (after its computed ones and
         any reused prefix); False, changing nothing, when the pool cannot provide them."""
-        bs = self.block_size
-        table = self.tables.get(req.request_id)
-        if table and not prefix:  # the common decode: room in the last block, no block fills
-            total = req.num_computed_tokens + num_new_tokens
-            if total <= len(table) * bs and (
-                    not self.pool.enable_caching or total // bs <= self.cached_upto.get(req.request_id, 0)):
-                return True
+        if not prefix and self._holds(req, req.num_computed_tokens + num_new_tokens):
+            return True  # the common decode
         table = self.tables.setdefault(req.request_id, [])
         total = req.num_computed_tokens + len(prefix) * self.block_size + num_new_tokens
         need = -(-total // self.block_size) - len(table) - len(prefix)

@@ -188,6 +188,5 @@ class ModelRunner:
             inputs[name] = self._dev[name][: sizes[name]]
             if self._dev is not self._host:
                 inputs[name].copy_(self._host[name][: sizes[name]], non_blocking=True)
-        host_ints = {MAX_SEQ_LEN: max(s + n for s, n in zip(starts, step.num_new_tokens, strict=True)),
-                     MAX_QUERY_LEN: max(step.num_new_tokens)}
+        host_ints = {MAX_SEQ_LEN: int(lens[:num_seqs].max()), MAX_QUERY_LEN: int(n_new.max())}
         return StepBatch(inputs, host_ints, sampled, num_tokens)

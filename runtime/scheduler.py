@@ -87,11 +87,21 @@ class Scheduler:
         for r in self.running:
             (decodes if len(r.all_token_ids) - r.num_computed_tokens == 1 else chunks).append(r)
         chunks.sort(key=lambda r: r.num_tokens - r.num_computed_tokens)
-        for req in decodes + chunks:
+        # Most decodes write into a block they already hold: checked for all of them at once.
+        for req, room in zip(decodes, self.kv.has_room_for_one(decodes), strict=True):
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if room or self._reserve(req, 1, out):
+                out.requests.append(req)
+                out.num_new_tokens.append(1)
+                budget -= 1
+        for req in chunks:
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:
+                continue
             n = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
             if self._reserve(req, n, out):
                 out.requests.append(req)

@@ -29,6 +29,7 @@ class Tokenizer:
             self._tok = None
         else:
             raise ArtifactError(f"artifact '{root}' has no tokenizer files under {tdir}")
+        self._decode = self._tok.decode if self._tok is not None else self._hf.decode
         gen = _read(root / "generation_config.json")
         model_cfg = _read(root / "config.json")
         eos: Any = gen.get("eos_token_id", model_cfg.get("eos_token_id"))
@@ -55,14 +56,9 @@ class Tokenizer:
             key = (ids[0], skip_special_tokens)
             text = self._single.get(key)
             if text is None:
-                text = self._single[key] = self._decode(ids, skip_special_tokens)
+                text = self._single[key] = self._decode(ids, skip_special_tokens=skip_special_tokens)
             return text
-        return self._decode(ids, skip_special_tokens)
-
-    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        if self._tok is not None:
-            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-        return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _read(path: Path) -> dict[str, Any]:
