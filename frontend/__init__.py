@@ -10,6 +10,7 @@ from kiln.frontend import attention as _attention  # noqa: F401  (registers kiln
 from kiln.frontend.checkpoint import Checkpoint, load_checkpoint
 from kiln.frontend.weights import SourceWeights
 from kiln.ir.graph import Graph
+from kiln.ir.ops.kernels import LONG_ROPE_META
 
 
 @dataclass
@@ -41,6 +42,8 @@ def import_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Imported
         max_position_embeddings=getattr(config, "max_position_embeddings", None)
         or getattr(config, "n_positions", None),
     )
+    if traced.long_rope:
+        graph.meta[LONG_ROPE_META] = traced.long_rope
     base = getattr(config, "base_model_prefix", "") or ""
     weights = SourceWeights(ckpt, traced.buffers, traced.aliases, base, dtype)
     return Imported(graph, weights, ckpt)

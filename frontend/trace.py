@@ -13,6 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from kiln.errors import KilnError, UnsupportedOpError
 from kiln.frontend.attention import ATTN_IMPLEMENTATION
 from kiln.frontend.checkpoint import Checkpoint
+from kiln.frontend.rope import freeze_length_dependent_rope
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class Traced:
     """Parameter name -> other names of the same tensor (tied weights)."""
     token_symbol: str
     """The export's symbol for the token dimension."""
+    long_rope: list[dict]
+    """Longrope modules traced with their short frequencies (kiln.frontend.rope)."""
 
 
 def _tied_embedding_aliases(model: torch.nn.Module, aliases: dict[str, list[str]]) -> None:
@@ -105,6 +108,7 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype) -> Traced:
         for n in names:
             aliases[n] = [m for m in names if m != n]
     _tied_embedding_aliases(model, aliases)
+    long_rope = freeze_length_dependent_rope(model, ckpt.model_type)
     model.to("meta")
     ids = torch.zeros(1, _TRACE_TOKENS, dtype=torch.long, device="meta")
     pos = torch.zeros(1, _TRACE_TOKENS, dtype=torch.long, device="meta")
@@ -128,4 +132,4 @@ def trace(ckpt: Checkpoint, dtype: torch.dtype) -> Traced:
             "export with a dynamic token dimension (no data-dependent Python control flow)",
         ) from None
     val = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"]
-    return Traced(program, buffers, aliases, str(val.shape[1]))
+    return Traced(program, buffers, aliases, str(val.shape[1]), long_rope)

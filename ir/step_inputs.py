@@ -10,7 +10,7 @@ enough blocks for the longest sequence the engine admits, so the table keeps one
 Padding (a decode step of B sequences runs as a bucketed B' >= B so its shapes repeat):
 
     token rows  B..B'-1: input_ids 0, position_ids 0, slot_mapping -1 (written to no slot)
-    sequences   B..B'-1: seq_lens 0, cu_seqlens repeats its last value (no query rows),
+    sequences   B..B'-1: seq_lens and total_lens 0, cu_seqlens repeats its last value (no query rows),
                          block_tables row all 0
     logits_indices lists only real rows: padded rows are never sampled.
 """
@@ -51,9 +51,12 @@ SLOT_MAPPING = StepInput("slot_mapping", "int64", ("T",), -1,
                          "cache slot (block * BS + offset) each token's K/V is written to; -1: none")
 BLOCK_TABLES = StepInput("block_tables", "int32", ("S", "MB"), 0, "each sequence's cache blocks, in order")
 SEQ_LENS = StepInput("seq_lens", "int32", ("S",), 0, "each sequence's length including this step's tokens")
+TOTAL_LENS = StepInput("total_lens", "int32", ("S",), 0,
+                       "each sequence's whole length so far, tokens of later chunks included (longrope)")
 
 STEP_INPUTS: dict[str, StepInput] = {
-    i.name: i for i in (INPUT_IDS, POSITION_IDS, CU_SEQLENS, LOGITS_INDICES, SLOT_MAPPING, BLOCK_TABLES, SEQ_LENS)
+    i.name: i for i in (INPUT_IDS, POSITION_IDS, CU_SEQLENS, LOGITS_INDICES, SLOT_MAPPING, BLOCK_TABLES, SEQ_LENS,
+                        TOTAL_LENS)
 }
 """Every per-step input except the KV caches, by name."""
 

@@ -14,6 +14,7 @@ from kiln.codegen.artifact_writer import write_artifact
 from kiln.codegen.fold_weights import fold_weights
 from kiln.codegen.targets import MODEL_DTYPES, get_lowering
 from kiln.frontend import import_model
+from kiln.ir.ops.kernels import LONG_ROPE_META
 from kiln.ir.types import torch_dtype
 from kiln.ir.verifier import verify
 from kiln.passes import PassManager, get_pass, resolve_pipeline
@@ -74,7 +75,11 @@ def compile(
         "kiln_version": kiln.__version__,
         "target": target,
         "dtype": dtype,
-        "model": {k: graph.meta.get(k) for k in ("model_type", "architectures", "vocab_size", "max_position_embeddings")},
+        "model": {
+            **{k: graph.meta.get(k) for k in ("model_type", "architectures", "vocab_size", "max_position_embeddings")},
+            # longrope: a sequence longer than this runs on the long factors (the engine recomputes it)
+            "long_rope_after": next((e["long_after"] for e in graph.meta.get(LONG_ROPE_META, [])), None),
+        },
         "source": {"path": str(Path(model_dir).resolve()), "sha256": {f.name: sha256_file(f) for f in ckpt.source_files}},
         "pipeline": names,
         "passes": pm.report,

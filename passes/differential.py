@@ -13,6 +13,7 @@ from kiln.ir.step_inputs import (
     LOGITS_INDICES,
     POSITION_IDS,
     SLOT_MAPPING,
+    TOTAL_LENS,
     contiguous_paged_inputs,
     is_cache_input,
 )
@@ -41,9 +42,11 @@ PAGED_BLOCK_SIZE = 4
 
 def _inputs_for(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names = {n.name for n in graph.inputs}
+    cu = batch[CU_SEQLENS.name]
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if TOTAL_LENS.name in names:  # whole sequences: their lengths (longrope's rope reads them)
+        batch = {**batch, TOTAL_LENS.name: torch.tensor(lengths, dtype=torch.int32)}
     if SLOT_MAPPING.name in names:
-        cu = batch[CU_SEQLENS.name]
-        lengths = (cu[1:] - cu[:-1]).tolist()
         caches = {n.name: n.type for n in graph.inputs if is_cache_input(n.name)}
         batch = {**batch, **contiguous_paged_inputs(lengths, PAGED_BLOCK_SIZE, caches, shuffle_seed=len(lengths))}
     out = {}

@@ -9,15 +9,17 @@ values the traced graph computes at position p, which codegen folds into a store
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 
+from kiln.errors import UnsupportedOpError
 from kiln.ir.dims import Dim, dims_equal, from_expr, to_expr
-from kiln.ir.graph import Graph, Node
+from kiln.ir.graph import Graph, Node, const_node, input_node
 from kiln.ir.ops import get_op
-from kiln.ir.step_inputs import POSITION_IDS
-from kiln.ir.types import TupleType
+from kiln.ir.ops.kernels import LONG_ROPE_META
+from kiln.ir.step_inputs import CU_SEQLENS, POSITION_IDS, TOTAL_LENS
+from kiln.ir.types import TensorType, TupleType
 from kiln.passes.base import Pass, make
 
 TOKENS = POSITION_IDS.shape[0]
@@ -216,11 +218,14 @@ def _at_positions(d: Dim, p: int) -> Dim:
 
 
 def _clone(n: Node, mapping: dict[Node, Node], p: int) -> Node:
-    """n rebuilt over mapping's replacements (positions -> arange), token dims in attrs -> p."""
+    """n rebuilt over mapping's replacements (positions -> arange; for longrope's long tables
+    also inv_freq -> the long frequencies), token dims in attrs -> p."""
     if n in mapping:
         return mapping[n]
-    if _token_axis(n.type.shape) is None:
-        return n  # position-only values all have a token axis: this one is weight-only
+    inputs = [_clone(i, mapping, p) for i in n.inputs]
+    if _token_axis(n.type.shape) is None and all(a is b for a, b in zip(inputs, n.inputs, strict=True)):
+        mapping[n] = n  # weight-only and untouched by the replacements
+        return n
     attrs = dict(n.attrs)
     for key in get_op(n.op).dim_attrs:
         v = attrs.get(key)
@@ -228,7 +233,7 @@ def _clone(n: Node, mapping: dict[Node, Node], p: int) -> Node:
             attrs[key] = [_at_positions(d, p) for d in v]
         elif v is not None:
             attrs[key] = _at_positions(v, p)
-    mapping[n] = make(n.op, [_clone(i, mapping, p) for i in n.inputs], **attrs)
+    mapping[n] = make(n.op, inputs, **attrs)
     return mapping[n]
 
 
@@ -291,7 +296,9 @@ class Rope(Pass):
     `arange(0, P)` (P: max_positions, else graph.meta["max_position_embeddings"], else
     DEFAULT_MAX_POSITIONS) and reshaped to [P, R], a weight-only value codegen folds. Permutes
     put x in [T, H, D]; then every permute of a permute, also through casts and slices, is
-    folded, so the traced transposes around q and k cancel."""
+    folded, so the traced transposes around q and k cancel. Longrope models (graph.meta[
+    LONG_ROPE_META]) get a second pair of tables built with the long frequencies, and the op
+    reads `total_lens` and `cu_seqlens` to pick a pair per token."""
 
     name = "rope"
     max_positions: int | None = None
@@ -309,32 +316,82 @@ class Rope(Pass):
                 if (m := pattern(n, tables, found)) is not None:
                     found[n] = m
                     break
-        memo: dict[tuple[Node, bool, int], Node | None] = {}
-        clones = {positions: make("arange", [], start=0, end=int(p), step=1, dtype=positions.type.dtype)}
+        arange = make("arange", [], start=0, end=int(p), step=1, dtype=positions.type.dtype)
+        variants = [_Variant({positions: arange})]
+        long = _long_variant(graph, arange, positions)
+        if long is not None:
+            variants.append(long)
         replace: dict[Node, Node] = {}
         for root, rot in found.items():
-            if (new := self._emit(root, rot, positions, clones, memo)) is not None:
+            if (new := self._emit(root, rot, positions, variants, int(p))) is not None:
                 replace[root] = new
         if not replace:
             return graph
-        return graph.substitute(replace).rewrite(_cancel_permutes)
+        out = graph.substitute(replace).rewrite(_cancel_permutes)
+        if long is not None:
+            out = out.with_inputs([*(i for i in out.inputs if i is not long.total_lens), long.total_lens])
+        return out
 
-    def _emit(self, root: Node, rot: Rotation, positions: Node, clones: dict[Node, Node],
-              memo: dict[tuple[Node, bool, int], Node | None]) -> Node | None:
+    def _emit(self, root: Node, rot: Rotation, positions: Node, variants: list[_Variant], p: int) -> Node | None:
         x = rot.x
         t = _token_axis(x.type.shape)
         if x.type.rank != 3 or t is None or t == 2:
             return None
         width = rot.rotary_dim // 2 if rot.halves else rot.rotary_dim
-        pair = []
-        for value in (rot.cos, rot.sin):
-            key = (value, rot.halves, t)
-            if key not in memo:
-                memo[key] = _table(value, t, width, clones, clones[positions].attrs["end"], rot.halves)
-            pair.append(memo[key])
-        if None in pair:
+        tables = []
+        for v in variants:
+            for value in (rot.cos, rot.sin):
+                key = (value, rot.halves, t)
+                if key not in v.memo:
+                    v.memo[key] = _table(value, t, width, v.clones, p, rot.halves)
+                tables.append(v.memo[key])
+        if None in tables:
             return None
         perm = [t, 1 - t, 2]  # x's layout -> [T, H, D]; its own inverse
-        y = make("rope", [_permuted(x, perm), positions, *pair], style=rot.style, rotary_dim=rot.rotary_dim)
-        out = _permuted(y, perm)
+        attrs = {"style": rot.style, "rotary_dim": rot.rotary_dim}
+        operands = [_permuted(x, perm), positions, *tables]
+        if len(variants) == 2:
+            long = variants[1]
+            operands += [long.total_lens, long.cu_seqlens]
+            attrs["long_after"] = long.long_after
+        out = _permuted(make("rope", operands, **attrs), perm)
         return out if out.type.same_as(root.type) else None
+
+
+@dataclass
+class _Variant:
+    """One pair of tables to build: the clone replacements and the memo of built tables."""
+
+    clones: dict[Node, Node]
+    memo: dict[tuple[Node, bool, int], Node | None] = field(default_factory=dict)
+    long_after: int = 0
+    total_lens: Node | None = None
+    cu_seqlens: Node | None = None
+
+
+def _long_variant(graph: Graph, arange: Node, positions: Node) -> _Variant | None:
+    """Longrope (graph.meta[LONG_ROPE_META], written by the frontend): the tables again with the
+    long frequencies in place of inv_freq, and the inputs the op picks a pair per token with."""
+    entries = graph.meta.get(LONG_ROPE_META) or []
+    if not entries:
+        return None
+    if len(entries) != 1:
+        raise UnsupportedOpError("longrope with several rotary modules", str(graph.meta.get("model_type")),
+                                 hint="kiln handles longrope when one rotary module serves every layer")
+    (entry,) = entries
+    params = {n.name: n for n in graph.params}
+    inv_freq = params.get(entry["param"])
+    if inv_freq is None:
+        raise UnsupportedOpError(f"longrope frequencies '{entry['param']}'", str(graph.meta.get("model_type")),
+                                 hint="the traced graph does not read that buffer; the rope tables cannot switch to "
+                                 "the long factors")
+    values = const_node(entry["long_inv_freq"], TensorType("float32", (len(entry["long_inv_freq"]),)))
+    if inv_freq.type.dtype != "float32":
+        values = make("cast", [values], dtype=inv_freq.type.dtype)
+    inputs = {n.name: n for n in graph.inputs}
+    return _Variant(
+        {positions: arange, inv_freq: values},
+        long_after=int(entry["long_after"]),
+        total_lens=inputs.get(TOTAL_LENS.name) or input_node(TOTAL_LENS.name, TOTAL_LENS.type),
+        cu_seqlens=inputs[CU_SEQLENS.name],
+    )

@@ -81,6 +81,7 @@ class LLMEngine:
             block_size * int(t.shape[2]) * int(t.shape[3]) * t.itemsize
             for t in caches.values()
         )
+        self.long_rope_after: int | None = self.model.manifest["model"].get("long_rope_after")
         limit = self.model.manifest["model"].get("max_position_embeddings")
         if max_model_len is not None and limit and max_model_len > limit:
             raise ValueError(
@@ -161,7 +162,8 @@ class LLMEngine:
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = dataclasses.replace(params, seed=params.seed + i)
-            req = Request(f"{request_id}#{i}", ids, child_params, prompt=text, index=i, group_id=request_id)
+            req = Request(f"{request_id}#{i}", ids, child_params, prompt=text, index=i, group_id=request_id,
+                          long_rope=self.long_rope_after is not None and len(ids) > self.long_rope_after)
             self._track[req.request_id] = _Track(
                 SamplingState(child_params, req.prompt_token_ids, eos_token_ids=self.tokenizer.eos_token_ids),
                 IncrementalDetokenizer(self.tokenizer, ids, child_params),
@@ -264,6 +266,11 @@ class LLMEngine:
             self._finish(req, "length")
         elif num_out + req.prompt_len >= self.max_model_len:
             self._finish(req, "length")
+        elif not req.long_rope and self.long_rope_after is not None and len(req.all_token_ids) > self.long_rope_after:
+            # Past a longrope model's switch every token runs on the long factors, the cached
+            # ones too (transformers drops its cache there): compute the sequence again.
+            req.long_rope = True
+            self.scheduler.recompute(req)
 
     def _output(self, group_id: str) -> RequestOutput:
         reqs = self.groups[group_id]

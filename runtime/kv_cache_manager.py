@@ -12,9 +12,10 @@ from kiln.runtime.block_pool import BlockPool, KVBlock
 from kiln.runtime.request import Request
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...], adapter_id: int | None = None) -> int:
-    """Hash of one full block given its parent's hash."""
-    return hash((parent, tokens, adapter_id))
+def block_hash(parent: int | None, tokens: tuple[int, ...], key: object = None) -> int:
+    """Hash of one full block given its parent's hash; key: what else decides its content
+    (the request's adapter and rope regime)."""
+    return hash((parent, tokens, key))
 
 
 @dataclass
@@ -47,7 +48,7 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]), req.adapter_id))
+            hashes.append(block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]), req.cache_key))
         return hashes
 
     def computed_prefix(self, req: Request) -> list[KVBlock]:

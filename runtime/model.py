@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from kiln.errors import ArtifactError
-from kiln.ir.step_inputs import contiguous_paged_inputs, is_cache_input
-from kiln.ir.types import TensorType
+from kiln.ir.step_inputs import SLOT_MAPPING, TOTAL_LENS, contiguous_paged_inputs, is_cache_input
+from kiln.ir.types import TensorType, torch_dtype
 from kiln.runtime.artifact import GRAPH, PLAN, TOKENIZER_DIR, WEIGHTS_DIR, read_json, read_manifest
 from kiln.runtime.executor import PlanExecutor
 from kiln.runtime.plan import ExecutionPlan
@@ -76,8 +76,10 @@ class CompiledModel:
         cu = torch.zeros(lens.numel() + 1, dtype=torch.int32)
         cu[1:] = lens.cumsum(0)
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "cu_seqlens": cu}
-        if "slot_mapping" in self.plan.inputs:  # a throwaway paged cache holding just this batch
+        if SLOT_MAPPING.name in self.plan.inputs:  # a throwaway paged cache holding just this batch
             inputs.update(contiguous_paged_inputs(lens.tolist(), DEBUG_BLOCK_SIZE, self.cache_types))
+        if TOTAL_LENS.name in self.plan.inputs:  # whole sequences: their own lengths
+            inputs[TOTAL_LENS.name] = lens.to(torch_dtype(TOTAL_LENS.dtype))
         if "logits_indices" in self.plan.inputs:
             inputs["logits_indices"] = (
                 torch.arange(total) if logits_indices is None else logits_indices.to(torch.int64)

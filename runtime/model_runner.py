@@ -34,6 +34,7 @@ from kiln.ir.step_inputs import (
     SEQ_LENS,
     SLOT_MAPPING,
     STEP_INPUTS,
+    TOTAL_LENS,
     bucket_tokens,
 )
 from kiln.ir.types import torch_dtype
@@ -84,7 +85,8 @@ class ModelRunner:
         self.width = -(-max_model_len // kv.block_size)  # MB: fixed for the engine's life
         pin = self.device.type == "cuda"
         rows = {INPUT_IDS: self.max_tokens, POSITION_IDS: self.max_tokens, SLOT_MAPPING: self.max_tokens,
-                CU_SEQLENS: self.max_seqs + 1, SEQ_LENS: self.max_seqs, LOGITS_INDICES: self.max_seqs}
+                CU_SEQLENS: self.max_seqs + 1, SEQ_LENS: self.max_seqs, TOTAL_LENS: self.max_seqs,
+                LOGITS_INDICES: self.max_seqs}
         self._host = {i.name: torch.zeros(n, dtype=torch_dtype(i.dtype), pin_memory=pin) for i, n in rows.items()}
         self._host[BLOCK_TABLES.name] = torch.zeros(self.max_seqs, self.width, dtype=torch_dtype(BLOCK_TABLES.dtype),
                                                     pin_memory=pin)
@@ -140,11 +142,13 @@ class ModelRunner:
         logits_rows: list[int] = []
         sampled: list[Request] = []
         end = 0
+        totals: list[int] = []
         for req, n in zip(step.requests, step.num_new_tokens, strict=True):
             start = req.num_computed_tokens
             tokens = req.all_token_ids
             ids += tokens[start : start + n]
             starts.append(start)
+            totals.append(len(tokens))
             rows.append(self._row(req))
             end += n
             if start + n == len(tokens):
@@ -179,9 +183,13 @@ class ModelRunner:
         for name in (INPUT_IDS, POSITION_IDS, SLOT_MAPPING):
             h[name.name][num_tokens:padded_tokens] = name.pad
         lens[num_seqs:padded_seqs] = SEQ_LENS.pad
+        total = h[TOTAL_LENS.name]  # [S_max]
+        total[:num_seqs] = totals
+        total[num_seqs:padded_seqs] = TOTAL_LENS.pad
 
         sizes = {INPUT_IDS.name: padded_tokens, POSITION_IDS.name: padded_tokens, SLOT_MAPPING.name: padded_tokens,
-                 CU_SEQLENS.name: padded_seqs + 1, SEQ_LENS.name: padded_seqs, BLOCK_TABLES.name: padded_seqs,
+                 CU_SEQLENS.name: padded_seqs + 1, SEQ_LENS.name: padded_seqs, TOTAL_LENS.name: padded_seqs,
+                 BLOCK_TABLES.name: padded_seqs,
                  LOGITS_INDICES.name: len(logits_rows)}
         inputs = {}
         for name in STEP_INPUTS:

@@ -31,6 +31,8 @@ class Request:
     group_id: str = ""
     """The id the caller gave; requests of one prompt share it."""
     adapter_id: int | None = None
+    long_rope: bool = False
+    """Computed with a longrope model's long factors (set once it is longer than the switch)."""
     arrival_time: float = field(default_factory=time.monotonic)
     num_computed_tokens: int = 0
     """Tokens whose K/V are in the cache; catches up with num_tokens step by step."""
@@ -66,6 +68,11 @@ class Request:
     def num_tokens(self) -> int:
         """Prompt plus generated tokens."""
         return len(self.all_token_ids)
+
+    @property
+    def cache_key(self) -> tuple[int | None, bool]:
+        """What besides the tokens decides a KV block's content (prefix-cache hash key)."""
+        return self.adapter_id, self.long_rope
 
     @property
     def finished(self) -> bool:

@@ -58,14 +58,19 @@ class Scheduler:
         req.status = Status.FINISHED
         req.finish_reason = reason
 
+    def recompute(self, req: Request) -> None:
+        """Drop a running request's KV blocks and queue it first, to compute all its tokens
+        again (they are kept)."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
-        self.running.remove(victim)
-        self.kv.free(victim)
-        victim.num_computed_tokens = 0
-        victim.status = Status.WAITING
+        self.recompute(victim)
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(victim)
         out.preempted.append(victim)
 
     def _reserve(self, req: Request, n: int, out: SchedulerOutput) -> bool:

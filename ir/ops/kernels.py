@@ -81,17 +81,35 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 # -- rotary embedding -------------------------------------------------------------------------
 
 
-@register("rope", arity=4, kind="opaque", attrs=("style", "rotary_dim"), scalar_inputs=False, kernel=True)
-def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-         style: str, rotary_dim: int) -> torch.Tensor:
+LONG_ROPE_META = "long_rope"
+"""graph.meta key the frontend writes for longrope models (kiln.frontend.rope): a list of
+{"param": inv_freq param name, "long_inv_freq": [...], "long_after": original max length}."""
+
+
+@register("rope", arity=(4, 8), kind="opaque", attrs=("style", "rotary_dim"), optional_attrs=("long_after",),
+          scalar_inputs=False, kernel=True)
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         cos_long: torch.Tensor | None = None, sin_long: torch.Tensor | None = None,
+         total_lens: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
+         style: str, rotary_dim: int, long_after: int | None = None) -> torch.Tensor:
     """Rotary embedding of the first rotary_dim features of each head: x [T, H, D], positions
     [T], cos/sin [P, rotary_dim] tables (row p: the values at position p, as the model computes
     them, scaling included). style "neox" rotates halves (x1, x2) -> (-x2, x1); "interleaved"
     rotates pairs (x0, x1) -> (-x1, x0). Computed as x * cos + rotate(x) * sin in torch's
-    promotion of x and the tables, exactly as transformers does."""
+    promotion of x and the tables, exactly as transformers does. Longrope models pass a second
+    pair of tables with total_lens [S] and cu_seqlens [S+1]: a token whose sequence is longer
+    than long_after (its whole length so far) reads the long pair, as transformers does for a
+    sequence run in one forward pass (the engine recomputes a sequence that grows past it)."""
     r = rotary_dim
-    c = cos[positions].unsqueeze(-2)  # [T, 1, R]
-    s = sin[positions].unsqueeze(-2)  # [T, 1, R]
+    c = cos[positions]  # [T, R]
+    s = sin[positions]  # [T, R]
+    if cos_long is not None:
+        tokens = torch.arange(x.shape[0], device=x.device, dtype=cu_seqlens.dtype)  # [T]
+        seq = torch.searchsorted(cu_seqlens[1:], tokens, right=True).clamp_(max=total_lens.shape[0] - 1)  # [T]
+        long_rows = (total_lens[seq] > long_after).unsqueeze(1)  # [T, 1]; padded rows: either pair
+        c = torch.where(long_rows, cos_long[positions], c)
+        s = torch.where(long_rows, sin_long[positions], s)
+    c, s = c.unsqueeze(-2), s.unsqueeze(-2)  # [T, 1, R]
     xr = x[..., :r]  # [T, H, R]
     if style == "neox":
         rot = torch.cat([-xr[..., r // 2 :], xr[..., : r // 2]], dim=-1)

@@ -16,7 +16,7 @@ def _chain(tokens: list[int], adapter_id: int | None = None) -> list[int]:
     """Every full block's hash, recomputed from scratch."""
     out: list[int] = []
     for i in range(len(tokens) // BS):
-        out.append(block_hash(out[-1] if out else None, tuple(tokens[i * BS : (i + 1) * BS]), adapter_id))
+        out.append(block_hash(out[-1] if out else None, tuple(tokens[i * BS : (i + 1) * BS]), (adapter_id, False)))
     return out
 
 

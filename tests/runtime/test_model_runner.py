@@ -15,6 +15,7 @@ from kiln.ir.step_inputs import (
     POSITION_IDS,
     SEQ_LENS,
     SLOT_MAPPING,
+    TOTAL_LENS,
     bucket_tokens,
 )
 from kiln.runtime.block_pool import BlockPool
@@ -31,7 +32,7 @@ WIDTH = MAX_LEN // BS
 
 def _reference(step: SchedulerOutput, kv: KVCacheManager) -> dict[str, list]:
     """The inputs of a step computed token by token from each request's whole block table."""
-    ids, pos, slots, cu, lens, rows, tables = [], [], [], [0], [], [], []
+    ids, pos, slots, cu, lens, totals, rows, tables = [], [], [], [0], [], [], [], []
     for req, n in zip(step.requests, step.num_new_tokens, strict=True):
         start, table = req.num_computed_tokens, kv.block_ids(req)
         ids += req.all_token_ids[start : start + n]
@@ -39,11 +40,12 @@ def _reference(step: SchedulerOutput, kv: KVCacheManager) -> dict[str, list]:
         slots += [table[j // BS] * BS + j % BS for j in range(start, start + n)]
         cu.append(cu[-1] + n)
         lens.append(start + n)
+        totals.append(req.num_tokens)
         tables.append(table + [0] * (WIDTH - len(table)))
         if start + n == req.num_tokens:
             rows.append(cu[-1] - 1)
     return {INPUT_IDS.name: ids, POSITION_IDS.name: pos, SLOT_MAPPING.name: slots, CU_SEQLENS.name: cu,
-            SEQ_LENS.name: lens, LOGITS_INDICES.name: rows, BLOCK_TABLES.name: tables}
+            SEQ_LENS.name: lens, TOTAL_LENS.name: totals, LOGITS_INDICES.name: rows, BLOCK_TABLES.name: tables}
 
 
 def _engine(num_blocks: int, budget: int, max_seqs: int, pad: bool):
@@ -81,7 +83,7 @@ def test_inputs_equal_recomputation_over_many_steps(num_blocks):
         for name, value in want.items():
             got = batch.inputs[name]
             assert got.dtype == {BLOCK_TABLES.name: torch.int32, CU_SEQLENS.name: torch.int32,
-                                 SEQ_LENS.name: torch.int32}.get(name, torch.int64), name
+                                 SEQ_LENS.name: torch.int32, TOTAL_LENS.name: torch.int32}.get(name, torch.int64), name
             assert got.tolist() == value, f"step {step_no}: {name}"
         assert batch.inputs[BLOCK_TABLES.name].shape[1] == WIDTH  # one width, every step
         assert batch.sampled == [r for r, n in zip(step.requests, step.num_new_tokens, strict=True)
