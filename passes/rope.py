@@ -27,7 +27,7 @@ DEFAULT_MAX_POSITIONS = 4096
 """Table length when neither the pass option nor graph.meta["max_position_embeddings"] gives one."""
 
 # Position-only ops that keep each token's row apart (checked further in _rowwise).
-_ROW_OPS = frozenset({"reshape", "cat", "slice", "repeat_interleave", "expand"})
+_ROW_OPS = frozenset({"reshape", "cat", "slice", "repeat_interleave", "expand", "permute", "matmul"})
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,10 @@ def _token_axis(shape: tuple[Dim, ...]) -> int | None:
     return symbolic[0] if len(symbolic) == 1 and _is_token_dim(shape[symbolic[0]]) else None
 
 
+def _has_tokens(n: Node) -> bool:
+    return any(not isinstance(d, int) for d in n.type.shape)
+
+
 def _rowwise(n: Node) -> bool:
     """Whether a position-derived node keeps row t a function of position t alone."""
     axis = _token_axis(n.type.shape)
@@ -194,8 +198,16 @@ def _rowwise(n: Node) -> bool:
         src = n.inputs[0].type.shape
         src_axis = _token_axis(src)
         return src_axis is not None and all(d == 1 for d in (*src[:src_axis], *n.type.shape[:axis]))
-    if n.op == "expand":
+    if n.op in ("expand", "permute"):
         return True
+    if n.op == "matmul":
+        # freqs = inv_freq[:, None] @ positions[None, :] (transformers before 5.2x): the token
+        # axis must be a row of the left operand or a column of the right one, never contracted,
+        # and the other operand must have none.
+        axes = [_token_axis(i.type.shape) for i in n.inputs]
+        a, b = n.inputs
+        return (axes[0] == a.type.rank - 2 and axes[1] is None and not _has_tokens(b)) or (
+            axes[1] == b.type.rank - 1 and axes[0] is None and not _has_tokens(a))
     return all(isinstance(x.type.shape[n.attrs["dim"]], int) for x in n.inputs)
 
 
@@ -325,10 +337,11 @@ class Rope(Pass):
         for root, rot in found.items():
             if (new := self._emit(root, rot, positions, variants, int(p))) is not None:
                 replace[root] = new
-        if not replace:
+        if not replace and long is None:
             return graph
-        out = graph.substitute(replace).rewrite(_cancel_permutes)
+        out = graph.substitute(replace).rewrite(_cancel_permutes) if replace else graph
         if long is not None:
+            _check_no_short_only_rope(out, long)
             out = out.with_inputs([*(i for i in out.inputs if i is not long.total_lens), long.total_lens])
         return out
 
@@ -367,6 +380,27 @@ class _Variant:
     long_after: int = 0
     total_lens: Node | None = None
     cu_seqlens: Node | None = None
+
+
+def _check_no_short_only_rope(graph: Graph, long: _Variant) -> None:
+    """A longrope model whose rotary embedding stayed (partly) generic would run on its short
+    factors alone: an error, never a silent deviation."""
+    (inv_freq,) = (k for k in long.clones if k.op == "param")
+    derived = {inv_freq}  # weight-only values computed from the frequencies
+    live = {n for n in graph.inputs}  # values depending on a step input
+    for n in graph.nodes:
+        if n.op in ("input", "param", "const"):
+            continue
+        if any(i in live for i in n.inputs):
+            live.add(n)
+            if n.op != "rope" and any(i in derived for i in n.inputs):  # rope reads its tables
+                raise UnsupportedOpError(
+                    "a longrope rotary embedding the rope pass does not recognise",
+                    str(graph.meta.get("model_type")),
+                    hint=f"'{inv_freq.name}' is applied by generic ops, which would use the short factors only",
+                )
+        elif any(i in derived for i in n.inputs):
+            derived.add(n)
 
 
 def _long_variant(graph: Graph, arange: Node, positions: Node) -> _Variant | None:
