@@ -1,6 +1,7 @@
-"""RoPE scaling schemes: every static one compiles to rope tables with logits parity, longrope
-switches to its long factors per sequence (in a flattened batch and while generating), and
-dynamic NTK scaling is refused with a clear error."""
+"""RoPE scaling schemes compile to rope tables with logits parity: the static ones, dynamic NTK
+(its original frequencies: the engine stays within max_position_embeddings, where transformers
+uses them too), and longrope, which switches to its long factors per sequence (in a flattened
+batch and while generating)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 
 import kiln
 from kiln import LLM, SamplingParams
-from kiln.errors import UnsupportedOpError
 from kiln.models.checkpoint import build_checkpoint, load_reference_model
 
 ORIGINAL = 64  # original_max_position_embeddings of the scaled configs
@@ -20,6 +20,7 @@ SCALINGS = {
     "llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": ORIGINAL}),
     "yarn": ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}),
+    "dynamic": ("llama", {"rope_type": "dynamic", "factor": 2.0}),
     "longrope": ("phi3", {"rope_type": "longrope", "partial_rotary_factor": 1.0,
                           "original_max_position_embeddings": ORIGINAL,
                           "short_factor": [1.0 + 0.1 * i for i in range(8)],
@@ -67,8 +68,18 @@ def test_longrope_generation_crosses_the_original_length(tmp_path):
         assert out.outputs[0].token_ids == want
 
 
-def test_dynamic_ntk_scaling_is_refused(tmp_path):
-    ckpt = build_checkpoint("llama", tmp_path / "dyn", config_overrides={
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}})
-    with pytest.raises(UnsupportedOpError, match="dynamic NTK RoPE scaling"):
-        kiln.compile(ckpt, tmp_path / "art")
+def test_dynamic_ntk_generation_matches_transformers(tmp_path):
+    """Greedy generation up to the model's context: transformers keeps the original frequencies
+    there, and so does kiln; the engine refuses a longer context."""
+    ckpt = _build(tmp_path, "dynamic")
+    path = kiln.compile(ckpt, tmp_path / "art")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LLM(path, max_model_len=257, num_kv_blocks=64)
+    llm = LLM(path, num_kv_blocks=128, block_size=4)
+    prompt = torch.randint(3, 256, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    with torch.no_grad():
+        want = load_reference_model(ckpt).generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                                   eos_token_id=None, pad_token_id=0)[0, 200:].tolist()
+    assert out == want
