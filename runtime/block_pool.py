@@ -18,7 +18,7 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     """Running sequences using the block."""
-    block_hash: int | None = None
+    block_hash: bytes | None = None
     """Hash of the full block's tokens and its prefix, once full and cached."""
     prev: KVBlock | None = None
     next: KVBlock | None = None
@@ -65,7 +65,7 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free = FreeBlockQueue(self.blocks)
         self.enable_caching = enable_caching
-        self.cached: dict[int, KVBlock] = {}
+        self.cached: dict[bytes, KVBlock] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -79,7 +79,7 @@ class BlockPool:
         """Fraction of blocks held by running sequences."""
         return 1.0 - self.num_free / self.num_blocks
 
-    def lookup(self, block_hash: int) -> KVBlock | None:
+    def lookup(self, block_hash: bytes) -> KVBlock | None:
         """The cached block holding that hash, if any."""
         return self.cached.get(block_hash) if self.enable_caching else None
 
@@ -120,7 +120,7 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self.free.append(b)
 
-    def cache(self, block: KVBlock, block_hash: int) -> None:
+    def cache(self, block: KVBlock, block_hash: bytes) -> None:
         """Record a full block's hash so later sequences with the same prefix can reuse it."""
         if not self.enable_caching or block.block_hash is not None:
             return

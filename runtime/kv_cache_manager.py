@@ -1,21 +1,32 @@
 """Per-request block tables over the block pool, with prefix caching.
 
 Block i of a request holds tokens [i*BS, (i+1)*BS). A full block's hash chains its parent's:
-hash(parent_hash, its token ids, adapter id), so equal hashes mean equal whole prefixes.
+hash(parent_hash, its token ids, the request's cache key), so equal hashes mean equal whole
+prefixes. The hash is a keyed 128-bit BLAKE2b under a random per-manager salt: a request whose
+tokens were chosen to collide with another's prefix cannot read that request's KV blocks (a
+64-bit Python hash can be attacked so; vLLM moved to a cryptographic one after such a report).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kiln.runtime.block_pool import BlockPool, KVBlock
 from kiln.runtime.request import Request
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...], key: object = None) -> int:
+def block_hash(parent: bytes | None, tokens: Sequence[int], key: object, salt: bytes) -> bytes:
     """Hash of one full block given its parent's hash; key: what else decides its content
-    (the request's adapter and rope regime)."""
-    return hash((parent, tokens, key))
+    (the request's adapter and rope regime); salt: the manager's secret."""
+    h = hashlib.blake2b(digest_size=16, key=salt)
+    h.update(parent or b"\0" * 16)
+    h.update(repr(key).encode())
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 @dataclass
@@ -37,18 +48,20 @@ class KVCacheManager:
         self.pool = pool
         self.block_size = block_size
         self.tables: dict[str, list[KVBlock]] = {}
-        self.hashes: dict[str, list[int]] = {}
+        self.hashes: dict[str, list[bytes]] = {}
+        self.salt = os.urandom(16)
+        """Keys the block hashes (random per manager: collisions cannot be precomputed)."""
         self.cached_upto: dict[str, int] = {}
         """Per request, how many of its leading full blocks are registered in the cache."""
         self.stats = PrefixStats()
 
-    def _full_hashes(self, req: Request, num_tokens: int) -> list[int]:
+    def _full_hashes(self, req: Request, num_tokens: int) -> list[bytes]:
         hashes = self.hashes.setdefault(req.request_id, [])
         tokens = req.all_token_ids  # the live list: only the new blocks' tokens are read
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]), req.cache_key))
+            hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs], req.cache_key, self.salt))
         return hashes
 
     def computed_prefix(self, req: Request) -> list[KVBlock]:

@@ -12,11 +12,11 @@ from kiln.runtime.sampling_params import SamplingParams
 BS = 4
 
 
-def _chain(tokens: list[int], adapter_id: int | None = None) -> list[int]:
+def _chain(tokens: list[int], salt: bytes, adapter_id: int | None = None) -> list[bytes]:
     """Every full block's hash, recomputed from scratch."""
     out: list[int] = []
     for i in range(len(tokens) // BS):
-        out.append(block_hash(out[-1] if out else None, tuple(tokens[i * BS : (i + 1) * BS]), (adapter_id, False)))
+        out.append(block_hash(out[-1] if out else None, tokens[i * BS : (i + 1) * BS], (adapter_id, False), salt))
     return out
 
 
@@ -35,9 +35,9 @@ def test_hashes_grow_incrementally_and_equal_the_recomputation():
         req.append_token(100 + t)
         assert kv.allocate(req, 1)
         req.num_computed_tokens += 1
-        assert kv.hashes["a"] == _chain(req.all_token_ids)[: len(kv.hashes["a"])]
+        assert kv.hashes["a"] == _chain(req.all_token_ids, kv.salt)[: len(kv.hashes["a"])]
         assert len(kv.hashes["a"]) == req.num_computed_tokens // BS
-    full = _chain(req.all_token_ids)
+    full = _chain(req.all_token_ids, kv.salt)
     assert [b.block_hash for b in kv.table(req)[: len(full)]] == full
     assert kv.pool.lookup(full[-1]) is kv.table(req)[len(full) - 1]
 
@@ -94,3 +94,16 @@ def test_failed_allocate_changes_nothing():
     assert not pool.can_allocate(3)
     assert not kv.allocate(b, 9)
     assert "b" not in kv.tables and pool.num_free == 1 and kv.stats.queries == 12
+
+
+def test_block_hashes_are_keyed_128_bit_digests():
+    """Collision-resistant prefix keys: 16-byte keyed BLAKE2b digests under a per-manager
+    secret, so a crafted prompt cannot be made to hash like another request's prefix."""
+    tokens = list(range(2 * BS))
+    a = block_hash(None, tokens[:BS], (None, False), b"k" * 16)
+    assert len(a) == 16
+    assert a != block_hash(None, tokens[:BS], (None, False), b"j" * 16)  # another secret
+    assert a != block_hash(None, tokens[:BS], (1, False), b"k" * 16)  # another adapter
+    assert block_hash(a, tokens[BS:], (None, False), b"k" * 16) != block_hash(None, tokens[BS:], (None, False), b"k" * 16)
+    one, two = KVCacheManager(BlockPool(8), BS), KVCacheManager(BlockPool(8), BS)
+    assert one.salt != two.salt
