@@ -19,14 +19,22 @@ from kiln.runtime.block_pool import BlockPool, KVBlock
 from kiln.runtime.request import Request
 
 
-def block_hash(parent: bytes | None, tokens: Sequence[int], key: object, salt: bytes) -> bytes:
-    """Hash of one full block given its parent's hash; key: what else decides its content
-    (the request's adapter and rope regime); salt: the manager's secret."""
-    h = hashlib.blake2b(digest_size=16, key=salt)
-    h.update(parent or b"\0" * 16)
-    h.update(repr(key).encode())
-    h.update(array("q", tokens).tobytes())
-    return h.digest()
+class BlockHasher:
+    """Hashes full blocks: a keyed 128-bit BLAKE2b of (parent hash, cache key, token ids)."""
+
+    def __init__(self, salt: bytes | None = None):
+        self.salt = salt if salt is not None else os.urandom(16)
+        """The secret key (random per manager: collisions cannot be precomputed)."""
+        self._base = hashlib.blake2b(digest_size=16, key=self.salt)
+
+    def __call__(self, parent: bytes | None, tokens: Sequence[int], key: object) -> bytes:
+        """Hash of one full block given its parent's hash; key: what else decides its content
+        (the request's adapter and rope regime)."""
+        h = self._base.copy()
+        h.update(parent or bytes(16))
+        h.update(repr(key).encode())
+        h.update(array("q", tokens).tobytes())
+        return h.digest()
 
 
 @dataclass
@@ -49,8 +57,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.tables: dict[str, list[KVBlock]] = {}
         self.hashes: dict[str, list[bytes]] = {}
-        self.salt = os.urandom(16)
-        """Keys the block hashes (random per manager: collisions cannot be precomputed)."""
+        self.block_hash = BlockHasher()
         self.cached_upto: dict[str, int] = {}
         """Per request, how many of its leading full blocks are registered in the cache."""
         self.stats = PrefixStats()
@@ -61,7 +68,7 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs], req.cache_key, self.salt))
+            hashes.append(self.block_hash(parent, tokens[i * bs : (i + 1) * bs], req.cache_key))
         return hashes
 
     def computed_prefix(self, req: Request) -> list[KVBlock]:

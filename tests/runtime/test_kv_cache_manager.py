@@ -5,18 +5,18 @@ failed allocate changes nothing."""
 from __future__ import annotations
 
 from kiln.runtime.block_pool import BlockPool
-from kiln.runtime.kv_cache_manager import KVCacheManager, block_hash
+from kiln.runtime.kv_cache_manager import BlockHasher, KVCacheManager
 from kiln.runtime.request import Request
 from kiln.runtime.sampling_params import SamplingParams
 
 BS = 4
 
 
-def _chain(tokens: list[int], salt: bytes, adapter_id: int | None = None) -> list[bytes]:
+def _chain(tokens: list[int], block_hash: BlockHasher, adapter_id: int | None = None) -> list[bytes]:
     """Every full block's hash, recomputed from scratch."""
     out: list[int] = []
     for i in range(len(tokens) // BS):
-        out.append(block_hash(out[-1] if out else None, tokens[i * BS : (i + 1) * BS], (adapter_id, False), salt))
+        out.append(block_hash(out[-1] if out else None, tokens[i * BS : (i + 1) * BS], (adapter_id, False)))
     return out
 
 
@@ -35,9 +35,9 @@ def test_hashes_grow_incrementally_and_equal_the_recomputation():
         req.append_token(100 + t)
         assert kv.allocate(req, 1)
         req.num_computed_tokens += 1
-        assert kv.hashes["a"] == _chain(req.all_token_ids, kv.salt)[: len(kv.hashes["a"])]
+        assert kv.hashes["a"] == _chain(req.all_token_ids, kv.block_hash)[: len(kv.hashes["a"])]
         assert len(kv.hashes["a"]) == req.num_computed_tokens // BS
-    full = _chain(req.all_token_ids, kv.salt)
+    full = _chain(req.all_token_ids, kv.block_hash)
     assert [b.block_hash for b in kv.table(req)[: len(full)]] == full
     assert kv.pool.lookup(full[-1]) is kv.table(req)[len(full) - 1]
 
@@ -100,10 +100,10 @@ def test_block_hashes_are_keyed_128_bit_digests():
     """Collision-resistant prefix keys: 16-byte keyed BLAKE2b digests under a per-manager
     secret, so a crafted prompt cannot be made to hash like another request's prefix."""
     tokens = list(range(2 * BS))
-    a = block_hash(None, tokens[:BS], (None, False), b"k" * 16)
-    assert len(a) == 16
-    assert a != block_hash(None, tokens[:BS], (None, False), b"j" * 16)  # another secret
-    assert a != block_hash(None, tokens[:BS], (1, False), b"k" * 16)  # another adapter
-    assert block_hash(a, tokens[BS:], (None, False), b"k" * 16) != block_hash(None, tokens[BS:], (None, False), b"k" * 16)
-    one, two = KVCacheManager(BlockPool(8), BS), KVCacheManager(BlockPool(8), BS)
-    assert one.salt != two.salt
+    k, j = BlockHasher(b"k" * 16), BlockHasher(b"j" * 16)
+    a = k(None, tokens[:BS], (None, False))
+    assert len(a) == 16 and a == k(None, tokens[:BS], (None, False))
+    assert a != j(None, tokens[:BS], (None, False))  # another secret
+    assert a != k(None, tokens[:BS], (1, False))  # another adapter
+    assert k(a, tokens[BS:], (None, False)) != k(None, tokens[BS:], (None, False))  # another parent
+    assert KVCacheManager(BlockPool(8), BS).block_hash.salt != KVCacheManager(BlockPool(8), BS).block_hash.salt
