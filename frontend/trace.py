@@ -13,6 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from kiln.errors import KilnError, UnsupportedOpError
 from kiln.frontend.attention import ATTN_IMPLEMENTATION
 from kiln.frontend.checkpoint import Checkpoint
+from kiln.frontend.recurrent import check_config, check_modules
 from kiln.frontend.rope import freeze_length_dependent_rope
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class _LogitsOnly(torch.nn.Module):
 def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
     """The transformers model with parameters on the meta device and buffers computed on CPU."""
     config = ckpt.config
+    check_config(config)  # before building: a stateful layer is refused with the reason
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedOpError(
             f"model type '{config.model_type}'",
@@ -77,6 +79,7 @@ def build_meta_model(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
         try:
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, **kw)
+            check_modules(model, config.model_type)
             return model.eval()
         except (TypeError, ValueError) as e:
             last = e
