@@ -19,10 +19,11 @@ from kiln.ir.serialize import dumps
 from kiln.runtime.artifact import (
     FORMAT_VERSION,
     GRAPH,
+    HASH_ALGORITHM,
     MANIFEST,
     PLAN,
     WEIGHTS_DIR,
-    sha256_file,
+    hash_file,
 )
 
 SHARD_BYTES = 1 << 30
@@ -57,7 +58,7 @@ def write_artifact(
     manifest: dict[str, Any],
 ) -> None:
     """Everything into `root` (which must not exist yet); the manifest goes last, listing every
-    file with its size and sha256, so a partial directory is never a valid artifact. The
+    file with its size and content hash (xxh3-128, named in `hash_algorithm`), so a partial directory is never a valid artifact. The
     lowering's files (compiled kernels, tuning.json) are stored and hashed like the rest, and
     its fallbacks recorded."""
     plan = lowered.plan
@@ -81,9 +82,10 @@ def write_artifact(
     manifest = {
         "format_version": FORMAT_VERSION,
         **manifest,
+        "hash_algorithm": HASH_ALGORITHM,
         "fallbacks": list(lowered.fallbacks),
         "ops": dict(Counter(s.kernel for s in plan.steps).most_common()),
         "parameters": {"tensors": len(params), "elements": sum(n.type.numel() for n in params.values()), "bytes": nbytes},
-        "files": {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in rels},
+        "files": {rel: {"size": (root / rel).stat().st_size, "hash": hash_file(root / rel)} for rel in rels},
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -37,8 +37,9 @@ def compile(model_dir: str | Path, out_dir: str | Path, target: str = "reference
     return _compile(model_dir, out_dir, target=target, dtype=dtype, **kwargs)
 
 
-def load_artifact(path: str | Path, device: str = "cpu") -> CompiledModel:
-    """Load an artifact; `.forward(input_ids, position_ids, seq_lens)` gives logits for all rows."""
+def load_artifact(path: str | Path, device: str = "cpu", verify: bool = True) -> CompiledModel:
+    """Load an artifact; `.forward(input_ids, position_ids, seq_lens)` gives logits for all rows.
+    `verify=False` skips checking each file's content hash against the manifest."""
     from kiln.runtime.model import CompiledModel
 
-    return CompiledModel(path, device=device)
+    return CompiledModel(path, device=device, verify=verify)

@@ -37,8 +37,9 @@ def _compile(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from kiln.runtime.inspect import describe
 
-    print(describe(args.artifact, verify=args.verify))
-    return 0
+    text, ok = describe(args.artifact, verify=args.verify)
+    print(text)
+    return 0 if ok else 1
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -50,7 +51,8 @@ def _generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed,
         stop=args.stop or None, ignore_eos=args.ignore_eos,
     )
-    llm = LLM(args.artifact, **({"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {}))
+    llm = LLM(args.artifact, **({"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {}),
+              **({"verify": False} if args.no_verify else {}))
     if args.echo:
         sys.stdout.write(args.prompt)
     finish = None
@@ -72,6 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
         for k in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_kv_blocks", "kv_cache_memory_bytes")
         if getattr(args, k) is not None
     }
+    if args.no_verify:
+        engine_kwargs["verify"] = False
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("KILN_API_KEY"),
@@ -89,6 +93,11 @@ def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> i
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the artifact's content hashes while loading (faster, trusts the files)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -114,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.set_defaults(fn=_compile)
     i = sub.add_parser("inspect", help="summarize an artifact")
     i.add_argument("artifact")
-    i.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    i.add_argument("--verify", action="store_true",
+                   help="also check every file's content hash; exit 1 on a mismatch")
     _common(i)
     i.set_defaults(fn=_inspect)
     g = sub.add_parser("generate", help="complete a prompt with an artifact, streaming to the terminal")
@@ -131,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
     g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    _no_verify(g)
     _common(g)
     g.set_defaults(fn=_generate)
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
@@ -148,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
     s.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
     s.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size in bytes")
+    _no_verify(s)
     _common(s)
     s.set_defaults(fn=_serve)
     args = p.parse_args(argv)

@@ -1,7 +1,8 @@
 """The artifact directory: layout, manifest, and validation on load.
 
     OUT/
-      manifest.json      format and kiln versions, target, dtype, source hashes, pipeline, files
+      manifest.json      format and kiln versions, target, dtype, source hashes, pipeline, and
+                         every other file with its size and content hash (xxh3-128)
       graph.json         the lowered IR
       plan.json          the execution plan (runtime/plan.py)
       kernels/           compiled kernels of the target (none on reference)
@@ -9,6 +10,11 @@
       weights/*.safetensors
       tokenizer/         the checkpoint's tokenizer files
       config.json, generation_config.json   copied from the checkpoint
+
+The manifest is the only index: the runtime reads exactly the files it lists, every listed path
+must stay inside the directory (no `..`, absolute paths or symlinks out), and a file under
+weights/ that it does not list is an error. Loading checks each file's hash in the same pass
+that reads it (`Artifact.read_bytes`; `verify=False` skips the hashing, not the checks above).
 """
 
 from __future__ import annotations
@@ -18,9 +24,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from kiln.errors import ArtifactError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+"""3: content hashes are xxh3-128 (`hash_algorithm`); 2 had sha256 and is refused."""
+HASH_ALGORITHM = "xxh3_128"
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 PLAN = "plan.json"
@@ -28,12 +38,12 @@ TUNING = "tuning.json"
 KERNELS_DIR = "kernels"
 WEIGHTS_DIR = "weights"
 TOKENIZER_DIR = "tokenizer"
-# Small files whose full hash is checked at every load; weights are checked by size and header.
-_HASHED_ON_LOAD = (GRAPH, PLAN, TUNING)
+CHUNK = 1 << 24
+"""Bytes read (and hashed) at a time: small enough to hash while still in cache."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in chunks (the hash the manifest records)."""
+def sha256_file(path: str | Path, chunk: int = CHUNK) -> str:
+    """Hex sha256 of a file, read in chunks (the checkpoint's source hashes in the manifest)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -41,31 +51,177 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def hash_file(path: str | Path) -> str:
+    """Hex xxh3-128 of a file's content (the hash the manifest records for each file)."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
 def read_manifest(path: str | Path, target: str | None = None) -> dict[str, Any]:
-    """The validated manifest of an artifact: ArtifactError names the file that is wrong."""
-    root = Path(path)
+    """The validated manifest of an artifact (structure, confined paths, sizes, and the content
+    hashes of the small files graph.json, plan.json, tuning.json): ArtifactError names the file
+    that is wrong."""
+    art = Artifact(path, target)
+    for rel in (GRAPH, PLAN, TUNING):
+        if art.has(rel):
+            art.read_bytes(rel)
+    return art.manifest
+
+
+class Artifact:
+    """An artifact directory opened for reading: its manifest validated, its files read through
+    `read_bytes` / `read_json`, each checked against its manifest hash as it is read."""
+
+    def __init__(self, path: str | Path, target: str | None = None, verify: bool = True):
+        self.root = Path(path)
+        self.verify = verify
+        self.manifest = _load_manifest(self.root, target)
+        self.files: dict[str, dict[str, Any]] = self.manifest["files"]
+        self.verified: set[str] = set()
+        """Files whose content hash was checked so far."""
+        _check_files(self.root, self.files)
+
+    def path(self, rel: str) -> Path:
+        """The file `rel` of the artifact; ArtifactError when the manifest does not list it."""
+        if rel not in self.files:
+            raise ArtifactError(f"'{self.root / rel}' is not listed in '{self.root / MANIFEST}'; recompile the artifact")
+        return self.root / rel
+
+    def has(self, rel: str) -> bool:
+        return rel in self.files
+
+    def listed(self, prefix: str) -> list[str]:
+        """The listed files under the folder `prefix`, sorted."""
+        return sorted(r for r in self.files if r.startswith(prefix.rstrip("/") + "/"))
+
+    def read_bytes(self, rel: str) -> bytearray:
+        """The content of a listed file, its hash checked in the same read (when verifying)."""
+        f = self.path(rel)
+        info = self.files[rel]
+        size = info["size"]
+        buf = bytearray(size)
+        view = memoryview(buf)
+        h = xxhash.xxh3_128() if self.verify else None
+        try:
+            with open(f, "rb", buffering=0) as fh:
+                pos = 0
+                while pos < size:
+                    n = fh.readinto(view[pos : pos + CHUNK])
+                    if not n:
+                        break
+                    if h is not None:
+                        h.update(view[pos : pos + n])
+                    pos += n
+                extra = fh.read(1)
+        except OSError as e:
+            raise ArtifactError(f"cannot read artifact file '{f}': {e}") from None
+        if pos != size or extra:
+            raise ArtifactError(f"artifact file '{f}' changed size while it was read; recompile the artifact")
+        if h is not None:
+            if h.hexdigest() != info["hash"]:
+                raise ArtifactError(
+                    f"artifact file '{f}' does not match its {HASH_ALGORITHM} hash in the manifest: it is corrupt "
+                    "or was modified; recompile the artifact (or load with verify=False / --no-verify to skip)"
+                )
+            self.verified.add(rel)
+        return buf
+
+    def read_text(self, rel: str) -> str:
+        """A listed text file; ArtifactError naming it when it is not UTF-8."""
+        try:
+            return self.read_bytes(rel).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ArtifactError(f"artifact file '{self.root / rel}' is not UTF-8 text ({e})") from None
+
+    def read_json(self, rel: str, default: Any = None) -> Any:
+        """A listed JSON file (`default` when the manifest does not list it and one is given);
+        ArtifactError naming the file when it is not JSON."""
+        if default is not None and rel not in self.files:
+            return default
+        try:
+            return json.loads(self.read_text(rel))
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"artifact file '{self.root / rel}' is not valid JSON ({e}); recompile the artifact") from None
+
+    def verify_rest(self, skip_prefix: tuple[str, ...] = ()) -> None:
+        """Check the hash of every listed file not read yet (except those under skip_prefix)."""
+        if not self.verify:
+            return
+        for rel in self.files:
+            if rel not in self.verified and not rel.startswith(skip_prefix):
+                self.read_bytes(rel)
+
+
+def verify_hashes(path: str | Path) -> list[str]:
+    """Every listed file whose content hash differs from the manifest (reads all of them)."""
+    art = Artifact(path)
+    return [rel for rel, info in art.files.items() if hash_file(art.root / rel) != info["hash"]]
+
+
+def read_json(root: Path, rel: str) -> Any:
+    """A JSON file of the artifact, unchecked (prefer Artifact.read_json); ArtifactError when
+    unreadable."""
+    try:
+        return json.loads((root / rel).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"cannot read artifact file '{root / rel}': {e}") from None
+
+
+def _load_manifest(root: Path, target: str | None) -> dict[str, Any]:
     if not root.is_dir():
         raise ArtifactError(f"artifact directory '{root}' does not exist")
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise ArtifactError(f"'{mpath}' is missing: '{root}' is not a kiln artifact (run compile-model)")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"'{mpath}' is not valid JSON ({e}); recompile the artifact") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"'{mpath}' is not a JSON object; recompile the artifact")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(
             f"'{mpath}' has format version {version!r}; this kiln reads version {FORMAT_VERSION}: "
             "recompile the model with this kiln"
         )
+    if manifest.get("hash_algorithm") != HASH_ALGORITHM:
+        raise ArtifactError(
+            f"'{mpath}' records hash algorithm {manifest.get('hash_algorithm')!r}; this kiln checks "
+            f"{HASH_ALGORITHM}: recompile the model with this kiln"
+        )
     if target is not None and manifest.get("target") != target:
         raise ArtifactError(
             f"'{root}' was compiled for target '{manifest.get('target')}', not '{target}'; "
             f"recompile with --target {target}"
         )
-    for rel, info in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"'{mpath}' lists no files: it is invalid; recompile the artifact")
+    for rel, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and info["size"] >= 0
+                and isinstance(info.get("hash"), str)):
+            raise ArtifactError(f"'{mpath}' has a malformed entry for '{rel}' (needs size and hash); recompile the artifact")
+    if not any(r.startswith(WEIGHTS_DIR + "/") for r in files):
+        raise ArtifactError(f"'{mpath}' lists no weight files; recompile the artifact")
+    return manifest
+
+
+def _check_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Every listed path inside the artifact, present with its size; no unlisted weight file."""
+    base = root.resolve()
+    for rel, info in files.items():
+        p = Path(rel)
         f = root / rel
+        if not rel or p.is_absolute() or ".." in p.parts or not f.resolve().is_relative_to(base):
+            raise ArtifactError(
+                f"the manifest of '{root}' lists '{rel}', which lies outside the artifact directory: refusing it"
+            )
         if not f.is_file():
             raise ArtifactError(f"artifact file '{f}' is missing")
         size = f.stat().st_size
@@ -74,21 +230,12 @@ def read_manifest(path: str | Path, target: str | None = None) -> dict[str, Any]
                 f"artifact file '{f}' has {size} bytes, the manifest says {info['size']}: it is "
                 "truncated or was modified; recompile the artifact"
             )
-        if rel in _HASHED_ON_LOAD and sha256_file(f) != info["sha256"]:
-            raise ArtifactError(f"artifact file '{f}' does not match its sha256 in the manifest")
-    return manifest
-
-
-def verify_hashes(path: str | Path) -> list[str]:
-    """Every file whose sha256 differs from the manifest (slow on big weights)."""
-    root = Path(path)
-    manifest = read_manifest(root)
-    return [rel for rel, info in manifest["files"].items() if sha256_file(root / rel) != info["sha256"]]
-
-
-def read_json(root: Path, rel: str) -> Any:
-    """A JSON file of the artifact; ArtifactError when unreadable."""
-    try:
-        return json.loads((root / rel).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"cannot read artifact file '{root / rel}': {e}") from None
+    wdir = root / WEIGHTS_DIR
+    if wdir.is_dir():
+        for f in sorted(wdir.rglob("*")):
+            rel = f.relative_to(root).as_posix()
+            if (f.is_file() or f.is_symlink()) and rel not in files:
+                raise ArtifactError(
+                    f"'{f}' is not listed in the manifest: an artifact's weights/ holds only the files it "
+                    "lists; remove it or recompile the artifact"
+                )

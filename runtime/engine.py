@@ -70,11 +70,12 @@ class LLMEngine:
         num_kv_blocks: int | None = None,
         max_model_len: int | None = None,
         device: str = "cpu",
+        verify: bool = True,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.model = CompiledModel(model, device=device)
-        self.tokenizer = Tokenizer(model)
+        self.model = CompiledModel(model, device=device, verify=verify)  # verify: check content hashes
+        self.tokenizer = Tokenizer(model, verify=verify)
         self.device = torch.device(device)
         caches = self.model.cache_types
         bytes_per_block = sum(

@@ -27,7 +27,7 @@ from kiln.errors import ArtifactError, KilnError
 from kiln.ir.ops import OPS
 from kiln.ir.types import PACKED, TensorType, torch_dtype
 from kiln.kernels import Launcher
-from kiln.runtime.plan import Buffer, ExecutionPlan, evaluate
+from kiln.runtime.plan import Buffer, ExecutionPlan, evaluate, validate
 from kiln.runtime.providers import resolve
 
 ALIGN = 256
@@ -68,7 +68,7 @@ class PlanExecutor:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # compare equal to tensors' devices
             self.device = torch.device("cuda", torch.cuda.current_device())
-        _check(plan)
+        validate(plan)
         self.launchers: list[Launcher] = [resolve(s.kernel) for s in plan.steps]
         self.input_types: dict[str, TensorType] = plan.input_types
         self.input_order = [(b.name, i, torch_dtype(b.dtype)) for i, b in enumerate(plan.buffers) if b.kind == "input"]
@@ -232,31 +232,3 @@ def _resolve(dim_attrs: Mapping[str, Any], bindings: Mapping[str, int]) -> dict[
         k: [evaluate(d, bindings) for d in v] if isinstance(v, list) else evaluate(v, bindings)
         for k, v in dim_attrs.items()
     }
-
-
-def _check(plan: ExecutionPlan) -> None:
-    """ArtifactError for a plan whose references do not hold together."""
-    n = len(plan.buffers)
-    for i, b in enumerate(plan.buffers):
-        if b.kind == "arena" and not (isinstance(b.slot, int) and 0 <= b.slot < len(plan.slots)):
-            raise ArtifactError(f"plan buffer {i} is in slot {b.slot!r}, but the plan has {len(plan.slots)} slots")
-        if b.kind == "view" and not (isinstance(b.base, int) and 0 <= b.base < i and b.op in OPS):
-            raise ArtifactError(f"plan buffer {i} is a view of buffer {b.base!r} by op {b.op!r}: not an earlier buffer")
-        if b.kind in ("input", "param") and not b.name:
-            raise ArtifactError(f"plan buffer {i} ({b.kind}) has no name")
-    for j, s in enumerate(plan.steps):
-        for i in [*s.inputs, *s.outputs]:
-            if not (isinstance(i, int) and 0 <= i < n):
-                raise ArtifactError(f"plan step {j} ({s.kernel}) names buffer {i!r}; the plan has {n}")
-        for i in s.outputs:
-            if plan.buffers[i].kind in ("param", "const"):
-                raise ArtifactError(f"plan step {j} ({s.kernel}) writes {plan.buffers[i].kind} buffer {i}")
-        if any(not 0 <= p < len(s.inputs) or plan.buffers[s.inputs[p]].kind != "const" for p in s.scalars):
-            raise ArtifactError(f"plan step {j} ({s.kernel}) passes a non-constant operand as a host number")
-    for i in plan.outputs:
-        if not (isinstance(i, int) and 0 <= i < n):
-            raise ArtifactError(f"plan output names buffer {i!r}; the plan has {n}")
-    inputs = set(plan.inputs)
-    for r in plan.bindings:
-        if r.input not in inputs or r.coeff == 0:
-            raise ArtifactError(f"plan binds symbol {r.symbol} from '{r.input}', which is not a graph input")

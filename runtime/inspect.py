@@ -17,9 +17,9 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def describe(path: str | Path, verify: bool = False) -> str:
-    """Summary text: model, target, ops by kind, kernel-set coverage, parameters, passes,
-    fallbacks, files."""
+def describe(path: str | Path, verify: bool = False) -> tuple[str, bool]:
+    """Summary text (model, target, ops by kind, kernel-set coverage, parameters, passes,
+    fallbacks, files) and whether every content hash matched (True when not verifying)."""
     m = read_manifest(path)
     cov = kernel_coverage(loads((Path(path) / GRAPH).read_text()))
     model = m["model"]
@@ -43,7 +43,7 @@ def describe(path: str | Path, verify: bool = False) -> str:
         "fallbacks  " + (", ".join(m["fallbacks"]) if m["fallbacks"] else "none"),
         f"files      {len(m['files'])}, {_human(sum(f['size'] for f in m['files'].values()))}",
     ]
+    bad = verify_hashes(path) if verify else []
     if verify:
-        bad = verify_hashes(path)
         lines.append("hashes     " + ("all match" if not bad else f"MISMATCH: {', '.join(bad)}"))
-    return "\n".join(lines)
+    return "\n".join(lines), not bad

@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 
-from kiln.errors import ArtifactError
 from kiln.ir.step_inputs import SLOT_MAPPING, TOTAL_LENS, contiguous_paged_inputs, is_cache_input
 from kiln.ir.types import TensorType, torch_dtype
-from kiln.runtime.artifact import GRAPH, PLAN, TOKENIZER_DIR, WEIGHTS_DIR, read_json, read_manifest
+from kiln.runtime.artifact import GRAPH, TOKENIZER_DIR, Artifact
 from kiln.runtime.executor import PlanExecutor
-from kiln.runtime.plan import ExecutionPlan
+from kiln.runtime.plan import load_plan
 from kiln.runtime.weights import load_weights
 
 DEBUG_BLOCK_SIZE = 16
@@ -23,20 +22,20 @@ class CompiledModel:
     """An artifact loaded for execution (the runtime's view: no compiler code involved)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", target: str | None = None,
-                 limits: Mapping[str, int] | None = None):
+                 limits: Mapping[str, int] | None = None, verify: bool = True):
         """Load and validate the artifact at `path` onto `device`; `target` (when given) must be
         the one it was compiled for; `limits` are the largest symbol values a call will have
-        (T tokens, S sequences, ...: see PlanExecutor), sizing the arena at load."""
+        (T tokens, S sequences, ...: see PlanExecutor), sizing the arena at load. Every file the
+        manifest lists (the tokenizer's aside: runtime/tokenizer.py reads those) has its content
+        hash checked as it is read; `verify=False` skips the hashing."""
         self.path = Path(path)
-        self.manifest = read_manifest(self.path, target)
-        try:
-            self.plan = ExecutionPlan.from_dict(read_json(self.path, PLAN))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"'{self.path / PLAN}' is malformed ({e}); recompile the artifact") from None
-        files = sorted((self.path / WEIGHTS_DIR).glob("*.safetensors"))
-        weights = load_weights(files, set(self.plan.params), device)
+        artifact = Artifact(self.path, target, verify=verify)
+        self.manifest = artifact.manifest
+        self.plan = load_plan(artifact)
+        weights = load_weights(artifact, set(self.plan.params), device)
         self.executor = PlanExecutor(self.plan, weights, device, limits)
-        self.config: dict[str, Any] = read_json(self.path, "config.json")
+        self.config: dict[str, Any] = artifact.read_json("config.json")
+        artifact.verify_rest(skip_prefix=(TOKENIZER_DIR + "/",))
         self.vocab_size: int = self.manifest["model"]["vocab_size"]
 
     @property

@@ -37,7 +37,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.ir.types import TensorType
+from kiln.errors import ArtifactError
+from kiln.ir.ops import OPS
+from kiln.ir.step_inputs import STEP_INPUTS, is_cache_input
+from kiln.ir.types import DTYPES, TensorType
 
 PLAN_FORMAT = 2
 BUFFER_KINDS = ("input", "param", "const", "arena", "view")
@@ -203,3 +206,83 @@ class ExecutionPlan:
             steps=[Step(**s) for s in data["steps"]],
             outputs=list(data["outputs"]),
         )
+
+
+def load_plan(artifact: Any) -> ExecutionPlan:
+    """The plan of an opened artifact (runtime.artifact.Artifact), read, hashed and validated
+    (`validate`, and every graph input one the engine provides): ArtifactError naming plan.json for anything a request would otherwise trip over."""
+    from kiln.runtime.artifact import PLAN
+
+    path = artifact.root / PLAN
+    data = artifact.read_json(PLAN)
+    try:
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        plan = ExecutionPlan.from_dict(data)
+        validate(plan)
+        for i, b in enumerate(plan.buffers):
+            if b.kind == "input" and b.name not in STEP_INPUTS and not is_cache_input(b.name):
+                raise ArtifactError(
+                    f"buffer {i} is input '{b.name}', which the runtime does not provide (it provides "
+                    f"{', '.join(STEP_INPUTS)} and k_cache.N / v_cache.N)"
+                )
+    except ArtifactError as e:
+        raise ArtifactError(f"'{path}' is invalid: {e}; recompile the artifact") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"'{path}' is malformed ({e!r}); recompile the artifact") from None
+    return plan
+
+
+def _is_index(i: Any, n: int) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n
+
+
+def validate(plan: ExecutionPlan) -> None:
+    """ArtifactError for a plan whose references do not hold together: buffer, slot and view
+    indices in range, kinds and dtypes known, step arities
+    as the op registry declares them, kernel ids of the form provider:name. (Whether a kernel
+    resolves is checked when the executor resolves it, also at load.)"""
+    n = len(plan.buffers)
+    for i, b in enumerate(plan.buffers):
+        if b.dtype not in DTYPES:
+            raise ArtifactError(f"buffer {i} has dtype {b.dtype!r}")
+        if not isinstance(b.shape, list) or not all(isinstance(d, int | dict) for d in b.shape):
+            raise ArtifactError(f"buffer {i} has shape {b.shape!r}")
+        if b.kind == "arena" and not _is_index(b.slot, len(plan.slots)):
+            raise ArtifactError(f"buffer {i} is in slot {b.slot!r}, but the plan has {len(plan.slots)} slots")
+        if b.kind == "view" and not (_is_index(b.base, i) and b.op in OPS):
+            raise ArtifactError(f"buffer {i} is a view of buffer {b.base!r} by op {b.op!r}: not an earlier buffer")
+        if b.kind in ("input", "param") and not (isinstance(b.name, str) and b.name):
+            raise ArtifactError(f"buffer {i} ({b.kind}) has no name")
+    for j, s in enumerate(plan.steps):
+        prefix, sep, name = s.kernel.partition(":") if isinstance(s.kernel, str) else ("", "", "")
+        if not (prefix and sep and name):
+            raise ArtifactError(f"step {j} calls kernel {s.kernel!r}; kernel ids are 'provider:name'")
+        for i in [*s.inputs, *s.outputs]:
+            if not _is_index(i, n):
+                raise ArtifactError(f"step {j} ({s.kernel}) names buffer {i!r}; the plan has {n}")
+        if not s.outputs:
+            raise ArtifactError(f"step {j} ({s.kernel}) writes no buffer")
+        op = OPS.get(name) if prefix == "torch" else None
+        if op is not None and op.arity is not None:
+            lo, hi = op.arity if isinstance(op.arity, tuple) else (op.arity, op.arity)
+            if not lo <= len(s.inputs) <= hi:
+                want = str(lo) if lo == hi else f"{lo} to {hi}"
+                raise ArtifactError(f"step {j} ({s.kernel}) has {len(s.inputs)} inputs; op '{name}' takes {want}")
+        for i in s.outputs:
+            if plan.buffers[i].kind in ("param", "const"):
+                raise ArtifactError(f"step {j} ({s.kernel}) writes {plan.buffers[i].kind} buffer {i}")
+        if any(not _is_index(p, len(s.inputs)) or plan.buffers[s.inputs[p]].kind != "const" for p in s.scalars):
+            raise ArtifactError(f"step {j} ({s.kernel}) passes a non-constant operand as a host number")
+    if not plan.outputs:
+        raise ArtifactError("the plan has no outputs")
+    for i in plan.outputs:
+        if not _is_index(i, n):
+            raise ArtifactError(f"plan output names buffer {i!r}; the plan has {n}")
+    inputs = set(plan.inputs)
+    symbols = set(plan.symbols)
+    for r in plan.bindings:
+        if r.input not in inputs or r.coeff == 0:
+            raise ArtifactError(f"symbol {r.symbol} is bound from '{r.input}', which is not a graph input")
+        if r.symbol not in symbols or not isinstance(r.axis, int):
+            raise ArtifactError(f"binding rule {r.symbol} from '{r.input}' axis {r.axis!r} is malformed")

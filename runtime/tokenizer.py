@@ -1,4 +1,9 @@
-"""The artifact's tokenizer, loaded with the `tokenizers` library (no transformers models)."""
+"""The artifact's tokenizer, loaded with the `tokenizers` library from `tokenizer/tokenizer.json`.
+
+Nothing from the artifact is ever executed: there is no transformers fallback (whose
+`tokenizer_config.json` `auto_map` can name Python code to run), only the fast tokenizer's JSON.
+Its files are read through the manifest and hash-checked like every other artifact file.
+"""
 
 from __future__ import annotations
 
@@ -7,47 +12,68 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ArtifactError
+from kiln.runtime.artifact import TOKENIZER_DIR, Artifact
+
+TOKENIZER_JSON = f"{TOKENIZER_DIR}/tokenizer.json"
+TOKENIZER_CONFIG = f"{TOKENIZER_DIR}/tokenizer_config.json"
+CHAT_TEMPLATE = f"{TOKENIZER_DIR}/chat_template.jinja"
 
 
 class Tokenizer:
     """Encode/decode plus the special ids generation needs (EOS from generation_config too)."""
 
-    def __init__(self, artifact: str | Path):
-        root = Path(artifact)
-        tdir = root / "tokenizer"
-        self.config: dict[str, Any] = _read(tdir / "tokenizer_config.json")
+    def __init__(self, artifact: str | Path | Artifact | _Directory, verify: bool = True):
+        art = artifact if isinstance(artifact, Artifact | _Directory) else Artifact(artifact, verify=verify)
+        root = art.root
+        self.config: dict[str, Any] = _object(art, TOKENIZER_CONFIG)
         self._single: dict[tuple[int, bool], str] = {}
-        if (tdir / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as _Fast
+        if not art.has(TOKENIZER_JSON):
+            raise ArtifactError(
+                f"artifact '{root}' has no {TOKENIZER_JSON}: kiln reads only fast tokenizers (tokenizer.json) and "
+                "never runs tokenizer code; save the checkpoint's tokenizer as a fast tokenizer "
+                "(transformers' AutoTokenizer(...).save_pretrained) and recompile"
+            )
+        from tokenizers import Tokenizer as _Fast
 
-            self._tok = _Fast.from_file(str(tdir / "tokenizer.json"))
-            self._hf = None
-        elif tdir.is_dir() and any(tdir.iterdir()):
-            from transformers import AutoTokenizer
-
-            self._hf = AutoTokenizer.from_pretrained(tdir)
-            self._tok = None
-        else:
-            raise ArtifactError(f"artifact '{root}' has no tokenizer files under {tdir}")
-        self._decode = self._tok.decode if self._tok is not None else self._hf.decode
-        gen = _read(root / "generation_config.json")
-        model_cfg = _read(root / "config.json")
+        try:
+            self._tok = _Fast.from_str(art.read_text(TOKENIZER_JSON))
+        except ArtifactError:
+            raise
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ArtifactError(
+                f"artifact file '{root / TOKENIZER_JSON}' is not a tokenizer the `tokenizers` library can read "
+                f"({e}); recompile the artifact"
+            ) from None
+        self._decode = self._tok.decode
+        gen = _object(art, "generation_config.json")
+        model_cfg = _object(art, "config.json")
         eos: Any = gen.get("eos_token_id", model_cfg.get("eos_token_id"))
         if eos is None and isinstance(self.config.get("eos_token"), str):
             eos = self.token_to_id(self.config["eos_token"])
-        self.eos_token_ids: list[int] = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-        self.chat_template: str | None = self.config.get("chat_template")
-        if self.chat_template is None and (tdir / "chat_template.jinja").is_file():
-            self.chat_template = (tdir / "chat_template.jinja").read_text()
+        eos_list = eos if isinstance(eos, list) else [eos]
+        if not all(e is None or (isinstance(e, int) and not isinstance(e, bool)) for e in eos_list):
+            raise ArtifactError(f"eos_token_id {eos!r} in '{root}' (generation_config.json / config.json) is not a token id")
+        self.eos_token_ids: list[int] = [e for e in eos_list if e is not None]
+        template = self.config.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ArtifactError(f"artifact file '{root / TOKENIZER_CONFIG}' has a chat_template that is not a string")
+        self.chat_template: str | None = template
+        if self.chat_template is None and art.has(CHAT_TEMPLATE):
+            self.chat_template = art.read_text(CHAT_TEMPLATE)
+        art.verify_rest(skip_prefix=tuple(r for r in art.files if not r.startswith(TOKENIZER_DIR + "/")))
+
+    @classmethod
+    def from_directory(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer of a directory laid out like an artifact (tokenizer/, config.json,
+        generation_config.json) that has no manifest: for tests and tools; nothing is hashed."""
+        return cls(_Directory(Path(path)))
 
     def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token) if self._tok else self._hf.convert_tokens_to_ids(token)
+        return self._tok.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text (special tokens added as the tokenizer's post-processor says)."""
-        if self._tok is not None:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        return self._hf.encode(text, add_special_tokens=add_special_tokens)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids. One token's text is remembered: the incremental detokenizer
@@ -61,10 +87,37 @@ class Tokenizer:
         return self._decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+class _Directory:
+    """The part of Artifact's reading interface a tokenizer uses, over a plain directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.files: dict[str, dict] = {}
+
+    def has(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def read_text(self, rel: str) -> str:
+        try:
+            return (self.root / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"cannot read '{self.root / rel}' as UTF-8 text ({e})") from None
+
+    def read_json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.read_text(rel))
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"'{self.root / rel}' is not valid JSON ({e})") from None
+
+    def verify_rest(self, skip_prefix: tuple[str, ...] = ()) -> None:
+        pass
+
+
+def _object(art: Artifact | _Directory, rel: str) -> dict[str, Any]:
+    """A listed JSON object file ({} when the manifest does not list it)."""
+    if not art.has(rel):
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"'{path}' is not valid JSON ({e})") from None
+    data = art.read_json(rel)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"artifact file '{art.root / rel}' is not a JSON object; recompile the artifact")
+    return data

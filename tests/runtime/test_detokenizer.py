@@ -26,7 +26,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 def tok(tmp_path_factory) -> Tokenizer:
     art = tmp_path_factory.mktemp("detok-artifact")
     build_tokenizer(art / "tokenizer")
-    return Tokenizer(art)
+    return Tokenizer.from_directory(art)
 
 
 def _stream(tok, prompt: str, ids: list[int], chunks: list[int], **params):
