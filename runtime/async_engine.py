@@ -40,6 +40,11 @@ class QueueFullError(RuntimeError):
     """The bounded waiting queue is full: retry later (HTTP 503)."""
 
 
+class RequestTooLargeError(ValueError):
+    """More sequences in one add than the engine ever accepts at once (running + waiting): no
+    amount of waiting helps (HTTP 400, unlike QueueFullError)."""
+
+
 class EngineError(RuntimeError):
     """The engine failed while running this request (HTTP 500); other requests go on."""
 
@@ -217,11 +222,22 @@ class AsyncLLMEngine:
 
     # -- requests -------------------------------------------------------------------------------
 
+    @property
+    def capacity(self) -> int:
+        """The most sequences that can be running or waiting together; a larger add never fits."""
+        return self.engine.scheduler.max_num_seqs + self.max_waiting
+
     async def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams]]) -> RequestStream:
         """Queue (request_id, prompt, params) triples together (all or none): ValueError for a
-        prompt or id the engine rejects, QueueFullError when the waiting queue is full."""
+        prompt or id the engine rejects (RequestTooLargeError, a ValueError, for more sequences
+        than `capacity`), QueueFullError when the waiting queue is full."""
         if not self.is_running:
             raise EngineError("the engine loop is not running")
+        new = sum(params.n for _, _, params in requests)
+        if new > self.capacity:
+            raise RequestTooLargeError(
+                f"the request has {new} sequences, more than the engine ever accepts at once: at most "
+                f"{self.capacity} ({self.engine.scheduler.max_num_seqs} running + {self.max_waiting} waiting)")
         ids = [rid for rid, _, _ in requests]
         if len(set(ids)) != len(ids) or any(rid in self._streams for rid in ids):
             raise ValueError(f"request ids {ids} are already in use")

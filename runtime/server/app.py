@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +24,7 @@ from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.server import chat, completions, tokenization
 from kiln.runtime.server.auth import APIKeyMiddleware
+from kiln.runtime.server.body import DEFAULT_MAX_BYTES, BodyGuard
 from kiln.runtime.server.chat_template import ChatTemplate
 from kiln.runtime.server.errors import APIError, install_error_handlers
 from kiln.runtime.server.metrics import ServerMetrics
@@ -32,18 +34,26 @@ from kiln.runtime.server.serving import ServerState, state_of
 log = logging.getLogger(__name__)
 
 
+def default_model_name(artifact: str | Path) -> str:
+    """The artifact directory's name (never its path, which would leak the server's filesystem)."""
+    return Path(artifact).resolve().name if str(artifact) else "kiln"
+
+
 def build_app(engine: LLMEngine, *, artifact: str = "", served_model_name: str | None = None,
-              api_key: str | None = None, max_waiting: int = 1024) -> FastAPI:
+              api_key: str | None = None, max_waiting: int = 1024, max_request_bytes: int = DEFAULT_MAX_BYTES,
+              enable_docs: bool = False) -> FastAPI:
     """An app serving `engine` (loaded from `artifact`) under `served_model_name` (default: the
-    artifact path). With `api_key`, /v1/*, /tokenize and /detokenize need it as a Bearer token.
-    At most `max_waiting` requests wait beyond the running batch; more get 503."""
+    artifact directory's name). With `api_key`, /v1/*, /tokenize and /detokenize need it as a
+    Bearer token. At most `max_waiting` requests wait beyond the running batch; more get 503.
+    Bodies over `max_request_bytes` get 413. `enable_docs` serves /docs and /redoc, whose pages
+    load Swagger UI / ReDoc from a CDN (so they are off by default: offline deployments)."""
     async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting)
     metrics = ServerMetrics(async_engine)
     async_engine.observer = metrics
     template = engine.tokenizer.chat_template
     state = ServerState(
         engine=engine, async_engine=async_engine, metrics=metrics,
-        model_name=served_model_name or artifact or "kiln", artifact=artifact,
+        model_name=served_model_name or default_model_name(artifact), artifact=artifact,
         chat_template=ChatTemplate(template, engine.tokenizer.config) if template else None,
     )
 
@@ -59,9 +69,11 @@ def build_app(engine: LLMEngine, *, artifact: str = "", served_model_name: str |
             await async_engine.stop()
 
     app = FastAPI(title="kiln", version=kiln.__version__, lifespan=lifespan,
-                  summary="OpenAI-compatible serving of a compiled kiln artifact.")
+                  summary="OpenAI-compatible serving of a compiled kiln artifact.",
+                  docs_url="/docs" if enable_docs else None, redoc_url="/redoc" if enable_docs else None)
     app.state.kiln = state
     install_error_handlers(app)
+    app.add_middleware(BodyGuard, max_bytes=max_request_bytes)  # inside the key check: no body read without it
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.include_router(completions.router)
@@ -72,7 +84,7 @@ def build_app(engine: LLMEngine, *, artifact: str = "", served_model_name: str |
     async def list_models(request: Request) -> ModelList:
         """The one model this server serves."""
         s = state_of(request)
-        return ModelList(data=[ModelCard(id=s.model_name, root=s.artifact, max_model_len=s.max_model_len)])
+        return ModelList(data=[ModelCard(id=s.model_name, root=s.model_name, max_model_len=s.max_model_len)])
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -30,6 +30,7 @@ from kiln.runtime.server.serving import (
     add,
     check_prompt_length,
     collect,
+    encode,
     finish_error,
     guarded,
     new_id,
@@ -84,12 +85,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     text = render_chat(state, body.messages, body.add_generation_prompt is not False)
-    ids = state.engine.tokenizer.encode(text, add_special_tokens=False)
+    state.check_sequences(body.n or 1, "n")
+    ids = (await encode(state, [text], "messages", add_special_tokens=False))[0]
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = check_prompt_length(state, len(ids), requested, "messages", max_param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs,
+    params = sampling_params(state, body, max_tokens=max_tokens, logprobs=logprobs,
                              renames={"max_tokens": max_param, "logprobs": "top_logprobs"})
     rid = new_id("chatcmpl")
     stream = await add(state, [(rid, {"prompt_token_ids": ids, "prompt": text}, params)], "messages")

@@ -20,6 +20,7 @@ from kiln.runtime.server.serving import (
     add,
     check_prompt_length,
     collect,
+    encode,
     finish_error,
     guarded,
     new_id,
@@ -33,21 +34,24 @@ router = APIRouter()
 Prompt = tuple[str, list[int]]
 
 
-def _prompts(state: ServerState, prompt: Any) -> list[Prompt]:
-    """(text, token ids) of each prompt of the request."""
+async def _prompts(state: ServerState, prompt: Any, n: int) -> list[Prompt]:
+    """(text, token ids) of each prompt of the request; texts are tokenized off the event loop."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise invalid("prompt is empty", "prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
+    state.check_sequences(len(prompt) * n, "prompt")
+    if isinstance(prompt[0], str):
+        return list(zip(prompt, await encode(state, prompt, "prompt"), strict=True))
     out = []
     tok = state.engine.tokenizer
     for p in prompt:
-        if isinstance(p, str):
-            out.append((p, tok.encode(p)))
+        state.check_token_ids(p, "prompt")
+        if len(p) >= state.max_model_len:  # refused below; not worth decoding
+            out.append(("", list(p)))
         else:
-            state.check_token_ids(p, "prompt")
             out.append((tok.decode(p), list(p)))
     return out
 
@@ -64,12 +68,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise invalid(f"best_of must equal n ({n}): ranking completions is not supported", "best_of")
     if body.echo and body.logprobs is not None:
         raise invalid("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
-    prompts = _prompts(state, body.prompt)
+    prompts = await _prompts(state, body.prompt, n)
     rid = new_id("cmpl")
     reqs = []
     for i, (text, ids) in enumerate(prompts):
         max_tokens = check_prompt_length(state, len(ids), body.max_tokens, "prompt", "max_tokens")
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, renames={})
+        params = sampling_params(state, body, max_tokens=max_tokens, logprobs=body.logprobs, renames={})
         reqs.append((f"{rid}-{i}", {"prompt_token_ids": ids, "prompt": text}, params))
     stream = await add(state, reqs, "prompt")
     ctx = _Context(state, body, rid, prompts, n, [r[0] for r in reqs])

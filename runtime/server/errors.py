@@ -68,7 +68,19 @@ def from_value_error(e: ValueError, default_param: str | None, renames: dict[str
     return invalid(message, param)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+_TOKEN_ID_FIELDS = ("prompt", "tokens", "stop_token_ids")
+_TAG_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+              "list[str]": "a list of strings", "list[int]": "a list of integers",
+              "list[list[int]]": "a list of lists of integers", "dict[str,float]": "an object of numbers",
+              "list[ContentPart]": "a list of content parts"}
+
+
+def _is_tag(part: object) -> bool:
+    """A union member's name in a pydantic error location (not a field name or an index)."""
+    return isinstance(part, str) and (part in _TAG_WORDS or "[" in part or part[:1].isupper())
+
+
+def _validation_error(exc: RequestValidationError, vocab_size: int | None = None) -> APIError:
     errors = exc.errors()
     if not errors:
         return invalid("the request is invalid", None)
@@ -76,14 +88,32 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     loc = [p for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", first.get("msg", ""))
-        return invalid(f"the request body is not valid JSON ({detail})", None)
+        return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
     if not loc:
         hint = " sent with Content-Type: application/json" if isinstance(first.get("input"), bytes) else ""
         return invalid(f"the request body must be a JSON object{hint} ({first.get('msg', '')})", None)
     param = str(loc[0])
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    more = len(errors) - 1
+    if any(_is_tag(p) for p in loc):  # a union: say which forms it takes, once
+        cut = next(i for i, p in enumerate(loc) if _is_tag(p))
+        loc = loc[:cut]
+        same = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:cut] == loc]
+        forms = []
+        for e in same:
+            tag = [p for p in e.get("loc", ()) if p != "body"][cut]
+            word = _TAG_WORDS.get(str(tag).replace(" ", ""), str(tag))
+            if word not in forms:
+                forms.append(word)
+        msg = f"must be {' or '.join(forms)}; got {first.get('input')!r:.40}"
+        more = len(errors) - len(same)
     where = param + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return invalid(f"{where}: {first.get('msg', 'invalid value')}{more}", param)
+    if param in _TOKEN_ID_FIELDS and vocab_size is not None and (param != "prompt" or "token id" in msg):
+        msg += f"; token ids are integers in [0, {vocab_size})"
+    tail = f" (and {more} more errors)" if more > 0 else ""
+    if not msg.startswith(where):  # a validator's own message may name the element already
+        msg = f"{where}: {msg}"
+    return invalid(msg + tail, param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -95,7 +125,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        state = getattr(request.app.state, "kiln", None)
+        return _validation_error(exc, state.vocab_size if state is not None else None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,12 +8,21 @@ Response bodies are in `responses.py`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+TokenId = int
+"""Any JSON integer: the route checks it against the vocabulary (naming the range [0, vocab))."""
 MAX_N = 128
 """The most completions one request may ask for (OpenAI's limit)."""
 
@@ -51,7 +60,7 @@ class SamplingFields(Strict):
     repetition_penalty: float | None = None
     min_tokens: Int32 | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[Int64] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
 
@@ -59,7 +68,7 @@ class SamplingFields(Strict):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[Int64] | list[list[Int64]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     """Text, texts, token ids, or lists of token ids; each prompt gets n completions."""
     max_tokens: Int32 | None = 16
     """None => up to the model's context."""
@@ -71,6 +80,44 @@ class CompletionRequest(SamplingFields):
     """Not supported: refused unless None."""
     best_of: Int32 | None = None
     """Only best_of == n (or None) is supported."""
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(prompt_problem(value)) from None
+
+
+PROMPT_FORMS = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
+
+
+def _token_problem(value: Any, where: str) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    return f"{where} is {value!r:.40}, not a token id (an integer)"
+
+
+def prompt_problem(value: Any) -> str:
+    """Why a prompt matches none of its forms, naming the first element that is wrong."""
+    if not isinstance(value, list) or not value:
+        return f"must be {PROMPT_FORMS}; got {type(value).__name__}"
+    first = value[0]
+    for i, item in enumerate(value):
+        where = f"prompt[{i}]"
+        if isinstance(first, str):
+            if not isinstance(item, str):
+                return f"{where} is {item!r:.40}, not a string like prompt[0] (a list of prompts holds one kind)"
+        elif isinstance(first, list):
+            if not isinstance(item, list):
+                return f"{where} is {item!r:.40}, not a list of token ids like prompt[0]"
+            for j, t in enumerate(item):
+                if (problem := _token_problem(t, f"{where}[{j}]")) is not None:
+                    return problem
+        elif (problem := _token_problem(item, where)) is not None:
+            return problem
+    return f"must be {PROMPT_FORMS}"
 
 
 class ContentPart(Strict):
@@ -122,4 +169,4 @@ class DetokenizeRequest(Strict):
     """POST /detokenize."""
 
     model: str | None = None
-    tokens: list[Int64]
+    tokens: list[TokenId]

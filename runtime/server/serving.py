@@ -16,7 +16,13 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from kiln.runtime.async_engine import AsyncLLMEngine, EngineError, QueueFullError, RequestStream
+from kiln.runtime.async_engine import (
+    AsyncLLMEngine,
+    EngineError,
+    QueueFullError,
+    RequestStream,
+    RequestTooLargeError,
+)
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
@@ -50,15 +56,69 @@ class ServerState:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.vocab_size
+
+    @property
+    def max_cache_tokens(self) -> int:
+        """The most tokens one sequence can ever hold: the whole KV cache."""
+        return self.engine.pool.num_blocks * self.engine.kv.block_size
+
     def check_token_ids(self, ids: Sequence[int], param: str) -> None:
-        vocab = self.engine.model.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        vocab = self.vocab_size
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
         if bad is not None:
-            raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", param)
+            raise invalid(f"{param}: token id {ids[bad]} (at index {bad}) is outside the vocabulary; token ids "
+                          f"are integers in [0, {vocab})", param)
+
+    def check_sequences(self, count: int, param: str) -> None:
+        """400 for a request of more sequences (prompts x n) than the server ever accepts at once."""
+        limit = self.async_engine.capacity
+        if count > limit:
+            raise too_large(f"the request asks for {count} sequences (prompts x n), more than this server "
+                            f"accepts at once: at most {limit} (--max-num-seqs + --max-waiting); split it", param)
 
 
 def state_of(request: Request) -> ServerState:
     return request.app.state.kiln
+
+
+def too_large(message: str, param: str | None) -> APIError:
+    """A 400 for a request no amount of waiting would let the server run (unlike 503 queue_full)."""
+    return APIError(400, message, param=param, code="request_too_large")
+
+
+def _encode_all(tok: Any, texts: list[str], add_special_tokens: bool, limit: int | None) -> list[list[int] | int]:
+    """Ids of each text, or just their count when it reaches `limit` (then a list of millions of
+    ints is never built, nor freed later on the event loop)."""
+    fast = getattr(tok, "_tok", None)  # the `tokenizers` Tokenizer
+    batch = getattr(fast, "encode_batch_fast", None) or getattr(fast, "encode_batch", None)
+    if batch is None:
+        all_ids = [tok.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        return [len(ids) if limit is not None and len(ids) >= limit else ids for ids in all_ids]
+    # encode_batch(_fast) releases the GIL while it works (encode holds it throughout); the fast
+    # one tracks no offsets, so freeing its Encoding (GIL held) takes ms, not 0.25 s for 3M tokens.
+    out: list[list[int] | int] = []
+    for e in batch(texts, add_special_tokens=add_special_tokens):
+        out.append(len(e) if limit is not None and len(e) >= limit else e.ids)
+    return out
+
+
+async def encode(state: ServerState, texts: list[str], param: str, add_special_tokens: bool = True,
+                 check_context: bool = True) -> list[list[int]]:
+    """Token ids of each text, computed in a worker thread so the event loop (other requests,
+    /health) goes on meanwhile (see `_encode_all` for the GIL). With `check_context`, a
+    text of max_model_len tokens or more is a 400 (its ids are not even built)."""
+    limit = state.max_model_len if check_context else None
+    try:
+        out = await asyncio.to_thread(_encode_all, state.engine.tokenizer, texts, add_special_tokens, limit)
+    except (TypeError, UnicodeError) as e:  # BodyGuard refuses lone surrogates before this
+        raise invalid(f"{param} is not text the tokenizer can take ({e})", param) from None
+    for ids in out:
+        if isinstance(ids, int):
+            check_prompt_length(state, ids, None, param, "max_tokens")  # raises: too long
+    return out  # type: ignore[return-value]
 
 
 def new_id(prefix: str) -> str:
@@ -67,16 +127,25 @@ def new_id(prefix: str) -> str:
 
 def check_prompt_length(state: ServerState, num_prompt: int, max_tokens: int | None, param: str,
                         max_tokens_param: str) -> int:
-    """The max_tokens to run with: the request's, or what the context leaves. 400 when the
-    prompt (plus max_tokens) does not fit the model's context."""
+    """The max_tokens to run with: the request's, or what the context (and KV cache) leaves. 400
+    when the prompt (plus max_tokens) does not fit the model's context or the whole KV cache (a
+    sequence larger than the cache would only preempt itself forever)."""
     limit = state.max_model_len
+    cache = state.max_cache_tokens
     if num_prompt == 0:
         raise invalid("the prompt is empty (it encodes to no tokens)", param)
     if num_prompt >= limit:
         raise invalid(f"This model's maximum context length is {limit} tokens; the prompt has "
                       f"{num_prompt} tokens, which leaves none to generate.", param)
-    if max_tokens is None:
-        return limit - num_prompt
+    if num_prompt + 1 > cache:
+        raise too_large(f"the prompt has {num_prompt} tokens, more than this server accepts: its KV cache holds "
+                        f"at most {cache} tokens per sequence (--num-kv-blocks x --block-size)", param)
+    if max_tokens is None:  # up to the context, or what one sequence can hold if the cache is smaller
+        return min(limit, cache) - num_prompt
+    if num_prompt + max_tokens > cache:
+        raise too_large(f"the request needs {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
+                        f"{max_tokens} for the completion), more than this server accepts: its KV cache holds "
+                        f"at most {cache} tokens per sequence (--num-kv-blocks x --block-size)", max_tokens_param)
     if num_prompt + max_tokens > limit:
         raise invalid(f"This model's maximum context length is {limit} tokens; you requested "
                       f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} "
@@ -84,7 +153,7 @@ def check_prompt_length(state: ServerState, num_prompt: int, max_tokens: int | N
     return max_tokens
 
 
-def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None,
+def sampling_params(state: ServerState, body: SamplingFields, *, max_tokens: int, logprobs: int | None,
                     renames: dict[str, str]) -> SamplingParams:
     """SamplingParams of a request; a rejected value is a 400 naming the request's field."""
     if body.logit_bias:
@@ -98,16 +167,21 @@ def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | No
         "min_tokens": body.min_tokens, "skip_special_tokens": body.skip_special_tokens,
     }
     kwargs = {k: v for k, v in given.items() if v is not None}
+    if body.stop_token_ids:
+        state.check_token_ids(body.stop_token_ids, "stop_token_ids")
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
     except ValueError as e:
         raise from_value_error(e, None, renames) from None
+    return params
 
 
 async def add(state: ServerState, requests: list[tuple[str, Any, SamplingParams]], param: str) -> RequestStream:
     """Queue a request's prompts; errors become 400 (prompt), 503 (queue full), 500 (engine)."""
     try:
         return await state.async_engine.add_requests(requests)
+    except RequestTooLargeError as e:
+        raise too_large(str(e), param) from None
     except QueueFullError as e:
         raise APIError(503, str(e), code="queue_full") from None
     except EngineError as e:
