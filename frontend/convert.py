@@ -36,6 +36,11 @@ class Converter:
         self.nodes: list[Node] = []
         self._cu_seqlens: Node | None = None
         self.fx_node: torch.fx.Node | None = None
+        self.env: dict[torch.fx.Node, Any] = {}
+        """FX node -> its current IR value (rebound by in-place writes)."""
+        self.views: dict[torch.fx.Node, tuple[torch.fx.Node, Node | None]] = {}
+        """FX node that is a view -> (its base's FX node, the IR slice it took; None: the whole
+        base). An in-place write to a view is written back into its base (see write_back)."""
 
     # -- helpers used by converters ----------------------------------------------------------
 
@@ -89,6 +94,56 @@ class Converter:
             self.nodes.append(self._cu_seqlens)
         return self._cu_seqlens
 
+    def record_view(self, base: Any, sliced: Node | None) -> None:
+        """Note that the call being converted returns a view of FX node ``base``: ``sliced`` is
+        the IR ``slice`` node it emitted (None: a view of the whole base)."""
+        if isinstance(base, torch.fx.Node):
+            self.views[self.fx_node] = (base, sliced)
+
+    def write_back(self, view: torch.fx.Node, value: Node) -> None:
+        """Functionalize an in-place write: ``view`` now holds ``value``, so each base it is a
+        view of (transitively) is rebound to a copy with that region replaced.
+
+        ``base[..., a:b] = v`` becomes ``cat([base[..., :a], v, base[..., b:]])`` on the sliced
+        axis (pieces that are empty left out; slices of a cat this built reuse its pieces), so
+        later readers of the base see the write and no IR op mutates a tensor.
+        """
+        while view in self.views:
+            base_fx, sliced = self.views[view]
+            if sliced is not None:
+                value = self._scatter_slice(self.env[base_fx], value, sliced)
+            self.env[base_fx] = value
+            view = base_fx
+
+    def _scatter_slice(self, base: Node, value: Node, sliced: Node) -> Node:
+        dim, start, end, step = (sliced.attrs[k] for k in ("dim", "start", "end", "step"))
+        size = base.type.shape[dim]
+        if step != 1:
+            raise self.unsupported(hint="an in-place write to a strided slice is not supported")
+        pieces = []
+        if not _same(start, 0):
+            pieces.append(self.slice_of(base, dim, 0, start))
+        pieces.append(value)
+        if not _same(end, size):
+            pieces.append(self.slice_of(base, dim, end, size))
+        return pieces[0] if len(pieces) == 1 else self.emit("cat", pieces, dim=dim)
+
+    def slice_of(self, x: Node, dim: int, start: Dim, end: Dim) -> Node:
+        """``x[start:end]`` along ``dim``; when ``x`` is a cat along ``dim`` whose piece
+        boundaries the range meets, its pieces (no new slice)."""
+        if x.op == "cat" and x.attrs["dim"] == dim:
+            bounds, at = [], 0
+            for piece in x.inputs:
+                nxt = from_expr(to_expr(at) + to_expr(piece.type.shape[dim]))
+                bounds.append((at, nxt, piece))
+                at = nxt
+            firsts = [i for i, (a, _, _) in enumerate(bounds) if _same(a, start)]
+            lasts = [i for i, (_, b, _) in enumerate(bounds) if _same(b, end)]
+            if firsts and lasts and firsts[0] <= lasts[-1]:
+                chosen = [p for _, _, p in bounds[firsts[0] : lasts[-1] + 1]]
+                return chosen[0] if len(chosen) == 1 else self.emit("cat", chosen, dim=dim)
+        return self.emit("slice", [x], dim=dim, start=start, end=end, step=1)
+
     def unsupported(self, what: str | None = None, hint: str | None = None) -> UnsupportedOpError:
         return UnsupportedOpError(what or self._where(), self.model_type, hint)
 
@@ -104,7 +159,7 @@ class Converter:
     def run(self, table: dict[str, Callable[..., Any]]) -> Graph:
         sig = self.program.graph_signature
         params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
-        env: dict[torch.fx.Node, Any] = {}
+        env = self.env
         outputs: list[Node] = []
         fx_nodes = list(self.program.graph.nodes)
         for fx in tqdm(fx_nodes, desc="convert to IR", unit="node", leave=False, disable=None):
@@ -145,8 +200,9 @@ class Converter:
             raise self.unsupported()
         bound = _bind(target, args, kwargs)
         out = fn(self, bound, fx.meta.get("val"))
-        if inplace:  # later readers of the mutated operand see the result
+        if inplace:  # later readers of the mutated operand (and of what it views) see the result
             env[fx.args[0]] = out
+            self.write_back(fx.args[0], out)
         self._check(out, fx.meta.get("val"))
         return out
 
@@ -157,6 +213,11 @@ class Converter:
                 raise KilnError(
                     f"internal: converting {self._where()} gave {out.type}, torch says {want}"
                 )
+
+
+def _same(a: Dim, b: Dim) -> bool:
+    """Two sizes known to be equal."""
+    return sympy.simplify(to_expr(a) - to_expr(b)) == 0
 
 
 def _sym(x: Any) -> sympy.Expr:

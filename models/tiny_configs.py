@@ -209,6 +209,52 @@ def opt() -> PretrainedConfig:
     return _make("opt", ffn_dim=INTERMEDIATE, word_embed_proj_dim=HIDDEN, enable_bias=True)
 
 
+# Multi-head latent attention: q and kv through low-rank projections, a 24-wide q/k head
+# (16 without rotary + 8 with) and a 16-wide v head.
+_MLA: dict[str, Any] = {
+    "num_key_value_heads": HEADS,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1,
+}
+
+
+def deepseek_v2() -> PretrainedConfig:
+    """MLA without a q low-rank projection (V2-Lite), MoE (4 routed experts, top-2 greedy,
+    2 shared experts) after a first dense layer."""
+    return _make(
+        "deepseek_v2",
+        **_MLA,
+        q_lora_rank=None,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=2,
+        topk_method="greedy",
+        routed_scaling_factor=1.0,
+    )
+
+
+def deepseek_v3() -> PretrainedConfig:
+    """MLA with low-rank q and kv (interleaved RoPE on the rotary part), sigmoid-scored MoE
+    with group-limited top-2 of 4 routed experts, a shared expert, scaling 2.5, a first dense
+    layer."""
+    return _make(
+        "deepseek_v3",
+        **_MLA,
+        q_lora_rank=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    )
+
+
 TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "llama": llama,
     "qwen2": qwen2,
@@ -230,6 +276,7 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "gpt_oss": gpt_oss,
     "gemma3_text": gemma3_text,
     "opt": opt,
+    "deepseek_v3": deepseek_v3,
 }
 
 
@@ -279,4 +326,19 @@ def realistic_config(arch: str) -> PretrainedConfig:
             setattr(config, key, value)
     if present.get("attention_multiplier") is not None:
         config.attention_multiplier = 1.0 / _REALISTIC["head_dim"]
+    if present.get("kv_lora_rank") is not None:  # MLA: DeepSeek-V2-Lite's latent widths
+        for key, value in _REALISTIC_MLA.items():
+            if key != "q_lora_rank" or present.get(key) is not None:
+                setattr(config, key, value)
+        config.num_key_value_heads = config.num_attention_heads
+        config.head_dim = config.qk_rope_head_dim
     return config
+
+
+_REALISTIC_MLA: dict[str, int] = {
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+}

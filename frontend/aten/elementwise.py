@@ -119,6 +119,8 @@ def _to(cv: Converter, a: dict, val: Any) -> Node:
 
 @conv("alias", "clone", "contiguous", "detach", "lift_fresh_copy", "view_as_real_copy")
 def _identity(cv: Converter, a: dict, val: Any) -> Node:
+    if cv.op_name() == "alias":  # a view of the whole tensor: writes to it reach the original
+        cv.record_view(cv.fx_node.args[0], None)
     return a["self"]
 
 

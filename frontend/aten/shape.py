@@ -80,7 +80,21 @@ def _slice(cv: Converter, x: Node, dim: int, start: Any, end: Any, step: int = 1
 
 @conv("slice")
 def _slice_conv(cv: Converter, a: dict, val: Any) -> Node:
-    return _slice(cv, a["self"], a["dim"], a["start"], a["end"], a["step"])
+    out = _slice(cv, a["self"], a["dim"], a["start"], a["end"], a["step"])
+    cv.record_view(cv.fx_node.args[0], out)
+    return out
+
+
+@conv("copy")
+def _copy(cv: Converter, a: dict, val: Any) -> Node:
+    """``dst.copy_(src)``: ``src`` cast and broadcast to ``dst``; the converter writes it back
+    into whatever ``dst`` is a slice of (Converter.write_back)."""
+    dst, src = a["self"], cv.tensor(a["src"])
+    if src.type.dtype != dst.type.dtype:
+        src = cv.emit("cast", [src], dtype=dst.type.dtype)
+    if not src.type.same_as(dst.type):
+        src = cv.emit("expand", [src], shape=list(dst.type.shape))
+    return src
 
 
 @conv("narrow")
