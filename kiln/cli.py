@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("KILN_API_KEY"),
                  served_model_name=args.served_model_name, max_waiting=args.max_waiting,
                  shutdown_timeout=args.shutdown_timeout, log_level="debug" if args.verbose else "info",
-                 engine_kwargs=engine_kwargs)
+                 engine_kwargs=engine_kwargs, max_request_bytes=args.max_request_bytes, enable_docs=args.enable_docs)
 
 
 def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -149,11 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
-    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: ARTIFACT)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the artifact directory's name)")
     s.add_argument("--max-waiting", type=int, default=1024,
                    help="requests that may wait beyond the running batch; more get 503")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM before they are aborted")
+    s.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body accepted (default 4 MiB); larger ones get 413")
+    s.add_argument("--enable-docs", action="store_true",
+                   help="serve /docs and /redoc (their pages load Swagger UI / ReDoc from a CDN)")
     s.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step")
     s.add_argument("--max-num-seqs", type=int, default=None, help="sequences in the running batch")
     s.add_argument("--block-size", type=int, default=None, help="tokens per KV block")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -208,3 +212,48 @@ def test_docs_on_request(llama, start_server, engine_kwargs):
     with start_server(LLMEngine(llama, **engine_kwargs), artifact=str(llama), enable_docs=True) as s:
         status, page = s.get("/docs")
         assert status == 200 and "openapi.json" in page
+
+
+def test_kiln_serve_options(kiln_serve_options):
+    """`kiln serve --max-request-bytes N --enable-docs`, and the default model id, in a real process."""
+    url, artifact = kiln_serve_options("--max-request-bytes", "2000", "--enable-docs")
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({"prompt": "x" * 3000}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 413 and "at most 2000 bytes" in json.loads(e.value.read())["error"]["message"]
+    with urllib.request.urlopen(url + "/docs", timeout=30) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
+        assert [m["id"] for m in json.loads(r.read())["data"]] == [artifact.name]
+
+
+@pytest.fixture
+def kiln_serve_options(llama):
+    procs = []
+
+    def start(*extra: str):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(llama), "--port", str(port),
+                                 "--num-kv-blocks", "256", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    return url, llama
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"kiln serve did not start:\n{proc.communicate()[0]}")
+                time.sleep(0.1)
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
