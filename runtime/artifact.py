@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +101,17 @@ class Artifact:
         return sorted(r for r in self.files if r.startswith(prefix.rstrip("/") + "/"))
 
     def read_bytes(self, rel: str) -> bytearray:
-        """The content of a listed file, its hash checked in the same read (when verifying)."""
+        """The content of a listed file in memory, its hash checked in the same read (when
+        verifying)."""
         f = self.path(rel)
-        info = self.files[rel]
-        size = info["size"]
+        size = self.files[rel]["size"]
         buf = bytearray(size)
         view = memoryview(buf)
         h = xxhash.xxh3_128() if self.verify else None
         try:
             with open(f, "rb", buffering=0) as fh:
                 pos = 0
-                while pos < size:
-                    n = fh.readinto(view[pos : pos + CHUNK])
-                    if not n:
-                        break
+                while pos < size and (n := fh.readinto(view[pos : pos + CHUNK])):
                     if h is not None:
                         h.update(view[pos : pos + n])
                     pos += n
@@ -122,14 +120,41 @@ class Artifact:
             raise ArtifactError(f"cannot read artifact file '{f}': {e}") from None
         if pos != size or extra:
             raise ArtifactError(f"artifact file '{f}' changed size while it was read; recompile the artifact")
-        if h is not None:
-            if h.hexdigest() != info["hash"]:
-                raise ArtifactError(
-                    f"artifact file '{f}' does not match its {HASH_ALGORITHM} hash in the manifest: it is corrupt "
-                    "or was modified; recompile the artifact (or load with verify=False / --no-verify to skip)"
-                )
-            self.verified.add(rel)
+        self._check(rel, h)
         return buf
+
+    def map(self, rel: str) -> mmap.mmap | bytearray:
+        """A listed file mapped into memory (copy-on-write, so tensors may view it and writes
+        never reach the file); when verifying, hashing it is what pages it in, so the check is
+        the read. Big weight files go this way: their pages stay shared with the page cache."""
+        f = self.path(rel)
+        size = self.files[rel]["size"]
+        if size == 0:
+            return self.read_bytes(rel)
+        try:
+            with open(f, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot map artifact file '{f}': {e}") from None
+        if len(mm) != size:
+            raise ArtifactError(f"artifact file '{f}' changed size while it was read; recompile the artifact")
+        if self.verify:
+            h = xxhash.xxh3_128()
+            with memoryview(mm) as view:
+                for pos in range(0, size, CHUNK):
+                    h.update(view[pos : pos + CHUNK])
+            self._check(rel, h)
+        return mm
+
+    def _check(self, rel: str, h: Any) -> None:
+        if h is None:
+            return
+        if h.hexdigest() != self.files[rel]["hash"]:
+            raise ArtifactError(
+                f"artifact file '{self.root / rel}' does not match its {HASH_ALGORITHM} hash in the manifest: it is "
+                "corrupt or was modified; recompile the artifact (or load with verify=False / --no-verify to skip)"
+            )
+        self.verified.add(rel)
 
     def read_text(self, rel: str) -> str:
         """A listed text file; ArtifactError naming it when it is not UTF-8."""

@@ -1,7 +1,7 @@
 """Loading an artifact's safetensors weights onto a device.
 
-Each weight file the manifest lists is read once into host memory (its hash checked in the same
-read, see Artifact.read_bytes) and its tensors are views of that buffer, parsed here from the
+Each weight file the manifest lists is mapped into memory once (its hash checked by the pass that
+pages it in, see Artifact.map) and its tensors are views of the mapping, parsed here from the
 safetensors layout (nothing is unpickled):
 
     | u64 N (little-endian) | N bytes of JSON header | data ... |
@@ -11,6 +11,7 @@ safetensors layout (nothing is unpickled):
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 
 import torch
@@ -35,7 +36,7 @@ def load_weights(artifact: Artifact, names: set[str], device: str | torch.device
     for rel in files:
         if not rel.endswith(".safetensors"):
             raise ArtifactError(f"'{artifact.root / rel}' is not a safetensors file; recompile the artifact")
-        for k, t in parse_safetensors(artifact.read_bytes(rel), str(artifact.root / rel)).items():
+        for k, t in parse_safetensors(artifact.map(rel), str(artifact.root / rel)).items():
             if k in where:
                 raise ArtifactError(
                     f"weight '{k}' is in both '{artifact.root / where[k]}' and '{artifact.root / rel}'; recompile the artifact"
@@ -49,7 +50,7 @@ def load_weights(artifact: Artifact, names: set[str], device: str | torch.device
     return out
 
 
-def parse_safetensors(data: bytearray, name: str) -> dict[str, torch.Tensor]:
+def parse_safetensors(data: bytearray | mmap.mmap, name: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file's bytes, as views of them (copied only when a tensor's
     offset is not aligned to its element size); ArtifactError naming the file when malformed."""
     def bad(why: str) -> ArtifactError:
