@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -24,6 +25,17 @@ _SKIP = {
     "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range",
     "_assert_async", "_check_is_size", "_functional_assert_async",
 }
+
+
+@dataclass(frozen=True)
+class Complex:
+    """A complex tensor while converting: two real IR values of one shape (the IR has no
+    complex dtype; frontend/aten/complex.py converts the ops that make and use them)."""
+
+    re: Node
+    """The real part."""
+    im: Node
+    """The imaginary part."""
 
 
 class Converter:
@@ -195,10 +207,14 @@ class Converter:
         if not isinstance(target, torch._ops.OpOverload):
             raise self.unsupported()
         inplace = name.endswith("_") and not name.endswith("__")
-        fn = table.get(name.rstrip("_") if inplace else name)
-        if fn is None:
-            raise self.unsupported()
+        key = name.rstrip("_") if inplace else name
         bound = _bind(target, args, kwargs)
+        on_complex = any(isinstance(v, Complex) for v in bound.values())
+        if on_complex:
+            key = f"complex::{key}"  # an operand is a (re, im) pair (frontend/aten/complex.py)
+        fn = table.get(key)
+        if fn is None:
+            raise self.unsupported(hint="kiln has no converter for it on complex operands" if on_complex else None)
         out = fn(self, bound, fx.meta.get("val"))
         if inplace:  # later readers of the mutated operand (and of what it views) see the result
             env[fx.args[0]] = out

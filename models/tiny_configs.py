@@ -223,7 +223,7 @@ _MLA: dict[str, Any] = {
 
 
 def deepseek_v2() -> PretrainedConfig:
-    """MLA without a q low-rank projection (V2-Lite), MoE (4 routed experts, top-2 greedy,
+    """MLA without a q low-rank projection (V2-Lite), RoPE written as a complex rotation, MoE (4 routed experts, top-2 greedy,
     2 shared experts) after a first dense layer."""
     return _make(
         "deepseek_v2",
@@ -276,6 +276,7 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "gpt_oss": gpt_oss,
     "gemma3_text": gemma3_text,
     "opt": opt,
+    "deepseek_v2": deepseek_v2,
     "deepseek_v3": deepseek_v3,
 }
 

@@ -23,6 +23,7 @@ KERNEL_OPS = ("rms_norm", "fused_add_rms_norm", "layer_norm", "silu_and_mul", "g
 # Kernel-set ops after the reference pipeline on the tiny configs (2 layers each).
 EXPECTED: dict[str, dict[str, int]] = {
     "cohere": {"layer_norm": 3, "silu_and_mul": 2, "gather_rows": 1},
+    "deepseek_v2": {"rms_norm": 3, "fused_add_rms_norm": 4, "silu_and_mul": 3, "expert_linear": 2, "gather_rows": 1},
     "deepseek_v3": {"rms_norm": 5, "fused_add_rms_norm": 4, "silu_and_mul": 3, "expert_linear": 2, "gather_rows": 1},
     "gemma": {"rms_norm": 1, "fused_add_rms_norm": 4, "gelu_and_mul": 2, "gather_rows": 1},
     "gemma2": {"rms_norm": 5, "fused_add_rms_norm": 4, "gelu_and_mul": 2, "softcap": 1, "gather_rows": 1},
