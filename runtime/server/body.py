@@ -29,6 +29,8 @@ from kiln.runtime.server.errors import APIError
 
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 """Default request-body limit (`kiln serve --max-request-bytes`): 4 MiB, ~1M tokens of text."""
+DRAIN_FACTOR = 16
+"""A refused body is read (and dropped) up to this many times the limit before the 413 is sent."""
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -105,6 +107,7 @@ class BodyGuard:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _drain(receive, DRAIN_FACTOR * self.max_bytes)
             await _reply(send, self._too_large(int(length)))
             return
         chunks, size, more = [], 0, True
@@ -114,11 +117,13 @@ class BodyGuard:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > self.max_bytes:
+                if more:
+                    await _drain(receive, DRAIN_FACTOR * self.max_bytes)
                 await _reply(send, self._too_large(None))
                 return
             chunks.append(chunk)
-            more = message.get("more_body", False)
         body = b"".join(chunks)
         if _is_json(scope):
             try:
@@ -136,6 +141,18 @@ class BodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read and drop the rest of a refused body (up to `limit` bytes), so that a client still
+    sending it reads the 413 instead of a connection reset; a larger one is cut off."""
+    size, more = 0, True
+    while more and size <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
 
 
 async def _reply(send: Send, error: APIError) -> None:

@@ -73,6 +73,13 @@ def test_body_over_limit_is_413(llama, start_server, engine_kwargs):
         assert status == 200
 
 
+def test_default_limit_drains_the_refused_body(server):
+    """5 MB (over the default 4 MiB, more than socket buffers hold): the client still reads the
+    413 instead of a connection reset."""
+    err = _error(server.post("/v1/completions", b"x" * 5_000_000), 413, None, "request_too_large")
+    assert "5000000 bytes" in err["message"] and str(4 * 1024 * 1024) in err["message"]
+
+
 def _get_ms(url: str) -> float:
     t = time.perf_counter()
     with urllib.request.urlopen(url, timeout=30) as r:
