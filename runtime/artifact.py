@@ -14,7 +14,8 @@
 The manifest is the only index: the runtime reads exactly the files it lists, every listed path
 must stay inside the directory (no `..`, absolute paths or symlinks out), and a file under
 weights/ that it does not list is an error. Loading checks each file's hash in the same pass
-that reads it (`Artifact.read_bytes`; `verify=False` skips the hashing, not the checks above).
+that reads it (`Artifact.read_bytes`; weight files are mapped and the hash is what pages them in,
+`Artifact.map`); `verify=False` skips the hashing, not the checks above.
 """
 
 from __future__ import annotations
