@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -36,7 +38,11 @@ def load_weights(artifact: Artifact, names: set[str], device: str | torch.device
     for rel in files:
         if not rel.endswith(".safetensors"):
             raise ArtifactError(f"'{artifact.root / rel}' is not a safetensors file; recompile the artifact")
-        for k, t in parse_safetensors(artifact.map(rel), str(artifact.root / rel)).items():
+    # Shards are mapped and hashed in parallel (xxhash releases the GIL).
+    with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
+        maps = list(pool.map(artifact.map, files))
+    for rel, data in zip(files, maps, strict=True):
+        for k, t in parse_safetensors(data, str(artifact.root / rel)).items():
             if k in where:
                 raise ArtifactError(
                     f"weight '{k}' is in both '{artifact.root / where[k]}' and '{artifact.root / rel}'; recompile the artifact"
