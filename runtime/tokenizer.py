@@ -75,6 +75,18 @@ class Tokenizer:
         """Token ids of text (special tokens added as the tokenizer's post-processor says)."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True,
+                     limit: int | None = None) -> list[list[int] | int]:
+        """Token ids of each text, or just their count when it reaches `limit` (a list of millions
+        of ints is then never built). `tokenizers`' batch encoder releases the GIL while it works
+        (encode holds it throughout), so a server thread running this leaves the event loop free;
+        its fast form tracks no offsets, so freeing the result takes ms, not 0.25 s per 3M tokens."""
+        batch = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        out: list[list[int] | int] = []
+        for e in batch(texts, add_special_tokens=add_special_tokens):
+            out.append(len(e) if limit is not None and len(e) >= limit else e.ids)
+        return out
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids. One token's text is remembered: the incremental detokenizer
         decodes a one-token context window for every generated token."""

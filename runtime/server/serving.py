@@ -89,30 +89,14 @@ def too_large(message: str, param: str | None) -> APIError:
     return APIError(400, message, param=param, code="request_too_large")
 
 
-def _encode_all(tok: Any, texts: list[str], add_special_tokens: bool, limit: int | None) -> list[list[int] | int]:
-    """Ids of each text, or just their count when it reaches `limit` (then a list of millions of
-    ints is never built, nor freed later on the event loop)."""
-    fast = getattr(tok, "_tok", None)  # the `tokenizers` Tokenizer
-    batch = getattr(fast, "encode_batch_fast", None) or getattr(fast, "encode_batch", None)
-    if batch is None:
-        all_ids = [tok.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-        return [len(ids) if limit is not None and len(ids) >= limit else ids for ids in all_ids]
-    # encode_batch(_fast) releases the GIL while it works (encode holds it throughout); the fast
-    # one tracks no offsets, so freeing its Encoding (GIL held) takes ms, not 0.25 s for 3M tokens.
-    out: list[list[int] | int] = []
-    for e in batch(texts, add_special_tokens=add_special_tokens):
-        out.append(len(e) if limit is not None and len(e) >= limit else e.ids)
-    return out
-
-
 async def encode(state: ServerState, texts: list[str], param: str, add_special_tokens: bool = True,
                  check_context: bool = True) -> list[list[int]]:
     """Token ids of each text, computed in a worker thread so the event loop (other requests,
-    /health) goes on meanwhile (see `_encode_all` for the GIL). With `check_context`, a
+    /health) goes on meanwhile (see `Tokenizer.encode_batch` for the GIL). With `check_context`, a
     text of max_model_len tokens or more is a 400 (its ids are not even built)."""
     limit = state.max_model_len if check_context else None
     try:
-        out = await asyncio.to_thread(_encode_all, state.engine.tokenizer, texts, add_special_tokens, limit)
+        out = await asyncio.to_thread(state.engine.tokenizer.encode_batch, texts, add_special_tokens, limit)
     except (TypeError, UnicodeError) as e:  # BodyGuard refuses lone surrogates before this
         raise invalid(f"{param} is not text the tokenizer can take ({e})", param) from None
     for ids in out:
