@@ -17,7 +17,7 @@ Padding (a decode step of B sequences runs as a bucketed B' >= B so its shapes r
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,4 +138,19 @@ def contiguous_paged_inputs(
     for name, t in cache_types.items():
         _, _, hkv, d = t.shape
         out[name] = torch.zeros(total, block_size, int(hkv), int(d), dtype=torch_dtype(t.dtype))
+    return out
+
+
+def whole_sequence_inputs(lengths: Sequence[int], names: Collection[str], cache_types: Mapping[str, TensorType],
+                          block_size: int, *, shuffle_seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The per-step metadata of whole sequences run in one step (the debug forward and
+    --verify): cu_seqlens, and those of total_lens and the paged-attention inputs (with empty
+    caches, see contiguous_paged_inputs) that `names`, the graph's inputs, include."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch_dtype(CU_SEQLENS.dtype))
+    cu[1:] = torch.tensor(list(lengths)).cumsum(0)
+    out = {CU_SEQLENS.name: cu}
+    if TOTAL_LENS.name in names:  # each sequence is all there is of it
+        out[TOTAL_LENS.name] = torch.tensor(list(lengths), dtype=torch_dtype(TOTAL_LENS.dtype))
+    if SLOT_MAPPING.name in names:
+        out.update(contiguous_paged_inputs(lengths, block_size, cache_types, shuffle_seed=shuffle_seed))
     return out

@@ -12,10 +12,8 @@ from kiln.ir.step_inputs import (
     INPUT_IDS,
     LOGITS_INDICES,
     POSITION_IDS,
-    SLOT_MAPPING,
-    TOTAL_LENS,
-    contiguous_paged_inputs,
     is_cache_input,
+    whole_sequence_inputs,
 )
 from kiln.ir.types import FLOAT_DTYPES
 
@@ -27,10 +25,9 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 2e-2, "bfloat16": 5e-2
 def sample_batch(vocab: int, seed: int, lengths: tuple[int, ...] = (5, 11, 3)) -> dict[str, torch.Tensor]:
     """A flattened batch of random token ids in the step-input schema's names."""
     g = torch.Generator().manual_seed(seed)
-    total = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = whole_sequence_inputs(lengths, (), {}, PAGED_BLOCK_SIZE)[CU_SEQLENS.name]
     return {
-        INPUT_IDS.name: torch.randint(0, vocab, (total,), generator=g),
+        INPUT_IDS.name: torch.randint(0, vocab, (sum(lengths),), generator=g),
         POSITION_IDS.name: torch.cat([torch.arange(n) for n in lengths]),
         CU_SEQLENS.name: cu,
         LOGITS_INDICES.name: cu[1:].long() - 1,
@@ -41,14 +38,11 @@ PAGED_BLOCK_SIZE = 4
 
 
 def _inputs_for(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = {n.name for n in graph.inputs}
     cu = batch[CU_SEQLENS.name]
     lengths = (cu[1:] - cu[:-1]).tolist()
-    if TOTAL_LENS.name in names:  # whole sequences: their lengths (longrope's rope reads them)
-        batch = {**batch, TOTAL_LENS.name: torch.tensor(lengths, dtype=torch.int32)}
-    if SLOT_MAPPING.name in names:
-        caches = {n.name: n.type for n in graph.inputs if is_cache_input(n.name)}
-        batch = {**batch, **contiguous_paged_inputs(lengths, PAGED_BLOCK_SIZE, caches, shuffle_seed=len(lengths))}
+    caches = {n.name: n.type for n in graph.inputs if is_cache_input(n.name)}
+    names = {n.name for n in graph.inputs}
+    batch = {**batch, **whole_sequence_inputs(lengths, names, caches, PAGED_BLOCK_SIZE, shuffle_seed=len(lengths))}
     out = {}
     for node in graph.inputs:
         if node.name not in batch:

@@ -8,8 +8,14 @@ from typing import Any
 
 import torch
 
-from kiln.ir.step_inputs import SLOT_MAPPING, TOTAL_LENS, contiguous_paged_inputs, is_cache_input
-from kiln.ir.types import TensorType, torch_dtype
+from kiln.ir.step_inputs import (
+    INPUT_IDS,
+    LOGITS_INDICES,
+    POSITION_IDS,
+    is_cache_input,
+    whole_sequence_inputs,
+)
+from kiln.ir.types import TensorType
 from kiln.runtime.artifact import GRAPH, TOKENIZER_DIR, Artifact
 from kiln.runtime.executor import PlanExecutor
 from kiln.runtime.plan import load_plan
@@ -72,15 +78,11 @@ class CompiledModel:
             raise ValueError(f"seq_lens {lens.tolist()} must be positive and sum to the {total} tokens")
         if (input_ids < 0).any() or (input_ids >= self.vocab_size).any():
             raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
-        cu = torch.zeros(lens.numel() + 1, dtype=torch.int32)
-        cu[1:] = lens.cumsum(0)
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "cu_seqlens": cu}
-        if SLOT_MAPPING.name in self.plan.inputs:  # a throwaway paged cache holding just this batch
-            inputs.update(contiguous_paged_inputs(lens.tolist(), DEBUG_BLOCK_SIZE, self.cache_types))
-        if TOTAL_LENS.name in self.plan.inputs:  # whole sequences: their own lengths
-            inputs[TOTAL_LENS.name] = lens.to(torch_dtype(TOTAL_LENS.dtype))
-        if "logits_indices" in self.plan.inputs:
-            inputs["logits_indices"] = (
+        # Whole sequences; a throwaway paged cache holding just this batch.
+        inputs = {INPUT_IDS.name: input_ids, POSITION_IDS.name: position_ids,
+                  **whole_sequence_inputs(lens.tolist(), self.plan.inputs, self.cache_types, DEBUG_BLOCK_SIZE)}
+        if LOGITS_INDICES.name in self.plan.inputs:
+            inputs[LOGITS_INDICES.name] = (
                 torch.arange(total) if logits_indices is None else logits_indices.to(torch.int64)
             )
         return self.executor.run(inputs)[0].clone()
