@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from kiln.codegen.fold_weights import fold_weights
 from kiln.frontend import import_model
 from kiln.ir.cost import kernel_coverage
+from kiln.models.checkpoint import write_weightless_checkpoint
 from kiln.models.tiny_configs import TINY_CONFIGS, realistic_config, tiny_config
 from kiln.passes import PassManager, get_pass
 from kiln.passes.registry import pipeline
@@ -32,8 +32,7 @@ def coverage_row(arch: str, target: str, size: str, workdir: Path) -> dict:
     config = realistic_config(arch) if size == "realistic" else tiny_config(arch)
     model_dir = workdir / f"{arch}-{size}"
     if not model_dir.exists():
-        config.save_pretrained(model_dir)
-        save_file({}, model_dir / "model.safetensors")  # tracing reads no weight
+        write_weightless_checkpoint(config, model_dir)
     imported = import_model(str(model_dir), torch.bfloat16)
     graph = PassManager([get_pass(n) for n in pipeline(target)]).run(imported.graph)
     graph, _ = fold_weights(graph, imported.weights)

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from .tiny_configs import tiny_config
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
@@ -112,6 +113,16 @@ def build_checkpoint(
     )
     tokenizer = build_tokenizer(out, vocab_size=model.config.vocab_size)
     assert len(tokenizer) <= model.config.vocab_size
+    return out
+
+
+def write_weightless_checkpoint(config: PretrainedConfig, out_dir: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory holding ``config`` and an empty weights file: enough for kiln's
+    frontend, which traces on the meta device and reads no weight (graph-level measurements of
+    large shapes without materializing them). Compiling it into an artifact would fail."""
+    out = Path(out_dir)
+    config.save_pretrained(out)
+    save_file({}, out / "model.safetensors")
     return out
 
 

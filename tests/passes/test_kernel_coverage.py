@@ -4,15 +4,13 @@ its weight bytes run in kernel-set ops (kiln.ir.cost; the table: benchmarks/kern
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from kiln.codegen.fold_weights import fold_weights
 from kiln.frontend import import_model
 from kiln.ir.cost import kernel_coverage
+from kiln.models.checkpoint import write_weightless_checkpoint
 from kiln.models.tiny_configs import TINY_CONFIGS, realistic_config
 from kiln.passes import PassManager, get_pass
 from kiln.passes.registry import pipeline
@@ -27,9 +25,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory):
 
     def get(arch: str):
         if arch not in cache:
-            d: Path = tmp_path_factory.mktemp(f"meta-{arch}")
-            realistic_config(arch).save_pretrained(d)
-            save_file({}, d / "model.safetensors")  # tracing reads no weight
+            d = write_weightless_checkpoint(realistic_config(arch), tmp_path_factory.mktemp(f"meta-{arch}"))
             cache[arch] = import_model(str(d), torch.bfloat16)
         return cache[arch]
 
