@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from kiln.ir.dims import evaluate
 from kiln.ir.graph import SOURCE_OPS, Graph, Node
 from kiln.ir.ops import get_op
-from kiln.ir.types import TensorType
 
 NOMINAL: dict[str, int] = {"T": 512, "S": 1, "R": 1, "NB": 32, "BS": 16, "MB": 32}
 """Symbol values of the nominal step."""
@@ -31,10 +30,6 @@ MOVEMENT = frozenset({
 })  # fmt: skip
 
 
-def _numel(t: TensorType, b: Mapping[str, int]) -> int:
-    return math.prod(evaluate(d, b) for d in t.shape)
-
-
 def node_flops(n: Node, b: Mapping[str, int] = NOMINAL) -> int:
     """FLOPs of one op node at bindings b (see the module docstring)."""
     if n.op in SOURCE_OPS or n.op in MOVEMENT:
@@ -42,22 +37,22 @@ def node_flops(n: Node, b: Mapping[str, int] = NOMINAL) -> int:
     ins = [i.type for i in n.inputs]
     if n.op in ("linear", "expert_linear"):
         x, w = ins[0], ins[1]
-        return 2 * _numel(x, b) * evaluate(w.shape[-2], b)
+        return 2 * x.numel(b) * evaluate(w.shape[-2], b)
     if n.op == "matmul":
         k = evaluate(ins[0].shape[-1], b)
-        return 2 * _numel(n.type, b) * k
+        return 2 * n.type.numel(b) * k
     if n.op == "einsum":
         lhs = n.attrs["equation"].replace(" ", "").split("->")[0].split(",")
         sizes = {c: evaluate(d, b) for term, t in zip(lhs, ins, strict=False) for c, d in zip(term, t.shape, strict=False)}
         return 2 * math.prod(sizes.values())
     if n.op in ("attention", "paged_attention"):
         q, out = ins[0], n.type
-        heads_d = _numel(q, b) // evaluate(q.shape[0], b)
-        heads_dv = _numel(out, b) // evaluate(out.shape[0], b)
+        heads_d = q.numel(b) // evaluate(q.shape[0], b)
+        heads_dv = out.numel(b) // evaluate(out.shape[0], b)
         return 2 * evaluate(q.shape[0], b) * CONTEXT * (heads_d + heads_dv)
     if get_op(n.op).kind in ("reduce", "dim"):
-        return _numel(ins[0], b)
-    return sum(_numel(t, b) for t in n.type.types)
+        return ins[0].numel(b)
+    return sum(t.numel(b) for t in n.type.types)
 
 
 def _step_nodes(graph: Graph) -> list[Node]:
@@ -114,7 +109,7 @@ def kernel_coverage(graph: Graph, bindings: Mapping[str, int] = NOMINAL) -> Cove
         for p in _params_read(n, set(steps)):
             readers.setdefault(p, []).append(n)
     for p, users in readers.items():
-        size = int(_numel(p.type, bindings) * p.type.itemsize)
+        size = p.type.nbytes(bindings)
         cov.weight_bytes += size
         if all(get_op(u.op).kernel for u in users):
             cov.kernel_weight_bytes += size
