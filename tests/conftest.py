@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+import os
 
-import pytest
 import torch
 
-import kiln
-from kiln.models.checkpoint import build_checkpoint
+# Without a GPU, Triton kernels run in its interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import kiln  # noqa: E402
+from kiln.models.checkpoint import build_checkpoint  # noqa: E402
 
 # The suite's models are tiny: one intra-op thread is faster than two fighting over 2 cores.
 torch.set_num_threads(1)
