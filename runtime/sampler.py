@@ -21,6 +21,13 @@ Everything is batched and stays on the logits' device:
   (a flat distribution under top-p) draws from the whole distribution and accepts the token if
   the filters keep it (rejection sampling: exact, no sort, >= top_p acceptance per round), and
   only a row still unaccepted after `REJECTION_ROUNDS` sorts its whole vocabulary.
+
+On a CUDA device (or when asked: `Sampler(use_triton=True)`) the per-row work runs in Triton
+kernels (`kiln.kernels.triton_kernels.sampling`): one launch applies penalties and the
+min_tokens mask in place, one picks greedy rows' argmax and draws unfiltered rows by a CDF walk
+(computing every row's uniform on the device); filtered rows keep torch.topk and the draws
+below. The two paths agree exactly except where a uniform lands within float rounding of a CDF
+boundary (the walk sums in another order than torch.cumsum).
 """
 
 from __future__ import annotations
@@ -84,7 +91,9 @@ class Sampler:
     """Turns [B, V] logits into one token per row. Holds the penalty counts of the requests it
     has penalized (one row each, freed by `release`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, use_triton: bool | None = None) -> None:
+        self.use_triton = use_triton
+        """Triton kernels for the per-row work: None => when the logits are on a CUDA device."""
         self._counts: torch.Tensor | None = None  # [C, V] float32: output-token counts
         self._prompt_seen: torch.Tensor | None = None  # [C, V] bool
         self._slot: dict[SamplingState, int] = {}
@@ -98,21 +107,65 @@ class Sampler:
             )
         raw = logits.float()  # [B, V]; a view when already float32: never written
         pen_rows = [i for i, s in enumerate(states) if _has_penalty(s.params)]
-        x = self.apply_penalties(raw, states, pen_rows)
-        x = _mask_min_tokens(x, raw, states)
-        tokens = x.argmax(dim=-1)  # [B]
-        rows = [i for i, s in enumerate(states) if not s.params.greedy]
-        if rows:
-            idx = torch.tensor(rows, device=x.device)
-            tokens[idx] = _sample(x[idx], [states[i] for i in rows])
+        if self.use_triton or (self.use_triton is None and logits.is_cuda):
+            tokens = self._select_triton(raw, raw is not logits, states, pen_rows)
+        else:
+            x = self.apply_penalties(raw, states, pen_rows)
+            x = _mask_min_tokens(x, raw, states)
+            tokens = x.argmax(dim=-1)  # [B]
+            rows = [i for i, s in enumerate(states) if not s.params.greedy]
+            if rows:
+                idx = torch.tensor(rows, device=x.device)
+                tokens[idx] = _sample(x[idx], [states[i] for i in rows])
         if pen_rows:
-            slots = torch.tensor([self._slot[states[i]] for i in pen_rows], device=x.device)
-            chosen = tokens[torch.tensor(pen_rows, device=x.device)]
+            slots = torch.tensor([self._slot[states[i]] for i in pen_rows], device=raw.device)
+            chosen = tokens[torch.tensor(pen_rows, device=raw.device)]
             self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
         for s in states:
             s.num_generated += 1
         token_ids = tokens.tolist()
         return SampleResult(token_ids, _logprobs(raw, token_ids, states))
+
+    def _select_triton(self, raw: torch.Tensor, owned: bool, states: list[SamplingState],
+                       pen_rows: list[int]) -> torch.Tensor:
+        """The tokens [B] of float32 logits raw [B, V] by the Triton kernels (raw is written
+        only when `owned`, a copy the sampler made)."""
+        from kiln.kernels.triton_kernels import sampling as tk  # triton only where it runs
+
+        dev, vocab = raw.device, raw.shape[1]
+        slots = {i: self._slot_of(states[i], vocab, dev) for i in pen_rows}  # may grow the pool: first
+        fparams: list[list[float]] = []
+        iparams: list[list[int]] = []
+        filtered: list[int] = []
+        edit = bool(pen_rows)
+        for i, s in enumerate(states):
+            p = s.params
+            banned = [t for t in s.banned if t < vocab] if s.num_generated < p.min_tokens else []
+            edit |= bool(banned)
+            if p.greedy:
+                mode = tk.MODE_GREEDY
+            elif (p.top_k and p.top_k < vocab) or p.top_p < 1 or p.min_p > 0:
+                mode = tk.MODE_FILTERED
+                filtered.append(i)
+            else:
+                mode = tk.MODE_DRAW
+            fparams.append([p.temperature, p.repetition_penalty, p.frequency_penalty, p.presence_penalty])
+            iparams.append([s.seed & _M32, (s.seed >> 32) & _M32, s.num_generated & _M32, mode,
+                            slots.get(i, -1), len(banned), *banned])
+        fp, ip = tk.pack_params(fparams, iparams, dev)
+        x = raw
+        if edit:
+            if not owned or x.stride(1) != 1:
+                x = x.clone(memory_format=torch.contiguous_format)
+            tk.penalize_(x, self._counts, self._prompt_seen, fp, ip)
+        elif x.stride(1) != 1:
+            x = x.contiguous()
+        tokens, u = tk.sample_rows(x, fp, ip)  # [B] each
+        if filtered:
+            idx = torch.tensor(filtered, device=dev)
+            temp = fp[idx, tk.F_TEMP].unsqueeze(1)  # [F, 1]
+            tokens[idx] = _draw_filtered(x[idx] / temp, u[idx], [states[i] for i in filtered])
+        return tokens
 
     def release(self, state: SamplingState) -> None:
         """Free a finished request's penalty row."""
@@ -232,23 +285,30 @@ def _sample(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         p_idx = torch.tensor(plain, device=dev)
         out[p_idx] = _draw_unsorted(x[p_idx], u[p_idx])
     f_idx = torch.tensor(filtered, device=dev)
-    fps = [ps[i] for i in filtered]
+    out[f_idx] = _draw_filtered(x[f_idx], u[f_idx], [states[i] for i in filtered])
+    return out
+
+
+def _draw_filtered(x: torch.Tensor, u: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """One token id per row of temperature-scaled logits x [F, V] whose rows have top-k, top-p
+    or min-p, drawn at u [F]; returns [F] int64."""
+    dev, vocab = x.device, x.shape[1]
+    fps = [s.params for s in states]
     top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in fps], device=dev)  # [F]
     top_p = torch.tensor([p.top_p for p in fps], device=dev)  # [F]
     min_p = torch.tensor([p.min_p for p in fps], device=dev)  # [F]
     k = min(vocab, max(CANDIDATES, int(max(p.top_k or 0 for p in fps))))
-    tokens, fits = _draw_top(x[f_idx], u[f_idx], top_k, top_p, min_p, k)
+    tokens, fits = _draw_top(x, u, top_k, top_p, min_p, k)
     if k < vocab and not bool(fits.all()):
         bad = (~fits).nonzero().squeeze(1)  # rows without top-k whose kept set is wide
-        fstates = [states[filtered[int(i)]] for i in bad.tolist()]
-        redo, done = _draw_rejection(x[f_idx[bad]], fstates, top_p[bad], min_p[bad])
+        fstates = [states[int(i)] for i in bad.tolist()]
+        redo, done = _draw_rejection(x[bad], fstates, top_p[bad], min_p[bad])
         left = (~done).nonzero().squeeze(1)
         if len(left):
             rows = bad[left]
-            redo[left], _ = _draw_top(x[f_idx[rows]], u[f_idx[rows]], top_k[rows], top_p[rows], min_p[rows], vocab)
+            redo[left], _ = _draw_top(x[rows], u[rows], top_k[rows], top_p[rows], min_p[rows], vocab)
         tokens[bad] = redo
-    out[f_idx] = tokens
-    return out
+    return tokens
 
 
 def _draw_rejection(x: torch.Tensor, states: list[SamplingState], top_p: torch.Tensor, min_p: torch.Tensor,
