@@ -89,3 +89,27 @@ def write_artifact(
         "files": {rel: {"size": (root / rel).stat().st_size, "hash": hash_file(root / rel)} for rel in rels},
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def replace_files(root: Path, files: dict[str, bytes], prefixes: tuple[str, ...]) -> None:
+    """Replace every listed file under `prefixes` (folders or exact paths) of the artifact at
+    `root` by `files` (artifact-relative path -> contents), and rewrite the manifest's index
+    (sizes and hashes): the rebuilt kernels of `kiln tune` and the cuda target's build."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    listed: dict[str, Any] = manifest["files"]
+
+    def under(rel: str) -> bool:
+        return any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+    for rel in [r for r in listed if under(r)]:
+        (root / rel).unlink(missing_ok=True)
+        del listed[rel]
+    for rel, data in sorted(files.items()):
+        if not under(rel) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"'{rel}' is not under {prefixes}")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        listed[rel] = {"size": len(data), "hash": hash_file(root / rel)}
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(root / MANIFEST)

@@ -13,9 +13,9 @@ if TYPE_CHECKING:
     from kiln.codegen.lowering import LoweredModule
     from kiln.ir.graph import Graph
 
-AVAILABLE: dict[str, str] = {"reference": "kiln.codegen.reference"}
+AVAILABLE: dict[str, str] = {"reference": "kiln.codegen.reference", "cuda": "kiln.codegen.cuda"}
 """Target -> the module that lowers for it."""
-PLANNED: dict[str, str] = {"cuda": "Triton kernels", "cpu": "TVM/LLVM kernels"}
+PLANNED: dict[str, str] = {"cpu": "TVM/LLVM kernels"}
 """Targets the CLI accepts that are not implemented yet -> what they will use."""
 TARGETS: tuple[str, ...] = (*AVAILABLE, *PLANNED)
 """Every target name the CLI accepts."""

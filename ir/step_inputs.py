@@ -12,7 +12,8 @@ Padding (a decode step of B sequences runs as a bucketed B' >= B so its shapes r
     token rows  B..B'-1: input_ids 0, position_ids 0, slot_mapping -1 (written to no slot)
     sequences   B..B'-1: seq_lens and total_lens 0, cu_seqlens repeats its last value (no query rows),
                          block_tables row all 0
-    logits_indices lists only real rows: padded rows are never sampled.
+    logits_indices: a padded decode step lists B' rows (padded ones 0) so one graph serves the bucket;
+                   only the first B are sampled.
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from kiln.ir.step_inputs import LOGITS_INDICES
+from kiln.ir.step_inputs import LOGITS_INDICES, token_buckets
 from kiln.ir.types import torch_dtype
 from kiln.runtime.block_pool import BlockPool
+from kiln.runtime.cuda_graphs import GraphedExecutor
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.model import CompiledModel
@@ -71,6 +72,7 @@ class LLMEngine:
         max_model_len: int | None = None,
         device: str = "cpu",
         verify: bool = True,
+        enforce_eager: bool = False,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -92,7 +94,7 @@ class LLMEngine:
         self.max_model_len = max_model_len or limit or 2048
         if num_kv_blocks is None:
             budget = kv_cache_memory_bytes if kv_cache_memory_bytes is not None else default_cache_bytes(self.device)
-            num_kv_blocks = budget // max(bytes_per_block, 1)
+            num_kv_blocks = int(budget // max(bytes_per_block, 1))  # itemsize is a float (packed dtypes)
             if kv_cache_memory_bytes is None:
                 # No more than every sequence slot at full context could use, twice over (the
                 # rest keeps cached prefixes): a small model would otherwise get millions.
@@ -108,7 +110,8 @@ class LLMEngine:
             for name, t in caches.items()
         }
         self.pool = BlockPool(num_kv_blocks, enable_caching=enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, block_size)
+        # With sliding windows only, blocks behind every layer's window are released as it moves.
+        self.kv = KVCacheManager(self.pool, block_size, window=self.model.plan.attention_window)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
         self.runner = ModelRunner(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len, self.device)
         # The largest step there can be: the executor's arena is laid out for it now, once.
@@ -116,6 +119,10 @@ class LLMEngine:
             "T": max_num_batched_tokens, "S": max_num_seqs, "R": max_num_seqs, "NB": num_kv_blocks,
             "BS": block_size, "MB": self.runner.width,
         })
+        self.graphs = GraphedExecutor(self.model.executor)
+        if self.device.type == "cuda" and not enforce_eager:  # decode buckets as CUDA graphs
+            sizes = [b for b in token_buckets(max_num_seqs) if b <= max_num_batched_tokens]
+            self.graphs.capture(sizes, lambda b: {**self.runner.decode_inputs(b), **self.kv_caches})
         self.sampler = Sampler()
         self.groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}
@@ -144,9 +151,9 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens"
             )
-        if self.kv.num_blocks_for(len(ids) + 1) > self.pool.num_blocks:
+        if self.kv.peak_blocks(len(ids) + 1) > self.pool.num_blocks:
             raise ValueError(
-                f"the prompt needs {self.kv.num_blocks_for(len(ids) + 1)} KV blocks; the cache has "
+                f"the prompt needs {self.kv.peak_blocks(len(ids) + 1)} KV blocks; the cache has "
                 f"{self.pool.num_blocks} (raise kv_cache_memory_bytes or num_kv_blocks)"
             )
         return text, ids
@@ -216,8 +223,8 @@ class LLMEngine:
         delta_logprobs, delta_text; text is the whole text so far): fold them into whole
         outputs with `OutputAccumulator`."""
         touched: set[str] = set()
-        limit = self.pool.num_blocks * self.kv.block_size
-        for req in [r for r in self.scheduler.running if len(r.all_token_ids) > limit]:
+        peak, blocks = self.kv.peak_blocks, self.pool.num_blocks
+        for req in [r for r in self.scheduler.running if peak(len(r.all_token_ids)) > blocks]:
             self._finish(req, "length")  # the whole cache cannot hold it any more
             touched.add(req.group_id)
         step = self.scheduler.schedule()
@@ -227,9 +234,10 @@ class LLMEngine:
         sampled = batch.sampled
         inputs = {**batch.inputs, **self.kv_caches}
         try:
-            logits = self.model.executor.run(inputs)[0]
+            logits = self.graphs.run(inputs)[0]
             if LOGITS_INDICES.name not in self.model.plan.inputs:  # compiled without last-token-logits
                 logits = logits[inputs[LOGITS_INDICES.name]]
+            logits = logits[: len(sampled)]
         except Exception:
             log.exception("model step failed; failing the %d requests in it", len(step.requests))
             for req in step.requests:

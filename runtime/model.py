@@ -18,10 +18,12 @@ from kiln.ir.step_inputs import (
 from kiln.ir.types import TensorType
 from kiln.runtime.artifact import GRAPH, TOKENIZER_DIR, Artifact
 from kiln.runtime.executor import PlanExecutor
+from kiln.runtime.kernel_binaries import install as install_kernels
 from kiln.runtime.plan import load_plan
 from kiln.runtime.weights import load_weights
 
 DEBUG_BLOCK_SIZE = 16
+CUDA_TARGET = "cuda"
 
 
 class CompiledModel:
@@ -38,6 +40,8 @@ class CompiledModel:
         artifact = Artifact(self.path, target, verify=verify)
         self.manifest = artifact.manifest
         self.plan = load_plan(artifact)
+        if self.manifest.get("target") == CUDA_TARGET:
+            install_kernels(artifact, torch.device(device))
         weights = load_weights(artifact, set(self.plan.params), device)
         self.executor = PlanExecutor(self.plan, weights, device, limits)
         self.config: dict[str, Any] = artifact.read_json("config.json")

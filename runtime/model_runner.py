@@ -54,7 +54,8 @@ class StepBatch:
     host_ints: dict[str, int]
     """max_seq_len and max_query_len of the real sequences."""
     sampled: list[Request] = field(default_factory=list)
-    """The requests whose logits rows are sampled, in logits_indices order."""
+    """The requests whose logits rows are sampled, in logits_indices order (the first
+    len(sampled) rows; a padded decode step's padded rows follow them and are not sampled)."""
     num_tokens: int = 0
     """Real token rows (the padded count is len(inputs["input_ids"]))."""
 
@@ -179,6 +180,8 @@ class ModelRunner:
         lens[:num_seqs] = start + n_new
         h[BLOCK_TABLES.name][:num_seqs] = self._req_np[row]
         h[BLOCK_TABLES.name][num_seqs:padded_seqs] = BLOCK_TABLES.pad
+        if padded_seqs > num_seqs:  # a padded decode step samples its padded rows too (one graph per bucket)
+            logits_rows += [LOGITS_INDICES.pad] * (padded_seqs - num_seqs)
         h[LOGITS_INDICES.name][: len(logits_rows)] = logits_rows
         for name in (INPUT_IDS, POSITION_IDS, SLOT_MAPPING):
             h[name.name][num_tokens:padded_tokens] = name.pad
@@ -198,3 +201,21 @@ class ModelRunner:
                 inputs[name].copy_(self._host[name][: sizes[name]], non_blocking=True)
         host_ints = {MAX_SEQ_LEN: int(lens[:num_seqs].max()), MAX_QUERY_LEN: int(n_new.max())}
         return StepBatch(inputs, host_ints, sampled, num_tokens)
+
+    def decode_inputs(self, num_seqs: int) -> dict[str, torch.Tensor]:
+        """The device buffers of a decode step of num_seqs sequences, filled with a valid
+        placeholder step (one token each at position 0, written to no slot): what a CUDA graph
+        of that bucket is captured with; real steps of the bucket reuse the same buffers."""
+        h = self._np
+        for name, value in ((INPUT_IDS, 0), (POSITION_IDS, 0), (SLOT_MAPPING, -1), (SEQ_LENS, 1), (TOTAL_LENS, 1)):
+            h[name.name][:num_seqs] = value
+        h[CU_SEQLENS.name][: num_seqs + 1] = np.arange(num_seqs + 1)
+        h[LOGITS_INDICES.name][:num_seqs] = np.arange(num_seqs)
+        h[BLOCK_TABLES.name][:num_seqs] = BLOCK_TABLES.pad
+        sizes = {n: num_seqs for n in STEP_INPUTS} | {CU_SEQLENS.name: num_seqs + 1}
+        inputs = {}
+        for name in STEP_INPUTS:
+            inputs[name] = self._dev[name][: sizes[name]]
+            if self._dev is not self._host:
+                inputs[name].copy_(self._host[name][: sizes[name]])
+        return inputs

@@ -2,7 +2,7 @@
 from the provider's module in `kiln.kernels`.
 
     torch:<op>    kiln.kernels.torch_provider: the IR op's torch reference (every target)
-    triton:<k>    Triton kernels of the cuda target (not in this runtime yet)
+    triton:<op>   kiln.kernels.triton_provider: Triton kernels of the cuda target
     tvm:<k>       TVM/LLVM kernels of the cpu target (not in this runtime yet)
     aoti:<k>      Inductor AOT packages of the cuda target (not in this runtime yet)
 """
@@ -32,7 +32,7 @@ PROVIDERS: dict[str, Provider] = {
     p.prefix: p
     for p in (
         Provider("torch", "kiln.kernels.torch_provider", "reference"),
-        Provider("triton", None, "cuda"),
+        Provider("triton", "kiln.kernels.triton_provider", "cuda"),
         Provider("tvm", None, "cpu"),
         Provider("aoti", None, "cuda"),
     )

@@ -137,7 +137,8 @@ def test_decode_steps_pad_to_the_bucket(num_seqs):
     assert x[SEQ_LENS.name] == want[SEQ_LENS.name] + [0] * (b - n)
     assert x[CU_SEQLENS.name] == want[CU_SEQLENS.name] + [n] * (b - n)
     assert x[BLOCK_TABLES.name] == want[BLOCK_TABLES.name] + [[0] * WIDTH] * (b - n)
-    assert x[LOGITS_INDICES.name] == list(range(n))  # padded rows are never sampled
+    # padded rows are listed (one graph per bucket) but only the first n, the requests', are sampled
+    assert x[LOGITS_INDICES.name] == list(range(n)) + [LOGITS_INDICES.pad] * (b - n)
     assert batch.sampled == reqs
 
 
@@ -148,3 +149,18 @@ def test_rejects_a_request_longer_than_the_table():
     assert kv.allocate(req, 12)
     with pytest.raises(ValueError, match="holds 3 blocks; the table has 2"):
         runner.prepare(SchedulerOutput([req], [12]))
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3, 16])
+def test_decode_inputs_are_the_buffers_of_real_decode_steps(num_seqs):
+    kv, sched, runner = _engine(200, budget=256, max_seqs=32, pad=True)
+    placeholder = runner.decode_inputs(bucket_tokens(num_seqs, 32))
+    assert placeholder[SLOT_MAPPING.name].tolist() == [-1] * len(placeholder[SLOT_MAPPING.name])  # writes nothing
+    assert placeholder[CU_SEQLENS.name].tolist() == list(range(len(placeholder[SEQ_LENS.name]) + 1))
+    reqs = [Request(str(i), [i + 1] * 4, SamplingParams(max_tokens=50)) for i in range(num_seqs)]
+    for r in reqs:
+        sched.add(r)
+    _advance(sched.schedule(), runner, sched, token=5)
+    batch = runner.prepare(sched.schedule())
+    for name, t in batch.inputs.items():  # same storage and shape: a graph captured on one replays the other
+        assert (t.data_ptr(), t.shape) == (placeholder[name].data_ptr(), placeholder[name].shape), name

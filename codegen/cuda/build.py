@@ -1,0 +1,102 @@
+"""Building a cuda artifact's Triton kernels on the GPU that will serve it.
+
+A child process starts with an empty Triton cache, loads the artifact with the engine's own
+limits (so it captures the same decode CUDA graphs a server would), then serves a warm-up set of
+requests: prompts of lengths that exercise every launch path (decode buckets, short and long
+prefills, chunked prefill mixed with decodes) under each kind of sampling. Every kernel variant
+that compiled lands in the cache; the parent stores the cache entries under kernels/triton/ with
+kernels/triton.json (the GPU and versions they are for), listed and hashed in the manifest.
+
+    python -m kiln.codegen.cuda.build ARTIFACT [--max-num-seqs N] [--max-num-batched-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import kiln
+from kiln.codegen.artifact_writer import replace_files
+from kiln.errors import KilnError
+from kiln.runtime.kernel_binaries import BINARIES, BUILD_INFO
+
+SKIP = ("lock",)
+"""Cache files that are Triton's bookkeeping, not kernels."""
+
+
+def build_kernels(artifact: str | Path, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048) -> dict:
+    """Compile every kernel the artifact's plan launches on this machine's GPU and store them in
+    the artifact; returns the build record written to kernels/triton.json."""
+    root = Path(artifact)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kiln-build-") as cache:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = cache
+        cmd = [sys.executable, "-m", "kiln.codegen.cuda.build", str(root), "--max-num-seqs", str(max_num_seqs),
+               "--max-num-batched-tokens", str(max_num_batched_tokens), "--child"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KilnError(f"building the cuda kernels of '{root}' failed:\n{done.stderr[-4000:]}")
+        record = json.loads(done.stdout.strip().splitlines()[-1])
+        files: dict[str, bytes] = {}
+        for f in sorted(Path(cache).rglob("*")):
+            if f.is_file() and f.name not in SKIP and not f.parent.name.startswith("tmp"):
+                files[f"{BINARIES}/{f.relative_to(cache).as_posix()}"] = f.read_bytes()
+    record |= {"kiln": kiln.__version__, "variants": len({Path(r).parent.name for r in files}),
+               "build_seconds": round(time.perf_counter() - started, 2)}
+    files[BUILD_INFO] = json.dumps(record, indent=1).encode()
+    replace_files(root, files, (BINARIES, BUILD_INFO))
+    return record
+
+
+def _warm_up(artifact: str, max_num_seqs: int, max_num_batched_tokens: int) -> dict:
+    import torch
+
+    from kiln.runtime import kernel_binaries
+    from kiln.runtime.engine import LLMEngine
+    from kiln.runtime.sampling_params import SamplingParams
+
+    kernel_binaries.BUILDING = True
+    device = torch.device("cuda")
+    engine = LLMEngine(artifact, device="cuda", max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens)
+    vocab = engine.model.vocab_size
+    kinds = [
+        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=0.8, seed=0, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=1, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=1.1, presence_penalty=0.5,
+                       frequency_penalty=0.5, logprobs=2, seed=2, ignore_eos=True),
+    ]
+    lengths = [1, 7, 33, 300, min(engine.max_model_len - 8, max_num_batched_tokens + 100)]
+    ids = iter(range(10**6))
+    for params in kinds:
+        for n in lengths:
+            engine.add_request(f"warm-{next(ids)}", {"prompt_token_ids": [(7 * i + 3) % vocab for i in range(n)]}, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+    return kernel_binaries.environment(device) | {"graphs": len(engine.graphs.graphs)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kiln.codegen.cuda.build", description=__doc__.splitlines()[0])
+    p.add_argument("artifact")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(_warm_up(a.artifact, a.max_num_seqs, a.max_num_batched_tokens)))
+    else:
+        print(json.dumps(build_kernels(a.artifact, a.max_num_seqs, a.max_num_batched_tokens), indent=1))
+
+
+if __name__ == "__main__":
+    main()
