@@ -22,13 +22,14 @@ class Imported:
     checkpoint: Checkpoint
 
 
-def import_model(model_dir: str, dtype: torch.dtype = torch.float32) -> Imported:
-    """Trace the checkpoint's transformers model into kiln IR (no weight is read)."""
+def import_model(model_dir: str | Checkpoint, dtype: torch.dtype = torch.float32) -> Imported:
+    """Trace the checkpoint's transformers model into kiln IR (no weight is read). `model_dir` is
+    a checkpoint directory or an opened Checkpoint (a GGUF file's, say)."""
     from kiln.frontend.aten import TABLE
     from kiln.frontend.convert import Converter
     from kiln.frontend.trace import own_attention_error, trace
 
-    ckpt = load_checkpoint(model_dir)
+    ckpt = model_dir if isinstance(model_dir, Checkpoint) else load_checkpoint(model_dir)
     traced = trace(ckpt, dtype)
     graph = Converter(traced.program, traced.token_symbol, ckpt.model_type).run(TABLE)
     if not any(n.op == "attention" for n in graph.nodes):

@@ -1,4 +1,4 @@
-"""Command line: `compile-model`, `kiln inspect`, `kiln generate` (and `kiln compile`)."""
+"""Command line: `compile-model`, `kiln inspect`, `kiln generate`, `kiln chat`, `kiln serve` (and `kiln compile`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from kiln.errors import KilnError
 
 
 def _add_compile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer) "
+                   "or a GGUF file")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--target", default="reference", choices=TARGETS)
     p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
@@ -64,6 +65,18 @@ def _generate(args: argparse.Namespace) -> int:
     if args.verbose:
         print(f"[finish_reason={finish}]", file=sys.stderr)
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from kiln.chat import run_chat
+    from kiln.runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    engine_kwargs = {"max_num_seqs": 4, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
+    if args.no_verify:
+        engine_kwargs["verify"] = False
+    return run_chat(args.artifact, message=args.message, system=args.system, params=params, **engine_kwargs)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -144,6 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _no_verify(g)
     _common(g)
     g.set_defaults(fn=_generate)
+    ch = sub.add_parser("chat", help="chat with an artifact in the terminal (its chat template; /reset, /exit)")
+    ch.add_argument("artifact")
+    ch.add_argument("--message", default=None, help="answer this one message and exit")
+    ch.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
+    ch.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20, help="KV cache size in bytes")
+    _no_verify(ch)
+    _common(ch)
+    ch.set_defaults(fn=_chat)
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
     s.add_argument("artifact")
     s.add_argument("--host", default="127.0.0.1")

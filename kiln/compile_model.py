@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 import kiln
@@ -14,11 +17,15 @@ from kiln.codegen.artifact_writer import write_artifact
 from kiln.codegen.fold_weights import fold_weights
 from kiln.codegen.targets import MODEL_DTYPES, get_lowering
 from kiln.frontend import import_model
+from kiln.frontend.checkpoint import TOKENIZER_FILES, Checkpoint, load_checkpoint
 from kiln.ir.ops.kernels import LONG_ROPE_META
 from kiln.ir.types import torch_dtype
 from kiln.ir.verifier import verify
+from kiln.models.gguf import GGUFModel, is_gguf
 from kiln.passes import PassManager, get_pass, resolve_pipeline
 from kiln.runtime.artifact import TOKENIZER_DIR, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 def compile(
@@ -31,7 +38,7 @@ def compile(
     verify_passes: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Compile a Hugging Face checkpoint directory into an artifact directory.
+    """Compile a Hugging Face checkpoint directory (or a GGUF file) into an artifact directory.
 
     `passes` edits the target's pipeline ("+name,-name") or replaces it ("a,b,c"); `dump_ir`
     writes the IR after each pass; `verify_passes` runs each pass's output against its input
@@ -42,11 +49,44 @@ def compile(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output '{out}' exists; remove it or pass overwrite=True (--force)")
-    lower = get_lowering(target)
+    get_lowering(target)
     names = resolve_pipeline(target, passes)
     started = time.time()
+    with tempfile.TemporaryDirectory(prefix=".kiln-gguf-") as gguf_dir:
+        ckpt = open_gguf(model_dir, gguf_dir) if is_gguf(model_dir) else load_checkpoint(model_dir)
+        return _compile(ckpt, model_dir, out, target, dtype, names, dump_ir, verify_passes, started)
+
+
+@dataclass
+class _GGUFCheckpoint(Checkpoint):
+    """A GGUF file seen as a checkpoint: config and tokenizer files written to `path`, tensors
+    dequantized from the file one at a time."""
+
+    gguf: GGUFModel | None = None
+
+    @property
+    def source_files(self) -> list[Path]:
+        return [self.gguf.path]
+
+    def read(self, key: str):
+        return self.gguf.read(key)
+
+
+def open_gguf(path: str | Path, work_dir: str | Path) -> Checkpoint:
+    """A GGUF file as a Checkpoint; its config and tokenizer files are written into `work_dir`."""
+    model = GGUFModel(path)
+    d = model.write_files(work_dir)
+    return _GGUFCheckpoint(
+        d, model.config, [model.path], dict.fromkeys(model.tensor_names, model.path),
+        [d / n for n in TOKENIZER_FILES if (d / n).is_file()], d / "generation_config.json", gguf=model,
+    )
+
+
+def _compile(ckpt: Checkpoint, model_dir, out: Path, target: str, dtype: str, names: list[str],
+             dump_ir, verify_passes: bool, started: float) -> Path:
+    lower = get_lowering(target)
     stages = tqdm(total=4, desc="compile: trace", unit="stage", leave=False, disable=None)
-    imported = import_model(str(model_dir), torch_dtype(dtype))
+    imported = import_model(ckpt, torch_dtype(dtype))
     stages.update()
     stages.set_description("compile: passes")
     pm = PassManager(
@@ -66,7 +106,6 @@ def compile(
     sources = {
         n.name: folded.get(n.name) or (lambda n=n: imported.weights(n.name, n.type)) for n in graph.params
     }
-    ckpt = imported.checkpoint
     copies = {f"{TOKENIZER_DIR}/{f.name}": f for f in ckpt.tokenizer_files}
     copies["config.json"] = ckpt.path / "config.json"
     if ckpt.generation_config is not None:
@@ -97,4 +136,17 @@ def compile(
     finally:
         stages.close()
         shutil.rmtree(staging, ignore_errors=True)
+    if target == "cuda":
+        _build_cuda_kernels(out)
     return out
+
+
+def _build_cuda_kernels(out: Path) -> None:
+    """Compile the artifact's Triton kernels on this machine's GPU into it (none without one)."""
+    if not torch.cuda.is_available():
+        log.warning("no CUDA GPU here: '%s' holds no compiled kernels; run `kiln tune %s` on the GPU that "
+                    "will serve it", out, out)
+        return
+    from kiln.codegen.cuda.build import build_kernels
+
+    build_kernels(out)
