@@ -204,3 +204,31 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> t
         rows = (ids == e).nonzero().squeeze(1)
         out[rows] = x[rows] @ weight[e].T
     return out
+
+
+# -- fused rotary embedding + KV cache write --------------------------------------------------
+
+
+def _rope_cache_write_infer(types: Sequence[ValueType], attrs: Mapping[str, Any]) -> TupleType:
+    from kiln.ir.ops.registry import OPS, infer_type
+
+    q, k, _v, positions, cos, sin, k_cache, v_cache, _slots = types
+    if not isinstance(q, TensorType) or not isinstance(k, TensorType) or q.rank != 3 or k.rank != 3:
+        raise VerifyError(f"rope_kv_cache_write takes q [T, Hq, D] and k [T, Hkv, D]; got {q} and {k}")
+    q_rot = infer_type(OPS["rope"], [q, positions, cos, sin], attrs)
+    return TupleType((k_cache, v_cache, q_rot))
+
+
+@register("rope_kv_cache_write", arity=9, kind="opaque", attrs=("style", "rotary_dim"),
+          infer=_rope_cache_write_infer, scalar_inputs=False, writes=(6, 7), kernel=True)
+def rope_kv_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, *, style: str,
+                        rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rope(q), rope(k) with one position table (see rope), then kv_cache_write(rope(k), v, ...)
+    in place: one pass over a layer's new q/k/v. Results (k_cache, v_cache, q_rot): the
+    written caches first (result i is written operand i), then the rotated q [T, Hq, D]."""
+    q_rot = rope(q, positions, cos, sin, style=style, rotary_dim=rotary_dim)
+    k_rot = rope(k, positions, cos, sin, style=style, rotary_dim=rotary_dim)
+    k_cache, v_cache = kv_cache_write(k_rot, v, k_cache, v_cache, slot_mapping)
+    return k_cache, v_cache, q_rot
