@@ -195,8 +195,8 @@ def penalize_(x: torch.Tensor, counts: torch.Tensor | None, seen: torch.Tensor |
                                     ip.shape[1], x.shape[1], BLOCK=BLOCK, enable_fp_fusion=False)
 
 
-def sample_rows(x: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, stream_hash: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(x: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, stream_hash: int = 0,
+                block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of float32 logits x [B, V] (penalized): the token [B] int64 of greedy and drawn
     rows (filtered rows' entries are left unset) and every row's uniform [B] float32.
     stream_hash is `_hash32(stream)` of `uniforms` (0 for stream 0)."""
@@ -204,6 +204,6 @@ def sample_rows(x: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, stream_hash
     b, v = x.shape
     tokens = torch.empty(b, dtype=torch.int64, device=x.device)
     u = torch.empty(b, dtype=torch.float32, device=x.device)
-    _sample_kernel[(b,)](x, x.stride(0), tokens, u, fp, ip, ip.shape[1], v, stream_hash, BLOCK=BLOCK,
+    _sample_kernel[(b,)](x, x.stride(0), tokens, u, fp, ip, ip.shape[1], v, stream_hash, BLOCK=block,
                          enable_fp_fusion=False)
     return tokens, u
