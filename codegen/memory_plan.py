@@ -108,8 +108,11 @@ def plan_memory(graph: Graph) -> MemoryPlan:
             values[n] = [new(n, 0, n.op, n.type, None, [_meta(n.type, b) for b in probes])]
         elif n.op == "get_result":
             values[n] = [values[n.inputs[0]][n.attrs["index"]]]
-        elif n.writes:
-            values[n] = [values[x][0] for x in n.writes]
+        elif n.writes:  # the written operands, then any fresh results (see OpDef.writes)
+            values[n] = [values[x][0] for x in n.writes] + [
+                new(n, i, "arena", t, None, [_meta(t, b) for b in probes])
+                for i, t in enumerate(n.type.types) if i >= len(n.writes)
+            ]
         elif n.op in VIEW_OPS:
             base = values[n.inputs[0]][0]
             views = [_view(n, m, b) for m, b in zip(metas[id(base)], probes, strict=True)]

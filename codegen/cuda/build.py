@@ -1,10 +1,11 @@
 """Building a cuda artifact's Triton kernels on the GPU that will serve it.
 
-A child process starts with an empty Triton cache, loads the artifact with the engine's own
-limits (so it captures the same decode CUDA graphs a server would), then serves a warm-up set of
-requests: prompts of lengths that exercise every launch path (decode buckets, short and long
-prefills, chunked prefill mixed with decodes) under each kind of sampling. Every kernel variant
-that compiled lands in the cache; the parent stores the cache entries under kernels/triton/ with
+A child process loads the artifact with the engine's own limits (so it captures the same decode
+CUDA graphs a server would), then serves a warm-up set of requests: prompts of lengths that
+exercise every launch path (decode buckets, short and long prefills, chunked prefill mixed with
+decodes) under each kind of sampling. Triton's cache manager in the child records every kernel
+variant it looks up (compiling into the machine's Triton cache what is not there yet, so a
+rebuild is fast); the parent stores exactly those cache entries under kernels/triton/ with
 kernels/triton.json (the GPU and versions they are for), listed and hashed in the manifest.
 
     python -m kiln.codegen.cuda.build ARTIFACT [--max-num-seqs N] [--max-num-batched-tokens N]
@@ -21,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from triton.runtime.cache import FileCacheManager
+
 import kiln
 from kiln.codegen.artifact_writer import replace_files
 from kiln.errors import KilnError
@@ -28,6 +31,18 @@ from kiln.runtime.kernel_binaries import BINARIES, BUILD_INFO
 
 SKIP = ("lock",)
 """Cache files that are Triton's bookkeeping, not kernels."""
+RECORD_ENV = "KILN_KERNEL_RECORD"
+MODULE = "kiln.codegen.cuda.build"
+
+
+class RecordingCache(FileCacheManager):
+    """Triton's file cache, noting each kernel key it is asked for in the file $KILN_KERNEL_RECORD."""
+
+    def __init__(self, key, override=False, dump=False):
+        super().__init__(key, override, dump)
+        if not (override or dump):
+            with open(os.environ[RECORD_ENV], "a") as f:
+                f.write(key + "\n")
 
 
 def build_kernels(artifact: str | Path, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048) -> dict:
@@ -35,21 +50,24 @@ def build_kernels(artifact: str | Path, max_num_seqs: int = 256, max_num_batched
     the artifact; returns the build record written to kernels/triton.json."""
     root = Path(artifact)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="kiln-build-") as cache:
+    with tempfile.NamedTemporaryFile(prefix="kiln-kernels-", suffix=".txt") as record_file:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = cache
-        cmd = [sys.executable, "-m", "kiln.codegen.cuda.build", str(root), "--max-num-seqs", str(max_num_seqs),
+        env[RECORD_ENV] = record_file.name
+        env["TRITON_CACHE_MANAGER"] = f"{MODULE}:RecordingCache"
+        cmd = [sys.executable, "-m", MODULE, str(root), "--max-num-seqs", str(max_num_seqs),
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--child"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise KilnError(f"building the cuda kernels of '{root}' failed:\n{done.stderr[-4000:]}")
         record = json.loads(done.stdout.strip().splitlines()[-1])
-        files: dict[str, bytes] = {}
-        for f in sorted(Path(cache).rglob("*")):
-            if f.is_file() and f.name not in SKIP and not f.parent.name.startswith("tmp"):
-                files[f"{BINARIES}/{f.relative_to(cache).as_posix()}"] = f.read_bytes()
-    record |= {"kiln": kiln.__version__, "variants": len({Path(r).parent.name for r in files}),
-               "build_seconds": round(time.perf_counter() - started, 2)}
+        keys = sorted(set(Path(record_file.name).read_text().split()))
+    cache = Path(record.pop("cache_dir"))
+    files: dict[str, bytes] = {}
+    for key in keys:
+        for f in sorted((cache / key).iterdir()):
+            if f.is_file() and f.name not in SKIP:
+                files[f"{BINARIES}/{key}/{f.name}"] = f.read_bytes()
+    record |= {"kiln": kiln.__version__, "variants": len(keys), "build_seconds": round(time.perf_counter() - started, 2)}
     files[BUILD_INFO] = json.dumps(record, indent=1).encode()
     replace_files(root, files, (BINARIES, BUILD_INFO))
     return record
@@ -82,7 +100,9 @@ def _warm_up(artifact: str, max_num_seqs: int, max_num_batched_tokens: int) -> d
     while engine.has_unfinished_requests():
         engine.step()
     torch.cuda.synchronize()
-    return kernel_binaries.environment(device) | {"graphs": len(engine.graphs.graphs)}
+    from triton import knobs
+
+    return kernel_binaries.environment(device) | {"graphs": len(engine.graphs.graphs), "cache_dir": knobs.cache.dir}
 
 
 def main(argv: list[str] | None = None) -> None:

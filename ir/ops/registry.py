@@ -40,9 +40,10 @@ class OpDef:
     scalar_inputs: bool = field(default=True)
     """Whether rank-0 const inputs may be passed to impl as Python numbers."""
     writes: tuple[int, ...] = ()
-    """Operands the op writes in place. Result i (element i of a tuple result, or the single
-    result) is the written operand writes[i] after the write: it aliases that operand's
-    storage, and every later reader must read it instead of the operand (the verifier checks)."""
+    """Operands the op writes in place. Result i < len(writes) (element i of a tuple result, or
+    the single result) is the written operand writes[i] after the write: it aliases that
+    operand's storage, and every later reader must read it instead of the operand (the verifier
+    checks). Results after those are fresh values (rope_kv_cache_write's rotated q)."""
     device_arg: bool = False
     """Whether impl makes a tensor from nothing and takes the executing device as `device=`."""
     kernel: bool = False

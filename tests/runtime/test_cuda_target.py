@@ -1,0 +1,126 @@
+"""The cuda target end to end.
+
+Without a GPU (CI): an artifact compiled for cuda runs its Triton kernels in Triton's
+interpreter on the CPU and generates what the reference target generates; it is refused on a
+CPU device outside the interpreter. With a GPU (`gpu` marker): every supported architecture in
+bfloat16 generates greedily what the reference target generates on the same checkpoint (where
+bf16 rounding makes them diverge, the first divergence and the logit margin there are printed),
+and loading and serving compile no kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kiln
+from kiln import LLM, SamplingParams
+from kiln.errors import ArtifactError
+from kiln.models.tiny_configs import TINY_CONFIGS
+from kiln.runtime.model import CompiledModel
+
+PROMPTS = [[5, 9, 33, 2, 71], list(range(3, 30)), [100] * 9]
+
+
+def _greedy(llm: LLM, prompts, n: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_interpreted_cuda_artifact_generates_what_reference_does(arch, checkpoint, artifact, tmp_path):
+    cuda = kiln.compile(checkpoint(arch), tmp_path / "cuda", target="cuda", dtype="float32")
+    manifest = json.loads((cuda / "manifest.json").read_text())
+    assert any(k.startswith("triton:") for k in manifest["ops"])
+    got = _greedy(LLM(cuda, max_num_seqs=2, num_kv_blocks=16), PROMPTS[:2], 3)
+    assert got == _greedy(LLM(artifact(arch, "float32"), max_num_seqs=2, num_kv_blocks=16), PROMPTS[:2], 3)
+
+
+def test_cuda_artifact_is_refused_on_a_cpu_device_outside_the_interpreter(checkpoint, tmp_path, monkeypatch):
+    cuda = kiln.compile(checkpoint("llama"), tmp_path / "cuda", target="cuda", dtype="float32")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ArtifactError, match="serve it on a CUDA device"):
+        CompiledModel(cuda, device="cpu")
+
+
+# -- on the GPU -------------------------------------------------------------------------------
+
+ARCHS = sorted(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def cuda_artifact(checkpoint, tmp_path_factory):
+    cache = {}
+
+    def get(arch: str, target: str = "cuda"):
+        if (arch, target) not in cache:
+            out = tmp_path_factory.mktemp(f"{target}-{arch}") / "artifact"
+            cache[arch, target] = kiln.compile(checkpoint(arch), out, target=target, dtype="bfloat16")
+        return cache[arch, target]
+
+    return get
+
+
+def _margin(artifact, prompt: list[int], tokens: tuple[int, int]) -> float:
+    """|logit(a) - logit(b)| of the reference after `prompt`: how close the two choices were."""
+    model = CompiledModel(artifact, device="cuda")
+    ids = torch.tensor(prompt)
+    logits = model(ids, torch.arange(len(prompt)), [len(prompt)])[-1].float()
+    return float((logits[tokens[0]] - logits[tokens[1]]).abs())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_on_cuda_matches_the_reference_target(arch, cuda_artifact):
+    cuda, ref = cuda_artifact(arch), cuda_artifact(arch, "reference")
+    kw = dict(device="cuda", max_num_seqs=4, num_kv_blocks=128)
+    got = _greedy(LLM(cuda, **kw), PROMPTS, 16)
+    want = _greedy(LLM(ref, enforce_eager=True, **kw), PROMPTS, 16)
+    for p, g, w in zip(PROMPTS, got, want, strict=True):
+        if g == w:
+            continue
+        i = next(j for j, (a, b) in enumerate(zip(g, w, strict=True)) if a != b)
+        margin = _margin(ref, p + w[:i], (g[i], w[i]))
+        print(f"{arch}: first divergence at generated token {i}: cuda {g[i]} vs reference {w[i]}, "
+              f"reference logit margin {margin:.4f}")
+        assert margin < 0.125, f"{arch} diverges at token {i} where the reference's margin is {margin}"
+
+
+_SERVE = """
+import json, sys
+from kiln import LLM, SamplingParams
+from kiln.runtime.kernel_binaries import compiled_at_runtime
+llm = LLM(sys.argv[1], device="cuda", max_num_seqs=8)
+kinds = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+         SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1, max_tokens=20, ignore_eos=True, logprobs=1)]
+prompts = [{"prompt_token_ids": [7] * n} for n in (1, 5, 40, 300, 1200)]
+for p in kinds:
+    llm.generate(prompts, p, use_tqdm=False)
+print(json.dumps(compiled_at_runtime()))
+"""
+
+
+@pytest.mark.gpu
+def test_loading_and_serving_compile_nothing(cuda_artifact):
+    art = cuda_artifact("llama")
+    built = json.loads((art / "kernels" / "triton.json").read_text())
+    assert built["variants"] > 0 and built["arch"].startswith("sm_")
+    out = subprocess.run([sys.executable, "-c", _SERVE, str(art)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.gpu
+def test_kernels_for_another_gpu_are_refused(cuda_artifact, tmp_path):
+    import shutil
+
+    from kiln.codegen.artifact_writer import replace_files
+    from kiln.runtime.kernel_binaries import BUILD_INFO
+    art = shutil.copytree(cuda_artifact("llama"), tmp_path / "copy")
+    built = json.loads((art / BUILD_INFO).read_text()) | {"arch": "sm_70"}
+    replace_files(art, {BUILD_INFO: json.dumps(built).encode()}, (BUILD_INFO,))
+    with pytest.raises(ArtifactError, match="GPU architecture sm_70.*kiln tune"):
+        CompiledModel(art, device="cuda")
