@@ -108,7 +108,9 @@ class Sampler:
         raw = logits.float()  # [B, V]; a view when already float32: never written
         pen_rows = [i for i, s in enumerate(states) if _has_penalty(s.params)]
         if self.use_triton or (self.use_triton is None and logits.is_cuda):
-            tokens = self._select_triton(raw, raw is not logits, states, pen_rows)
+            # raw may be edited in place when it is the sampler's own copy and no logprobs need it
+            owned = raw is not logits and all(s.params.logprobs is None for s in states)
+            tokens = self._select_triton(raw, owned, states, pen_rows)
         else:
             x = self.apply_penalties(raw, states, pen_rows)
             x = _mask_min_tokens(x, raw, states)

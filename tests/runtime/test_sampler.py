@@ -43,11 +43,11 @@ def test_greedy_is_argmax_of_raw_logits(dtype):
 
 
 def _run(
-    states: list[SamplingState], steps: int, vocab: int, seed: int, slot_of=None
+    states: list[SamplingState], steps: int, vocab: int, seed: int, slot_of=None, use_triton=None
 ) -> list[list[int]]:
     """Sample `steps` tokens for every state from seeded random logits; each state's tokens."""
     g = torch.Generator().manual_seed(seed)
-    sampler = Sampler()
+    sampler = Sampler(use_triton)
     tokens: list[list[int]] = [[] for _ in states]
     for step in range(steps):
         logits = torch.randn(len(states), vocab, generator=g)  # [B, V]
@@ -60,24 +60,29 @@ def _run(
     return tokens
 
 
-def test_seeded_sampling_is_independent_of_the_batch():
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_seeded_sampling_is_independent_of_the_batch(use_triton):
     probe = P(
         seed=7, temperature=0.9, top_p=0.95, top_k=50, presence_penalty=0.3, repetition_penalty=1.1
     )
     vocab, steps = 64, 40
     alone = _state(probe, prompt=[3, 4])
-    (alone_ids,) = _run([alone], steps, vocab, seed=0, slot_of=lambda step: 0)
+    (alone_ids,) = _run([alone], steps, vocab, seed=0, slot_of=lambda step: 0, use_triton=use_triton)
     others = [P(temperature=0), P(seed=8, top_k=5), P(), P(temperature=1.5, min_p=0.1), P(seed=7)]
     torch.manual_seed(123)  # the unseeded rows draw from the global RNG in between
     batch = [_state(p) for p in others]
     batch.insert(3, _state(probe, prompt=[3, 4]))
-    batch_ids = _run(batch, steps, vocab, seed=1, slot_of=lambda step: 3)
+    batch_ids = _run(batch, steps, vocab, seed=1, slot_of=lambda step: 3, use_triton=use_triton)
     assert batch_ids[3] == alone_ids
     again = _state(probe, prompt=[3, 4])
     again_ids = _run(
-        [_state(P()), _state(P(temperature=0)), again], steps, vocab, seed=2, slot_of=lambda step: 2
+        [_state(P()), _state(P(temperature=0)), again], steps, vocab, seed=2, slot_of=lambda step: 2,
+        use_triton=use_triton,
     )[2]
     assert again_ids == alone_ids
+    if use_triton:  # and the same tokens as the torch path
+        torch_ids = _run([_state(probe, prompt=[3, 4])], steps, vocab, seed=0, slot_of=lambda step: 0)[0]
+        assert torch_ids == alone_ids
 
 
 def test_different_seeds_differ():
@@ -123,7 +128,8 @@ def test_penalties_change_exactly_the_expected_logits():
     assert changed[4].sum() == 0
 
 
-def test_min_tokens_blocks_eos_and_stop_ids():
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_min_tokens_blocks_eos_and_stop_ids(use_triton):
     vocab = 10
     logits = torch.zeros(4, vocab)
     logits[:, 1] = 50.0  # EOS would always win
@@ -134,7 +140,7 @@ def test_min_tokens_blocks_eos_and_stop_ids():
         _state(P(temperature=0, min_tokens=3, stop_token_ids=[5], ignore_eos=True), eos=[1]),
         _state(P(temperature=0, min_tokens=0), eos=[1]),
     ]
-    sampler = Sampler()
+    sampler = Sampler(use_triton)
     for _ in range(3):
         res = sampler(logits, states)
         assert res.token_ids[0] not in (1, 5) and res.token_ids[1] not in (1, 5)
@@ -143,8 +149,9 @@ def test_min_tokens_blocks_eos_and_stop_ids():
     assert sampler(logits, states).token_ids[:2] == [1, 1]  # min_tokens reached
 
 
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("n", [0, 1, 5])
-def test_logprobs_are_of_the_raw_logits(n):
+def test_logprobs_are_of_the_raw_logits(n, use_triton):
     g = torch.Generator().manual_seed(3)
     raw = torch.randn(3, 50, generator=g).to(torch.bfloat16)  # [B, V]
     states = [
@@ -152,7 +159,7 @@ def test_logprobs_are_of_the_raw_logits(n):
         _state(P(logprobs=n, temperature=0, frequency_penalty=2.0), output=[int(raw[1].argmax())]),
         _state(P(seed=2)),
     ]
-    res = Sampler()(raw, states)
+    res = Sampler(use_triton)(raw, states)
     lp = raw.float().log_softmax(dim=-1)  # [B, V]
     for i in range(2):
         d, chosen = res.logprobs[i], res.token_ids[i]
@@ -235,14 +242,15 @@ def test_rejects_mismatched_batch():
         Sampler()(torch.zeros(2, 5), [_state(P())])
 
 
-def test_incremental_penalty_counts_equal_a_recount():
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_incremental_penalty_counts_equal_a_recount(use_triton):
     """After many steps the kept counts give exactly the penalties of a from-scratch recount."""
     vocab = 30
     params = [P(seed=1, repetition_penalty=1.4, frequency_penalty=0.3),
               P(seed=2, presence_penalty=0.8), P(temperature=0, frequency_penalty=-0.2), P(seed=3)]
     prompts = [[1, 2, 2], [5], [7, 8, 9], [0]]
     states = [_state(p, prompt=pr) for p, pr in zip(params, prompts, strict=True)]
-    sampler = Sampler()
+    sampler = Sampler(use_triton)
     tokens = _run_with(sampler, states, steps=25, vocab=vocab)
     sampler.release(states[3])  # releasing a row leaves the others intact
     raw = torch.randn(4, vocab, generator=torch.Generator().manual_seed(9)) * 3  # [B, V]
