@@ -5,6 +5,15 @@ hash(parent_hash, its token ids, the request's cache key), so equal hashes mean 
 prefixes. The hash is a keyed 128-bit BLAKE2b under a random per-manager salt: a request whose
 tokens were chosen to collide with another's prefix cannot read that request's KV blocks (a
 64-bit Python hash can be attacked so; vLLM moved to a cryptographic one after such a report).
+
+Sliding windows. When every layer attends within a window of W tokens (the plan's
+`attention_window`), the query at position p reads keys p-W+1 .. p only, so before a step
+computes tokens from position c on, the blocks wholly before c-W+1 are released (they stay
+hashed in the pool's prefix cache until evicted). Their table entries become `hole`, a
+placeholder, so entry j still covers positions j*BS ..; attention never reads them.
+
+    W = 6, BS = 4, next position c = 13:   keys 8.. needed
+    table  [ hole  hole  b9  b3 ]          a sequence holds about W/BS + 1 blocks
 """
 
 from __future__ import annotations
@@ -52,9 +61,15 @@ class PrefixStats:
 class KVCacheManager:
     """Which blocks each request holds; can_*/allocate pairs return False when blocks run out."""
 
-    def __init__(self, pool: BlockPool, block_size: int):
+    def __init__(self, pool: BlockPool, block_size: int, window: int | None = None):
+        if window is not None and window < 1:
+            raise ValueError(f"window must be None or >= 1, got {window}")
         self.pool = pool
         self.block_size = block_size
+        self.window = window
+        """The model's widest attention window in tokens (None: some layer attends globally)."""
+        self.hole = KVBlock(0)
+        """The placeholder for a released out-of-window entry (block id 0, never read)."""
         self.tables: dict[str, list[KVBlock]] = {}
         self.hashes: dict[str, list[bytes]] = {}
         self.block_hash = BlockHasher()
@@ -71,19 +86,38 @@ class KVCacheManager:
             hashes.append(self.block_hash(parent, tokens[i * bs : (i + 1) * bs], req.cache_key))
         return hashes
 
+    def _first_needed(self, pos: int) -> int:
+        """The first block that a query at position `pos` (or later) can read."""
+        return max(pos - self.window + 1, 0) // self.block_size if self.window else 0
+
     def computed_prefix(self, req: Request) -> list[KVBlock]:
         """The cached blocks that hold a prefix of a waiting request's tokens. At least one
-        token is always left to compute, so the step produces the next token's logits."""
+        token is always left to compute, so the step produces the next token's logits. With a
+        window, only the blocks the first computed token can read must be cached: the longest
+        such prefix is taken, with `hole` for the blocks before them."""
         if not self.pool.enable_caching:
             return []
-        hashes = self._full_hashes(req, req.num_tokens - 1)
-        hit: list[KVBlock] = []
-        for h in hashes:
-            b = self.pool.lookup(h)
+        found = [self.pool.lookup(h) for h in self._full_hashes(req, req.num_tokens - 1)]
+        k, missing = 0, -1  # the longest valid prefix so far; the last block not cached
+        for i, b in enumerate(found):
             if b is None:
-                break
-            hit.append(b)
-        return hit
+                if not self.window:
+                    break
+                missing = i
+            elif missing < self._first_needed((i + 1) * self.block_size):
+                k = i + 1
+        lo = self._first_needed(k * self.block_size)
+        return [self.hole] * lo + found[lo:k]
+
+    def _release_out_of_window(self, table: list[KVBlock], pos: int) -> None:
+        """Release the blocks no query from position `pos` on can read (see the module doc)."""
+        end = min(self._first_needed(pos), len(table))
+        start = end
+        while start > 0 and table[start - 1] is not self.hole:  # holes are always a leading run
+            start -= 1
+        if start < end:
+            self.pool.release(table[start:end])
+            table[start:end] = [self.hole] * (end - start)
 
     def _holds(self, req: Request, total: int) -> bool:
         """Whether the request's blocks hold its first `total` tokens and every block they fill
@@ -103,9 +137,12 @@ class KVCacheManager:
         if not prefix and self._holds(req, req.num_computed_tokens + num_new_tokens):
             return True  # the common decode
         table = self.tables.setdefault(req.request_id, [])
+        if self.window:  # always valid, even if this allocation fails: nothing reads them again
+            self._release_out_of_window(table, req.num_computed_tokens)
         total = req.num_computed_tokens + len(prefix) * self.block_size + num_new_tokens
         need = -(-total // self.block_size) - len(table) - len(prefix)
-        reclaimed = sum(1 for b in prefix if b.ref_cnt == 0)  # taken out of the free queue
+        # Cached blocks with no reference are taken out of the free queue.
+        reclaimed = sum(1 for b in prefix if b.ref_cnt == 0 and b is not self.hole)
         if not self.pool.can_allocate(max(need, 0) + reclaimed):
             if not table:
                 del self.tables[req.request_id]
@@ -113,7 +150,7 @@ class KVCacheManager:
         if not table:  # admission: count the prompt against the prefix cache once
             self.stats.queries += req.num_tokens
             self.stats.hits += len(prefix) * self.block_size
-        self.pool.touch(list(prefix))
+        self.pool.touch([b for b in prefix if b is not self.hole])
         table.extend(prefix)
         if need > 0:
             table.extend(self.pool.allocate(need))
@@ -121,7 +158,8 @@ class KVCacheManager:
             # Full blocks get their hash now: their tokens are known and are written this step.
             hashes = self._full_hashes(req, total)
             for i in range(self.cached_upto.get(req.request_id, 0), total // self.block_size):
-                self.pool.cache(table[i], hashes[i])
+                if table[i] is not self.hole:
+                    self.pool.cache(table[i], hashes[i])
             self.cached_upto[req.request_id] = total // self.block_size
         return True
 
@@ -130,12 +168,13 @@ class KVCacheManager:
         prompt reuses garbage as a cached prefix."""
         first = req.num_computed_tokens // self.block_size
         for b in self.tables.get(req.request_id, [])[first:]:
-            self.pool.uncache(b)
+            if b is not self.hole:
+                self.pool.uncache(b)
         self.cached_upto[req.request_id] = min(self.cached_upto.get(req.request_id, 0), first)
 
     def free(self, req: Request) -> None:
         """Return every block of a finished, aborted or preempted request."""
-        self.pool.release(self.tables.pop(req.request_id, []))
+        self.pool.release([b for b in self.tables.pop(req.request_id, []) if b is not self.hole])
         self.hashes.pop(req.request_id, None)
         self.cached_upto.pop(req.request_id, None)
 
@@ -151,3 +190,21 @@ class KVCacheManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)
+
+    def num_held(self, req: Request) -> int:
+        """Blocks the request holds (its table less the released out-of-window entries)."""
+        return sum(1 for b in self.table(req) if b is not self.hole)
+
+    def peak_blocks(self, num_tokens: int) -> int:
+        """The most blocks a sequence of num_tokens tokens holds at once, decoding: all of
+        them, or with a window the W tokens a query reads, spread over at most W/BS + 1."""
+        whole = self.num_blocks_for(num_tokens)
+        return min(whole, self.num_blocks_for(self.window) + 1) if self.window else whole
+
+    @property
+    def max_chunk(self) -> int | None:
+        """The most new tokens one step may give a request so that its blocks (the window
+        behind the chunk and the chunk) fit in the whole pool; None without a window."""
+        if not self.window:
+            return None
+        return max((self.pool.num_blocks - 1) * self.block_size - self.window + 1, 1)

@@ -180,6 +180,21 @@ class ExecutionPlan:
         """Graph input name -> type (symbolic dims as IR dim strings)."""
         return {b.name: b.type for b in self.buffers if b.kind == "input"}
 
+    @functools.cached_property
+    def attention_window(self) -> int | None:
+        """The widest sliding window of the steps that read the KV caches (attention), in
+        tokens: keys older than that are never read again, so their blocks may be freed. None
+        when some layer attends globally (or none reads a cache): every block stays needed."""
+        def cache_of(i: int) -> bool:
+            while self.buffers[i].kind == "view":
+                i = self.buffers[i].base
+            b = self.buffers[i]
+            return b.kind == "input" and is_cache_input(b.name)
+
+        windows = [int(s.attrs.get("sliding_window") or 0) for s in self.steps
+                   if any(cache_of(i) for i in s.inputs) and not any(cache_of(o) for o in s.outputs)]
+        return max(windows) if windows and min(windows) > 0 else None
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (plan.json); fields of buffers and steps at their defaults are left out."""
         data = dataclasses.asdict(self)

@@ -87,6 +87,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        chunk = self.kv.max_chunk or budget  # with a window: what the whole pool can hold
         # Running requests: decodes are one token behind, chunked prefills further.
         decodes, chunks = [], []
         for r in self.running:
@@ -107,7 +108,7 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:
                 continue
-            n = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
+            n = min(len(req.all_token_ids) - req.num_computed_tokens, budget, chunk)
             if self._reserve(req, n, out):
                 out.requests.append(req)
                 out.num_new_tokens.append(n)
@@ -117,7 +118,7 @@ class Scheduler:
             req = self.waiting[0]
             prefix = self.kv.computed_prefix(req)
             computed = len(prefix) * self.kv.block_size
-            n = min(req.num_tokens - computed, budget)
+            n = min(req.num_tokens - computed, budget, chunk)
             if not self.kv.allocate(req, n, prefix):
                 break
             self.waiting.popleft()

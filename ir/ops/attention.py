@@ -115,6 +115,12 @@ def attention(
 # query start offsets);
 # seq_lens[s] is sequence s's length including them, so its queries sit at positions
 # seq_lens[s] - q_len .. seq_lens[s] - 1 and attend to keys 0 .. seq_lens[s] - 1.
+#
+# With a sliding window W, only the blocks from the one holding position first_query - W + 1
+# on are read: the runtime may have freed the earlier ones (their table entries then point at
+# a placeholder or at a block another sequence now owns).
+#
+#   W = 6, BS = 4, queries at 10..11:   table [ -  b2 b9 ]   keys 5..11 needed: read b2, b9
 
 
 def _paged_infer(types: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
@@ -155,12 +161,16 @@ def paged_attention(
         start, end = bounds[s], bounds[s + 1]
         if end == start or ctx == 0:
             continue
-        blocks = block_tables[s, : (ctx + bs - 1) // bs].long()
-        keys = k_cache[blocks].reshape(-1, hkv, k_cache.shape[-1])[:ctx]  # [ctx, Hkv, D]
-        vals = v_cache[blocks].reshape(-1, hkv, v_cache.shape[-1])[:ctx]
-        q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
+        first_q = ctx - (end - start)
+        # Only blocks that can hold a key in the first query's window: the runtime frees (and
+        # reuses) the blocks before it, whose garbage must not reach probs @ V (NaN * 0 = NaN).
+        lo = max(first_q - sliding_window + 1, 0) // bs if sliding_window else 0
+        blocks = block_tables[s, lo : (ctx + bs - 1) // bs].long()
+        keys = k_cache[blocks].reshape(-1, hkv, k_cache.shape[-1])[: ctx - lo * bs]  # [ctx - lo*BS, Hkv, D]
+        vals = v_cache[blocks].reshape(-1, hkv, v_cache.shape[-1])[: ctx - lo * bs]
+        q_pos = torch.arange(first_q, ctx, device=q.device)
         out[start:end] = attention_scores_to_output(
-            q[start:end], keys, vals, q_pos, torch.arange(ctx, device=q.device),
+            q[start:end], keys, vals, q_pos, torch.arange(lo * bs, ctx, device=q.device),
             scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
         )
     return out
