@@ -21,6 +21,7 @@ PASSES: dict[str, str] = {
     "gated-activation": "kiln.passes.gated_activation:GatedActivation",
     "softcap": "kiln.passes.softcap:Softcap",
     "expert-linear": "kiln.passes.expert_linear:ExpertLinear",
+    "rope-kv-write": "kiln.passes.rope_kv_write:RopeKvWrite",
 }
 
 # The kernel op set (kiln.ir.ops.kernels): each pass turns one traced pattern into kernel-set ops.
@@ -52,7 +53,12 @@ _SERVING = [
 PIPELINES: dict[str, list[str]] = {
     "reference": _SERVING,
     # The compiled targets run the same passes; their kernels come from codegen per target.
-    "cuda": _SERVING,
+    "cuda": [
+        *_SERVING[:-1],
+        # -- cuda fusions over the serving shape: rotary embedding + KV-cache write, one kernel
+        "rope-kv-write",
+        "dce",
+    ],
     "cpu": _SERVING,
 }
 
