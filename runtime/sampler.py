@@ -163,6 +163,8 @@ class Sampler:
         elif x.stride(1) != 1:
             x = x.contiguous()
         tokens, u = tk.sample_rows(x, fp, ip)  # [B] each
+        if len(filtered) == len(states):  # every row filtered (a server's usual step): no gathers
+            return _draw_filtered(x / fp[:, tk.F_TEMP : tk.F_TEMP + 1], u, states)
         if filtered:
             idx = torch.tensor(filtered, device=dev)
             temp = fp[idx, tk.F_TEMP].unsqueeze(1)  # [F, 1]
