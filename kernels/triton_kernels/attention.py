@@ -91,7 +91,7 @@ def choose_path(config: AttentionConfig, t: int, s: int, hkv: int, capacity: int
 @triton.jit
 def _find_sequence(cu_ptr, pid, S, BLOCK_Q: tl.constexpr):
     """The largest s < S whose first tile id (cu_seqlens[s] // BLOCK_Q + s) is <= pid, or -1."""
-    lo = 0
+    lo: tl.int32 = 0
     hi = S
     while lo < hi:
         mid = (lo + hi) // 2
@@ -298,6 +298,13 @@ def _pow2(n: int) -> int:
 def make_launcher(config: AttentionConfig = AttentionConfig()) -> Launcher:  # noqa: B008
     """The `paged_attention` launcher with these knobs (inputs as the op: q, k_cache, v_cache,
     block_tables, seq_lens, cu_seqlens[, sinks]; attrs scale, causal, sliding_window, softcap)."""
+    for knob in ("block_m", "decode_block_m", "block_n", "num_splits"):
+        value = getattr(config, knob)
+        if value < 1 or value & (value - 1) or (knob != "num_splits" and value < 16):
+            raise ValueError(f"AttentionConfig.{knob} must be a power of two (>= 16 for tile sizes), "
+                             f"got {value}")
+    if config.path not in ("auto", "unified", "split"):
+        raise ValueError(f"AttentionConfig.path must be auto, unified or split, got {config.path!r}")
 
     def launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens, *rest = args
@@ -309,6 +316,9 @@ def make_launcher(config: AttentionConfig = AttentionConfig()) -> Launcher:  # n
         dv = v_cache.shape[3]
         s = seq_lens.shape[0]
         if t == 0:
+            return
+        if s == 0:  # every row is padding
+            out.zero_()
             return
         g = hq // hkv
         gp = triton.next_power_of_2(g)

@@ -212,3 +212,26 @@ def test_triton_attention_gpu_mla_heads() -> None:
     kw = {"hq": 16, "hkv": 16, "d": 192, "dv": 128, "bs": 16, "dtype": torch.bfloat16}
     check(LAUNCHERS["paged_attention"], make_batch(_serving_seqs(3), **kw))
     check(LAUNCHERS["paged_attention"], make_batch([(3000, 1), (1200, 1)], **kw))
+
+
+@pytest.mark.gpu
+def test_triton_attention_gpu_one_binary_per_batch_size() -> None:
+    # T and S are do_not_specialize: decode steps of every batch size share one binary.
+    from kiln.kernels.triton_kernels.attention import _attention_kernel
+
+    launch = make_launcher(AttentionConfig(path="unified"))
+    kw = {"hq": 32, "hkv": 8, "d": 128, "bs": 16, "dtype": torch.bfloat16}
+    check(launch, make_batch([(100, 1)], **kw))
+    cache = _attention_kernel.device_caches[torch.cuda.current_device()][0]
+    compiled = len(cache)
+    for n in (2, 3, 16, 17):
+        check(launch, make_batch([(100, 1)] * n, **kw))
+    assert len(cache) == compiled
+
+
+def test_triton_attention_all_padding_and_bad_knobs() -> None:
+    batch = make_batch([], pad_seqs=0, pad_rows=3)
+    batch.args[3] = torch.zeros(0, 1, dtype=torch.int32, device=DEVICE)
+    assert torch.equal(run(UNIFIED, batch), torch.zeros(3, 4, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="block_n"):
+        make_launcher(AttentionConfig(block_n=48))
