@@ -21,7 +21,7 @@ from kiln.frontend.checkpoint import TOKENIZER_FILES, Checkpoint, load_checkpoin
 from kiln.ir.ops.kernels import LONG_ROPE_META
 from kiln.ir.types import torch_dtype
 from kiln.ir.verifier import verify
-from kiln.models.gguf import GGUFModel, is_gguf
+from kiln.models.gguf import GGUFModel
 from kiln.passes import PassManager, get_pass, resolve_pipeline
 from kiln.runtime.artifact import TOKENIZER_DIR, sha256_file
 
@@ -53,7 +53,8 @@ def compile(
     names = resolve_pipeline(target, passes)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=".kiln-gguf-") as gguf_dir:
-        ckpt = open_gguf(model_dir, gguf_dir) if is_gguf(model_dir) else load_checkpoint(model_dir)
+        # A file can only be a GGUF checkpoint (GGUFModel says so when it is not one).
+        ckpt = open_gguf(model_dir, gguf_dir) if Path(model_dir).is_file() else load_checkpoint(model_dir)
         return _compile(ckpt, model_dir, out, target, dtype, names, dump_ir, verify_passes, started)
 
 
