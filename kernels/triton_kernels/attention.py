@@ -12,7 +12,8 @@ tile id is cu_seqlens[s] // BLOCK_Q + s, so every id is below cdiv(T, BLOCK_Q) +
 shapes alone); program (id, kv head) finds its sequence by binary search over cu_seqlens and
 exits when the id names no tile of it:
 
-    BLOCK_Q 4, q_lens 6, 1, 0 (padding):  ids 0 1 -> seq 0 | 2 (3) -> seq 1 | 4.. -> none
+    BLOCK_Q 4, cu_seqlens [0, 6, 7, 7], grid cdiv(7, 4) + 3 = 5:
+    ids 0 1 -> seq 0 tiles 0 1 | 2 -> seq 1 tile 0 | 3 4 -> seq 2 (no rows): exit
 
 GQA: the G = Hq / Hkv query heads of one KV head are packed with the tile's tokens into the
 BLOCK_M rows of tl.dot, row r = (token r // GP, head r % GP), GP = G padded to a power of two.
@@ -51,7 +52,9 @@ class AttentionConfig:
     block_n: int = 64
     """Keys per iteration of the KV loop."""
     num_warps: int = 4
+    """Warps per program (both kernels)."""
     num_stages: int = 2
+    """Software-pipelining depth of the KV loop (K/V tiles in flight)."""
     num_splits: int = 16
     """Parts of each KV range on the split path (a power of two)."""
     split_min_context: int = 2048
@@ -295,7 +298,10 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def make_launcher(config: AttentionConfig = AttentionConfig()) -> Launcher:  # noqa: B008
+DEFAULT_CONFIG = AttentionConfig()
+
+
+def make_launcher(config: AttentionConfig = DEFAULT_CONFIG) -> Launcher:
     """The `paged_attention` launcher with these knobs (inputs as the op: q, k_cache, v_cache,
     block_tables, seq_lens, cu_seqlens[, sinks]; attrs scale, causal, sliding_window, softcap)."""
     for knob in ("block_m", "decode_block_m", "block_n", "num_splits"):
@@ -360,8 +366,6 @@ def make_launcher(config: AttentionConfig = AttentionConfig()) -> Launcher:  # n
     return launch
 
 
-DEFAULT_CONFIG = AttentionConfig()
-
 LAUNCHERS: dict[str, Launcher] = {"paged_attention": make_launcher(DEFAULT_CONFIG)}
 
-__all__ = ["KNOBS", "LAUNCHERS", "AttentionConfig", "choose_path", "make_launcher"]
+__all__ = ["DEFAULT_CONFIG", "KNOBS", "LAUNCHERS", "AttentionConfig", "choose_path", "make_launcher"]
