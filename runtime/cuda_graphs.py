@@ -8,7 +8,8 @@ pool; a call whose symbol values and input buffers match a captured graph replay
 other step (prefill, mixed, a shape never captured) runs eagerly through the executor.
 
 A plan whose kernels cannot be captured (a torch fallback that reads values on the host, such
-as the reference MoE routing) runs eagerly, with a warning naming the error.
+as the reference MoE routing) runs eagerly: kernels known to synchronize are checked up front
+(`HOST_SYNC`), and a capture that fails anyway turns graphs off with a warning naming the error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 from kiln.runtime.executor import PlanExecutor
 
 log = logging.getLogger(__name__)
+
+HOST_SYNC = frozenset({"torch:expert_linear", "torch:paged_attention", "torch:attention"})
+"""Kernels whose torch reference reads device values on the host (a capture would fail)."""
 
 
 @dataclass
@@ -50,6 +54,11 @@ class GraphedExecutor:
         """Capture one graph per size (largest first); make_inputs(b) returns the persistent
         input buffers of a decode step of b sequences (contents arbitrary but valid)."""
         ex = self.executor
+        syncing = sorted({s.kernel for s in ex.plan.steps} & HOST_SYNC)
+        if syncing:
+            log.warning("CUDA graphs are off for this model: %s read device values on the host; its steps run "
+                        "eagerly", ", ".join(syncing))
+            return
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         try:

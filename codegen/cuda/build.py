@@ -48,7 +48,7 @@ class RecordingCache(FileCacheManager):
 def build_kernels(artifact: str | Path, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048) -> dict:
     """Compile every kernel the artifact's plan launches on this machine's GPU and store them in
     the artifact; returns the build record written to kernels/triton.json."""
-    root = Path(artifact)
+    root = Path(artifact).resolve()
     started = time.perf_counter()
     with tempfile.NamedTemporaryFile(prefix="kiln-kernels-", suffix=".txt") as record_file:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -56,7 +56,8 @@ def build_kernels(artifact: str | Path, max_num_seqs: int = 256, max_num_batched
         env["TRITON_CACHE_MANAGER"] = f"{MODULE}:RecordingCache"
         cmd = [sys.executable, "-m", MODULE, str(root), "--max-num-seqs", str(max_num_seqs),
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--child"]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        # From a neutral folder: a checkout's own kiln/ in the working directory must not shadow the installed one.
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
         if done.returncode != 0:
             raise KilnError(f"building the cuda kernels of '{root}' failed:\n{done.stderr[-4000:]}")
         record = json.loads(done.stdout.strip().splitlines()[-1])
@@ -92,7 +93,8 @@ def _warm_up(artifact: str, max_num_seqs: int, max_num_batched_tokens: int) -> d
         SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=1.1, presence_penalty=0.5,
                        frequency_penalty=0.5, logprobs=2, seed=2, ignore_eos=True),
     ]
-    lengths = [1, 7, 33, 300, min(engine.max_model_len - 8, max_num_batched_tokens + 100)]
+    longest = min(engine.max_model_len - 8, max_num_batched_tokens + 100)  # a chunked prefill where it fits
+    lengths = sorted({n for n in (1, 7, 33, 300) if n < longest} | {longest})
     ids = iter(range(10**6))
     for params in kinds:
         for n in lengths:

@@ -1,0 +1,222 @@
+"""The cuda target on one GPU, with transformers measured in the same run on the same checkpoint.
+
+    python benchmarks/cuda.py --shapes llama-3.2-1b,llama-3.1-8b --out results/cuda.json
+
+Per shape (random bf16 weights of the real model's shape, synthesized here: kiln.models.shapes):
+compile time (kernel build included); cold start (a fresh process: artifact load, graph capture,
+first token); decode tok/s at batch 1 / 32 / 256 (128-token prompts; (B * (N - 1)) tokens over
+the time between a 1-token and an N-token generation, median of --reps) and batch 1's ratio to
+the weight-read limit (weight + KV bytes per step over the copy bandwidth measured in this run);
+time to first token of a 2048-token prompt; offline throughput of --offline-requests requests
+(prompt and output lengths uniform in 100..1024, ignore EOS) on the shapes named by --offline.
+Peers: transformers eager (batch 1 and 32 decode, 2048-token prefill) and static cache +
+torch.compile(mode="reduce-overhead") batch 1 (--peers). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kiln
+from kiln import LLM, SamplingParams
+from kiln.models.shapes import synthesize_checkpoint
+
+PROMPT = 128
+DECODE = 129
+BATCHES = (1, 32, 256)
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes read + written per second by a device-to-device copy (median of 10)."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return nbytes / statistics.median(times[2:])
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(10, vocab, (length,), generator=g).tolist()} for _ in range(n)]
+
+
+def _timed(llm: LLM, prompts, max_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - t
+
+
+def decode_rate(gen, batch: int, vocab: int, reps: int) -> float:
+    """Decode tok/s at `batch`: (batch * (DECODE - 1)) / (t(DECODE tokens) - t(1 token))."""
+    rates = []
+    for r in range(reps):
+        prompts = _prompts(batch, PROMPT, vocab, seed=r)
+        t1 = gen(prompts, 1)
+        tn = gen(prompts, DECODE)
+        rates.append(batch * (DECODE - 1) / (tn - t1))
+    return statistics.median(rates)
+
+
+_COLD = """
+import sys, time, json
+t0 = time.perf_counter()
+import torch
+from kiln import LLM, SamplingParams
+t1 = time.perf_counter()
+llm = LLM(sys.argv[1], device="cuda", max_model_len=4096)
+t2 = time.perf_counter()
+llm.generate([{"prompt_token_ids": [11, 12, 13]}], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+torch.cuda.synchronize()
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "load_to_first_token_s": t3 - t1,
+                  "graph_capture_s": llm.engine.graphs.capture_seconds, "graphs": len(llm.engine.graphs.graphs)}))
+"""
+
+
+def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int, bw: float, a) -> dict:
+    cold = subprocess.run([sys.executable, "-c", _COLD, str(art)], capture_output=True, text=True)
+    res: dict = {"cold_start": json.loads(cold.stdout.strip().splitlines()[-1]) if cold.returncode == 0
+                 else {"error": cold.stderr[-2000:]}}
+    llm = LLM(art, device="cuda", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=2048,
+              enable_prefix_caching=False)
+    _timed(llm, _prompts(4, PROMPT, vocab, 99), 8)  # warm
+    gen = lambda p, n: _timed(llm, p, n)  # noqa: E731
+    for b in BATCHES:
+        res[f"decode_b{b}_tok_s"] = decode_rate(gen, b, vocab, a.reps)
+    ctx = PROMPT + DECODE // 2
+    res["weight_read_limit_b1_tok_s"] = bw / (weight_bytes + kv_bytes_per_token * ctx)
+    res["b1_fraction_of_limit"] = res["decode_b1_tok_s"] / res["weight_read_limit_b1_tok_s"]
+    ttft = [_timed(llm, _prompts(1, 2048, vocab, 1000 + r), 1) for r in range(a.reps + 2)]
+    res["ttft_2048_ms"] = 1e3 * statistics.median(ttft[2:])
+    if a.offline_requests and a.shape in a.offline:
+        g = torch.Generator().manual_seed(7)
+        lens = torch.randint(100, 1025, (a.offline_requests, 2), generator=g).tolist()
+        prompts = [{"prompt_token_ids": torch.randint(10, vocab, (p,), generator=g).tolist()} for p, _ in lens]
+        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in lens]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t
+        toks = sum(len(o.outputs[0].token_ids) for o in outs)
+        res["offline"] = {"requests": a.offline_requests, "output_tokens": toks, "seconds": dt,
+                          "output_tok_s": toks / dt}
+    return res
+
+
+def bench_transformers(ckpt: Path, vocab: int, a) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map="cuda").eval()
+
+    def gen(prompts, n, **kw):
+        ids = torch.tensor([p["prompt_token_ids"] for p in prompts], device="cuda")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    res: dict = {}
+    gen(_prompts(1, PROMPT, vocab, 99), 4)
+    res["eager_decode_b1_tok_s"] = decode_rate(gen, 1, vocab, a.reps)
+    res["eager_decode_b32_tok_s"] = decode_rate(gen, 32, vocab, a.reps)
+    ttft = [gen(_prompts(1, 2048, vocab, 1000 + r), 1) for r in range(a.reps + 2)]
+    res["eager_ttft_2048_ms"] = 1e3 * statistics.median(ttft[2:])
+    if "compile" in a.peers:
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        t = time.perf_counter()
+        for _ in range(3):
+            gen(_prompts(1, PROMPT, vocab, 98), DECODE)
+        res["compile_warmup_s"] = time.perf_counter() - t
+        res["compiled_decode_b1_tok_s"] = decode_rate(gen, 1, vocab, a.reps)
+    return res
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b")
+    ap.add_argument("--work", default="/tmp/kiln-bench", help="checkpoints and artifacts go here")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--offline", default="llama-3.1-8b", help="shapes that run the offline throughput workload")
+    ap.add_argument("--offline-requests", type=int, default=1000)
+    ap.add_argument("--peers", default="eager,compile", help="transformers peers: eager, compile, or none")
+    ap.add_argument("--out", default="results/cuda.json")
+    a = ap.parse_args()
+    work = Path(a.work)
+    bw = copy_bandwidth()
+    report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "kiln": kiln.__version__,
+                    "copy_bandwidth_GBps": bw / 1e9, "shapes": {}}
+    print(f"{report['gpu']}: copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    for shape in a.shapes.split(","):
+        a.shape = shape
+        ckpt, art = work / shape / "ckpt", work / shape / "artifact"
+        if not (ckpt / "config.json").exists():
+            synthesize_checkpoint(shape, ckpt, torch.bfloat16, "cuda")
+        t = time.perf_counter()
+        kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True)
+        row: dict = {"compile_s": time.perf_counter() - t}
+        manifest = json.loads((art / "manifest.json").read_text())
+        cfg = json.loads((ckpt / "config.json").read_text())
+        vocab = cfg["vocab_size"]
+        kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
+        row["weight_bytes"] = manifest["parameters"]["bytes"]
+        row["kiln"] = bench_kiln(art, vocab, row["weight_bytes"], kv, bw, a)
+        _free()
+        print(json.dumps({shape: row}, indent=1), flush=True)
+        if a.peers != "none":
+            row["transformers"] = bench_transformers(ckpt, vocab, a)
+            _free()
+        report["shapes"][shape] = row
+        print(json.dumps({shape: row}, indent=1), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print(_table(report))
+
+
+def _table(report: dict) -> str:
+    lines = [f"{'shape':14} {'metric':34} {'kiln':>10} {'hf eager':>10} {'hf compile':>10}"]
+    for shape, row in report["shapes"].items():
+        k, h = row["kiln"], row.get("transformers", {})
+        rows = [
+            ("decode b1 tok/s", k["decode_b1_tok_s"], h.get("eager_decode_b1_tok_s"), h.get("compiled_decode_b1_tok_s")),
+            ("b1 weight-read limit tok/s", k["weight_read_limit_b1_tok_s"], None, None),
+            ("decode b32 tok/s", k["decode_b32_tok_s"], h.get("eager_decode_b32_tok_s"), None),
+            ("decode b256 tok/s", k["decode_b256_tok_s"], None, None),
+            ("TTFT 2048 ms", k["ttft_2048_ms"], h.get("eager_ttft_2048_ms"), None),
+            ("offline output tok/s", k.get("offline", {}).get("output_tok_s"), None, None),
+            ("cold start to first token s", k["cold_start"].get("load_to_first_token_s"), None, None),
+            ("compile s", row["compile_s"], None, None),
+        ]
+        for name, *vals in rows:
+            cells = [f"{v:10.1f}" if isinstance(v, float | int) else f"{'-':>10}" for v in vals]
+            lines.append(f"{shape:14} {name:34} {' '.join(cells)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
