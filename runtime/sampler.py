@@ -151,9 +151,10 @@ class Sampler:
                 filtered.append(i)
             else:
                 mode = tk.MODE_DRAW
-            fparams.append([p.temperature, p.repetition_penalty, p.frequency_penalty, p.presence_penalty])
+            fparams.append([p.temperature, p.repetition_penalty, p.frequency_penalty, p.presence_penalty,
+                            p.top_p, p.min_p])
             iparams.append([s.seed & _M32, (s.seed >> 32) & _M32, s.num_generated & _M32, mode,
-                            slots.get(i, -1), len(banned), *banned])
+                            slots.get(i, -1), len(banned), p.top_k, *banned])
         fp, ip = tk.pack_params(fparams, iparams, dev)
         x = raw
         if edit:
@@ -162,13 +163,19 @@ class Sampler:
             tk.penalize_(x, self._counts, self._prompt_seen, fp, ip)
         elif x.stride(1) != 1:
             x = x.contiguous()
-        tokens, u = tk.sample_rows(x, fp, ip)  # [B] each
-        if len(filtered) == len(states):  # every row filtered (a server's usual step): no gathers
-            return _draw_filtered(x / fp[:, tk.F_TEMP : tk.F_TEMP + 1], u, states)
-        if filtered:
-            idx = torch.tensor(filtered, device=dev)
-            temp = fp[idx, tk.F_TEMP].unsqueeze(1)  # [F, 1]
-            tokens[idx] = _draw_filtered(x[idx] / temp, u[idx], [states[i] for i in filtered])
+        tokens, u, lse = tk.sample_rows(x, fp, ip)  # [B] each
+        if not filtered:
+            return tokens
+        fstates = [states[i] for i in filtered]
+        idx = torch.tensor(filtered, device=dev)  # [F]
+        xf = x if len(filtered) == len(states) else x[idx]  # [F, V]; all filtered: no gather
+        temp = fp[idx, tk.F_TEMP].unsqueeze(1)  # [F, 1]
+        k = min(vocab, max(CANDIDATES, max(s.params.top_k for s in fstates)))
+        # T > 0 keeps the order: dividing the candidates gives exactly (x / T)'s top k
+        vals, order = xf.topk(k, dim=-1)  # [F, k] each
+        fits = tk.draw_candidates(vals / temp, order, idx, fp, ip, u, lse, tokens, vocab)  # [F]
+        if k < vocab and not bool(fits.all()):
+            tokens[idx] = _redraw_wide(xf / temp, u[idx], fstates, tokens[idx], fits)
         return tokens
 
     def release(self, state: SamplingState) -> None:
@@ -304,14 +311,27 @@ def _draw_filtered(x: torch.Tensor, u: torch.Tensor, states: list[SamplingState]
     k = min(vocab, max(CANDIDATES, int(max(p.top_k or 0 for p in fps))))
     tokens, fits = _draw_top(x, u, top_k, top_p, min_p, k)
     if k < vocab and not bool(fits.all()):
-        bad = (~fits).nonzero().squeeze(1)  # rows without top-k whose kept set is wide
-        fstates = [states[int(i)] for i in bad.tolist()]
-        redo, done = _draw_rejection(x[bad], fstates, top_p[bad], min_p[bad])
-        left = (~done).nonzero().squeeze(1)
-        if len(left):
-            rows = bad[left]
-            redo[left], _ = _draw_top(x[rows], u[rows], top_k[rows], top_p[rows], min_p[rows], vocab)
-        tokens[bad] = redo
+        tokens = _redraw_wide(x, u, states, tokens, fits)
+    return tokens
+
+
+def _redraw_wide(x: torch.Tensor, u: torch.Tensor, states: list[SamplingState], tokens: torch.Tensor,
+                 fits: torch.Tensor) -> torch.Tensor:
+    """tokens [F] with the rows whose kept set may reach past the candidates (~fits [F]) drawn
+    again over their whole temperature-scaled logits x [F, V]: by rejection, then a full sort."""
+    vocab = x.shape[1]
+    bad = (~fits).nonzero().squeeze(1)  # rows without top-k whose kept set is wide
+    bps = [states[int(i)].params for i in bad.tolist()]
+    top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in bps], device=x.device)  # [W]
+    top_p = torch.tensor([p.top_p for p in bps], device=x.device)  # [W]
+    min_p = torch.tensor([p.min_p for p in bps], device=x.device)  # [W]
+    redo, done = _draw_rejection(x[bad], [states[int(i)] for i in bad.tolist()], top_p, min_p)
+    left = (~done).nonzero().squeeze(1)
+    if len(left):
+        rows = bad[left]
+        redo[left], _ = _draw_top(x[rows], u[rows], top_k[left], top_p[left], min_p[left], vocab)
+    tokens = tokens.clone()
+    tokens[bad] = redo
     return tokens
 
 

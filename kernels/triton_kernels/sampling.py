@@ -6,8 +6,12 @@ in two launches, one program per row looping over the vocabulary in chunks.
     _sample_kernel     greedy rows: argmax (first index of the max, as torch.argmax);
                        drawn rows: online max and sum of exp(x/T - max), then a CDF walk to
                        u * sum that stops at the chunk holding the token;
+                       filtered rows without top-k: the logsumexp of x/T;
                        every row: its uniform u = hash(seed, counter), bit-identical to
-                       `kiln.runtime.sampler.uniforms` (filtered rows draw from it in torch)
+                       `kiln.runtime.sampler.uniforms`
+    _candidates_kernel filtered rows, over their top candidates (torch.topk, descending): the
+                       top-k/top-p/min-p kept prefix, the draw at u, and whether the kept set
+                       surely lies within the candidates (else the sampler redraws the row)
 
 Sampling is no IR op, so this module has no LAUNCHERS table: the runtime's sampler calls
 `penalize_` and `sample_rows` directly. Per-row parameters arrive packed in two small tensors
@@ -22,11 +26,11 @@ import triton
 import triton.language as tl
 
 # fparams [B, NF] float32 columns
-F_TEMP, F_REP, F_FREQ, F_PRES = 0, 1, 2, 3
-NF = 4
+F_TEMP, F_REP, F_FREQ, F_PRES, F_TOP_P, F_MIN_P = 0, 1, 2, 3, 4, 5
+NF = 6
 # iparams [B, NI + max banned] int64 columns; the banned ids follow from column NI
-I_SEED_LO, I_SEED_HI, I_COUNTER, I_MODE, I_SLOT, I_NBAN = 0, 1, 2, 3, 4, 5
-NI = 6
+I_SEED_LO, I_SEED_HI, I_COUNTER, I_MODE, I_SLOT, I_NBAN, I_TOP_K = 0, 1, 2, 3, 4, 5, 6
+NI = 7
 MODE_GREEDY, MODE_DRAW, MODE_FILTERED = 0, 1, 2
 """I_MODE values: argmax; draw over the whole distribution; drawn elsewhere (only u is written)."""
 
@@ -39,6 +43,8 @@ _F_TEMP = tl.constexpr(F_TEMP)
 _F_REP = tl.constexpr(F_REP)
 _F_FREQ = tl.constexpr(F_FREQ)
 _F_PRES = tl.constexpr(F_PRES)
+_F_TOP_P = tl.constexpr(F_TOP_P)
+_F_MIN_P = tl.constexpr(F_MIN_P)
 _NF = tl.constexpr(NF)
 _I_SEED_LO = tl.constexpr(I_SEED_LO)
 _I_SEED_HI = tl.constexpr(I_SEED_HI)
@@ -46,9 +52,11 @@ _I_COUNTER = tl.constexpr(I_COUNTER)
 _I_MODE = tl.constexpr(I_MODE)
 _I_SLOT = tl.constexpr(I_SLOT)
 _I_NBAN = tl.constexpr(I_NBAN)
+_I_TOP_K = tl.constexpr(I_TOP_K)
 _NI = tl.constexpr(NI)
 _MODE_GREEDY = tl.constexpr(MODE_GREEDY)
 _MODE_DRAW = tl.constexpr(MODE_DRAW)
+_MODE_FILTERED = tl.constexpr(MODE_FILTERED)
 
 
 @triton.jit
@@ -101,7 +109,7 @@ def _penalize_kernel(x_ptr, x_stride, counts_ptr, seen_ptr, c_stride, fp_ptr, ip
 
 
 @triton.jit(do_not_specialize=["ip_stride"])
-def _sample_kernel(x_ptr, x_stride, tok_ptr, u_ptr, fp_ptr, ip_ptr, ip_stride, V, stream_hash,
+def _sample_kernel(x_ptr, x_stride, tok_ptr, u_ptr, lse_ptr, fp_ptr, ip_ptr, ip_stride, V, stream_hash,
                    BLOCK: tl.constexpr):
     row = tl.program_id(0)
     ip = ip_ptr + row * ip_stride
@@ -113,6 +121,9 @@ def _sample_kernel(x_ptr, x_stride, tok_ptr, u_ptr, fp_ptr, ip_ptr, ip_stride, V
     counter = tl.load(ip + _I_COUNTER).to(tl.uint32)
     u = _uniform(seed_lo, seed_hi, counter, stream_hash)
     tl.store(u_ptr + row, u)
+    top_k = tl.load(ip + _I_TOP_K)
+    # filtered rows need the whole row's logsumexp only without top-k
+    whole = (mode == _MODE_DRAW) | ((mode == _MODE_FILTERED) & ((top_k == 0) | (top_k >= V)))
     if mode == _MODE_GREEDY:
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         best_i = tl.zeros([BLOCK], tl.int32)
@@ -124,7 +135,7 @@ def _sample_kernel(x_ptr, x_stride, tok_ptr, u_ptr, fp_ptr, ip_ptr, ip_stride, V
             best_i = tl.where(up, offs, best_i)
         top = tl.max(best, axis=0)
         tl.store(tok_ptr + row, tl.min(tl.where(best == top, best_i, V), axis=0).to(tl.int64))
-    elif mode == _MODE_DRAW:
+    if whole:
         temp = tl.load(fp_ptr + row * _NF + _F_TEMP)
         # pass 1: per-lane running max and sum of exp(y - max), y = x / T
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -138,25 +149,91 @@ def _sample_kernel(x_ptr, x_stride, tok_ptr, u_ptr, fp_ptr, ip_ptr, ip_stride, V
             m_vec = m_new
         m = tl.max(m_vec, axis=0)
         total = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
-        target = u * total
-        # pass 2: the first token whose running mass passes target; the token must have mass
-        # (a masked -inf never), and when rounding leaves target past the walk's total, the
-        # last token with mass (as the torch path's clamp)
-        carry = 0.0
-        found = V
-        last = -1
-        start = 0
-        while (start < V) & (found == V):
+        tl.store(lse_ptr + row, m + tl.log(total))
+        if mode == _MODE_DRAW:
+            target = u * total
+            # pass 2: the first token whose running mass passes target; the token must have
+            # mass (a masked -inf never), and when rounding leaves target past the walk's
+            # total, the last token with mass (as the torch path's clamp)
+            carry = 0.0
+            found = V
+            last = -1
+            start = 0
+            while (start < V) & (found == V):
+                offs = start + lanes
+                y = tl.math.div_rn(tl.load(x_row + offs, mask=offs < V, other=float("-inf")), temp)
+                e = tl.exp(y - m)
+                cdf = carry + tl.cumsum(e, axis=0)
+                hit = (cdf > target) & (e > 0)
+                found = tl.minimum(found, tl.min(tl.where(hit, offs, V), axis=0))
+                last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), axis=0))
+                carry = tl.max(cdf, axis=0)
+                start += BLOCK
+            tl.store(tok_ptr + row, tl.where(found < V, found, last).to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["ip_stride", "K"])
+def _candidates_kernel(vals_ptr, order_ptr, k_stride, rows_ptr, fp_ptr, ip_ptr, ip_stride, u_ptr, lse_ptr, tok_ptr,
+                       fits_ptr, K, V, BLOCK: tl.constexpr):
+    f = tl.program_id(0)
+    row = tl.load(rows_ptr + f)
+    ip = ip_ptr + row * ip_stride
+    top_k = tl.load(ip + _I_TOP_K)
+    kk = tl.where((top_k > 0) & (top_k < V), top_k, V)
+    top_p = tl.load(fp_ptr + row * _NF + _F_TOP_P)
+    min_p = tl.load(fp_ptr + row * _NF + _F_MIN_P)
+    u = tl.load(u_ptr + row)
+    v_row = vals_ptr + f.to(tl.int64) * k_stride
+    lanes = tl.arange(0, BLOCK)
+    v0 = tl.load(v_row)  # the largest
+    if kk < V:  # top-k renormalizes over the k kept logits
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, K, BLOCK):
             offs = start + lanes
-            y = tl.math.div_rn(tl.load(x_row + offs, mask=offs < V, other=float("-inf")), temp)
-            e = tl.exp(y - m)
-            cdf = carry + tl.cumsum(e, axis=0)
-            hit = (cdf > target) & (e > 0)
-            found = tl.minimum(found, tl.min(tl.where(hit, offs, V), axis=0))
-            last = tl.maximum(last, tl.max(tl.where(e > 0, offs, -1), axis=0))
-            carry = tl.max(cdf, axis=0)
-            start += BLOCK
-        tl.store(tok_ptr + row, tl.where(found < V, found, last).to(tl.int64))
+            v = tl.load(v_row + offs, mask=offs < kk, other=float("-inf"))
+            acc += tl.exp(v - v0)
+        lse = v0 + tl.log(tl.sum(acc, axis=0))
+    else:  # without top-k the mass is over the whole row (from _sample_kernel)
+        lse = tl.load(lse_ptr + row)
+    p0 = tl.exp(v0 - lse)
+    # pass 1: the kept prefix (probabilities descend and the mass before grows, so every filter
+    # keeps a prefix), its mass, and the candidates' mass and last probability for `fits`
+    # top_p == 1 keeps everything even when rounding pushes the mass before past 1
+    tp = tl.where(top_p >= 1.0, float("inf"), top_p)
+    carry = 0.0
+    kept = 0.0
+    n_keep = 0
+    last_p = 0.0
+    for start in range(0, K, BLOCK):
+        offs = start + lanes
+        v = tl.load(v_row + offs, mask=offs < K, other=float("-inf"))
+        p = tl.where(offs < kk, tl.exp(v - lse), 0.0)
+        cs = carry + tl.cumsum(p, axis=0)
+        keep = (offs < kk) & ((cs - p) < tp) & (p >= min_p * p0) & (p > 0)
+        keep = keep | (offs == 0)
+        kept += tl.sum(tl.where(keep, p, 0.0), axis=0)
+        n_keep += tl.sum(keep.to(tl.int32), axis=0)
+        last_p += tl.sum(tl.where(offs == K - 1, p, 0.0), axis=0)
+        carry = tl.max(cs, axis=0)
+    # every token past the candidates is dropped when top-k ends inside them, top-p is reached,
+    # or min-p already drops the last candidate
+    fits = (kk <= K) | ((top_p < 1.0) & (carry >= top_p)) | (last_p < min_p * p0)
+    # pass 2: the first kept candidate whose running kept mass passes u * kept
+    target = u * kept
+    c2 = 0.0
+    found = K
+    start = 0
+    while (start < K) & (found == K):
+        offs = start + lanes
+        v = tl.load(v_row + offs, mask=offs < K, other=float("-inf"))
+        q = tl.where(offs < n_keep, tl.exp(v - lse), 0.0)
+        cdf = c2 + tl.cumsum(q, axis=0)
+        found = tl.minimum(found, tl.min(tl.where((cdf > target) & (offs < n_keep), offs, K), axis=0))
+        c2 = tl.max(cdf, axis=0)
+        start += BLOCK
+    choice = tl.minimum(found, n_keep - 1)  # u * kept rounding past the walk's total
+    tl.store(tok_ptr + row, tl.load(order_ptr + f.to(tl.int64) * k_stride + choice))
+    tl.store(fits_ptr + f, fits.to(tl.int8))
 
 
 def pack_params(fparams: list[list[float]], iparams: list[list[int]], device: torch.device
@@ -196,14 +273,37 @@ def penalize_(x: torch.Tensor, counts: torch.Tensor | None, seen: torch.Tensor |
 
 
 def sample_rows(x: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, stream_hash: int = 0,
-                block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of float32 logits x [B, V] (penalized): the token [B] int64 of greedy and drawn
-    rows (filtered rows' entries are left unset) and every row's uniform [B] float32.
-    stream_hash is `_hash32(stream)` of `uniforms` (0 for stream 0)."""
+    rows (filtered rows' entries are left unset), every row's uniform [B] float32, and the
+    logsumexp of x / T [B] of drawn rows and of filtered rows without top-k (else unset).
+    stream_hash is `_hash32(stream)` of `uniforms` (0 for stream 0); block: the vocabulary chunk,
+    a power of two."""
     _check_rows(x, fp, ip)
     b, v = x.shape
     tokens = torch.empty(b, dtype=torch.int64, device=x.device)
     u = torch.empty(b, dtype=torch.float32, device=x.device)
-    _sample_kernel[(b,)](x, x.stride(0), tokens, u, fp, ip, ip.shape[1], v, stream_hash, BLOCK=block,
+    lse = torch.empty(b, dtype=torch.float32, device=x.device)
+    # no fp contraction: the float ops round as torch's separate kernels do
+    _sample_kernel[(b,)](x, x.stride(0), tokens, u, lse, fp, ip, ip.shape[1], v, stream_hash, BLOCK=block,
                          enable_fp_fusion=False)
-    return tokens, u
+    return tokens, u, lse
+
+
+def draw_candidates(vals: torch.Tensor, order: torch.Tensor, rows: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor,
+                    u: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, vocab: int, block: int = BLOCK
+                    ) -> torch.Tensor:
+    """For filtered rows `rows` [F] int64 of a batch: the draw from each row's top-k/top-p/min-p
+    filtered softmax over its K candidates, vals [F, K] float32 (x / T, descending) and their
+    token ids order [F, K] int64, written into tokens[rows]; u and lse are sample_rows'.
+    Returns whether each row's kept set surely lies within the candidates [F] bool (K = vocab:
+    always); a row that does not fit must be drawn again over its whole vocabulary."""
+    f, k = vals.shape
+    if vals.dtype != torch.float32 or order.shape != vals.shape or not vals.is_contiguous() or \
+            not order.is_contiguous() or rows.shape != (f,):
+        raise ValueError(f"vals [F, K] float32 and order [F, K] contiguous, rows [F]: got {tuple(vals.shape)}, "
+                         f"{tuple(order.shape)}, {tuple(rows.shape)}")
+    fits = torch.empty(f, dtype=torch.int8, device=vals.device)
+    _candidates_kernel[(f,)](vals, order, k, rows, fp, ip, ip.shape[1], u, lse, tokens, fits, k, vocab,
+                             BLOCK=block, enable_fp_fusion=False)
+    return fits.bool()

@@ -15,7 +15,7 @@ import torch
 from scipy.stats import chisquare
 
 from kiln.kernels.triton_kernels import sampling as tk
-from kiln.runtime.sampler import Sampler, SamplingState, uniforms
+from kiln.runtime.sampler import CANDIDATES, Sampler, SamplingState, _draw_top, uniforms
 from kiln.runtime.sampling_params import SamplingParams as P
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,13 +29,13 @@ def _state(params: P, prompt=(0,), output=(), eos=()) -> SamplingState:
 
 def _iparams(seeds: list[int], counters: list[int], modes: list[int]) -> list[list[int]]:
     m = 0xFFFFFFFF
-    return [[s & m, (s >> 32) & m, c & m, mode, -1, 0] for s, c, mode in zip(seeds, counters, modes, strict=True)]
+    return [[s & m, (s >> 32) & m, c & m, mode, -1, 0, 0] for s, c, mode in zip(seeds, counters, modes, strict=True)]
 
 
 def _rows(x: torch.Tensor, temps: list[float], seeds: list[int], counters: list[int], modes: list[int],
           block: int = tk.BLOCK):
-    fp, ip = tk.pack_params([[t, 1.0, 0.0, 0.0] for t in temps], _iparams(seeds, counters, modes), x.device)
-    return tk.sample_rows(x, fp, ip, block=block)
+    fp, ip = tk.pack_params([[t, 1.0, 0.0, 0.0, 1.0, 0.0] for t in temps], _iparams(seeds, counters, modes), x.device)
+    return tk.sample_rows(x, fp, ip, block=block)[:2]
 
 
 def _check_inverts_cdf(x: torch.Tensor, temps: list[float], u: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -123,10 +123,11 @@ def test_penalties_and_mask_equal_the_torch_path():
     want[2, [0, 9, 1400]] = float("-inf")
     want[3, [0, 3, 1400]] = float("-inf")
     slots = {i: tri._slot_of(b[i], vocab, raw.device) for i in range(3)}
-    iparams = [[0, 0, 0, tk.MODE_GREEDY, slots.get(i, -1), 0] for i in range(5)]
-    iparams[2][5:] = [3, 0, 9, 1400]
-    iparams[3][5:] = [3, 0, 3, 1400]
-    fp, ip = tk.pack_params([[1.0, p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
+    iparams = [[0, 0, 0, tk.MODE_GREEDY, slots.get(i, -1), 0, 0] for i in range(5)]
+    iparams[2][5:] = [3, 0, 0, 9, 1400]
+    iparams[3][5:] = [3, 0, 0, 3, 1400]
+    fp, ip = tk.pack_params([[1.0, p.repetition_penalty, p.frequency_penalty, p.presence_penalty, 1.0, 0.0]
+                             for p in params],
                             iparams, raw.device)
     got = raw.clone()
     tk.penalize_(got, tri._counts, tri._prompt_seen, fp, ip)
@@ -136,6 +137,42 @@ def test_penalties_and_mask_equal_the_torch_path():
     for step in range(6):
         logits = (raw + torch.randn(raw.shape, generator=g)).to(torch.float16 if step % 2 else torch.float32)
         assert ref(logits, a).token_ids == tri(logits, b).token_ids
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])  # flat: top-p rows reach past the candidates; peaked: fit
+def test_candidate_draws_equal_the_torch_ones(scale):
+    """draw_candidates picks _draw_top's token over the same candidates and uniforms, and flags
+    the same rows as reaching past them; the sampler then gives the torch path's tokens."""
+    g = torch.Generator().manual_seed(5)
+    vocab, rows = 5000, 16
+    x = torch.randn(rows, vocab, generator=g) * scale  # [R, V]
+    params = [P(seed=i, **kw) for i, kw in enumerate([
+        dict(top_p=0.9), dict(top_k=40), dict(top_k=700, top_p=0.95, temperature=0.7), dict(min_p=0.05),
+        dict(top_k=3000, min_p=0.01), dict(top_p=0.5, min_p=0.3, temperature=1.4), dict(top_k=2), dict(top_p=0.99),
+    ] * 2)]
+    temps = torch.tensor([p.temperature for p in params]).unsqueeze(1)  # [R, 1]
+    u = uniforms(list(range(rows)), [0] * rows, x.device)  # [R]
+    top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    min_p = torch.tensor([p.min_p for p in params])
+    k = max(CANDIDATES, 3000)
+    want, want_fits = _draw_top(x / temps, u, top_k, top_p, min_p, k)
+    fp, ip = tk.pack_params(
+        [[p.temperature, 1.0, 0.0, 0.0, p.top_p, p.min_p] for p in params],
+        [[i, 0, 0, tk.MODE_FILTERED, -1, 0, p.top_k] for i, p in enumerate(params)], x.device)
+    x, fp, ip = x.to(DEVICE), fp.to(DEVICE), ip.to(DEVICE)
+    tokens, u_k, lse = tk.sample_rows(x, fp, ip)
+    vals, order = x.topk(k, dim=-1)
+    fits = tk.draw_candidates(vals / temps.to(DEVICE), order, torch.arange(rows, device=DEVICE), fp, ip, u_k, lse,
+                              tokens, vocab)
+    assert fits.tolist() == want_fits.tolist()
+    assert bool(fits.all()) == (scale > 1)
+    assert tokens.cpu()[want_fits].tolist() == want[want_fits].tolist()
+    states = [_state(p) for p in params]
+    ref = Sampler(use_triton=False)(x.cpu(), states).token_ids
+    for s in states:
+        s.num_generated = 0
+    assert Sampler(use_triton=True)(x, states).token_ids == ref
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
@@ -167,7 +204,7 @@ def test_draw_frequencies_match_the_softmax(temperature):
 
 
 def test_launchers_check_their_inputs():
-    fp, ip = tk.pack_params([[1.0, 1.0, 0.0, 0.0]], _iparams([1], [0], [tk.MODE_DRAW]), DEVICE)
+    fp, ip = tk.pack_params([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]], _iparams([1], [0], [tk.MODE_DRAW]), DEVICE)
     with pytest.raises(ValueError, match="float32"):
         tk.sample_rows(torch.zeros(1, 8, dtype=torch.float16, device=DEVICE), fp, ip)
     with pytest.raises(ValueError, match="params"):
