@@ -25,9 +25,11 @@ Everything is batched and stays on the logits' device:
 On a CUDA device (or when asked: `Sampler(use_triton=True)`) the per-row work runs in Triton
 kernels (`kiln.kernels.triton_kernels.sampling`): one launch applies penalties and the
 min_tokens mask in place, one picks greedy rows' argmax and draws unfiltered rows by a CDF walk
-(computing every row's uniform on the device); filtered rows keep torch.topk and the draws
-below. The two paths agree exactly except where a uniform lands within float rounding of a CDF
-boundary (the walk sums in another order than torch.cumsum).
+(computing every row's uniform on the device), and filtered rows take torch.topk's candidates
+and one launch draws over them. The step's one copy to the host brings the tokens and which
+filtered rows may reach past their candidates; only those are redrawn by the torch code below.
+The two paths agree exactly except where a uniform lands within float rounding of a CDF
+boundary (the kernels sum in another order than torch.cumsum).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class Sampler:
         if self.use_triton or (self.use_triton is None and logits.is_cuda):
             # raw may be edited in place when it is the sampler's own copy and no logprobs need it
             owned = raw is not logits and all(s.params.logprobs is None for s in states)
-            tokens = self._select_triton(raw, owned, states, pen_rows)
+            tokens, token_ids = self._select_triton(raw, owned, states, pen_rows)
         else:
             x = self.apply_penalties(raw, states, pen_rows)
             x = _mask_min_tokens(x, raw, states)
@@ -119,19 +121,20 @@ class Sampler:
             if rows:
                 idx = torch.tensor(rows, device=x.device)
                 tokens[idx] = _sample(x[idx], [states[i] for i in rows])
+            token_ids = tokens.tolist()
         if pen_rows:
             slots = torch.tensor([self._slot[states[i]] for i in pen_rows], device=raw.device)
             chosen = tokens[torch.tensor(pen_rows, device=raw.device)]
             self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
         for s in states:
             s.num_generated += 1
-        token_ids = tokens.tolist()
         return SampleResult(token_ids, _logprobs(raw, token_ids, states))
 
     def _select_triton(self, raw: torch.Tensor, owned: bool, states: list[SamplingState],
-                       pen_rows: list[int]) -> torch.Tensor:
-        """The tokens [B] of float32 logits raw [B, V] by the Triton kernels (raw is written
-        only when `owned`, a copy the sampler made)."""
+                       pen_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """The tokens of float32 logits raw [B, V] by the Triton kernels, on the device [B] and
+        on the host (raw is written only when `owned`, a copy the sampler made). The one copy to
+        the host also says whether a filtered row must be redrawn over its whole vocabulary."""
         from kiln.kernels.triton_kernels import sampling as tk  # triton only where it runs
 
         dev, vocab = raw.device, raw.shape[1]
@@ -165,7 +168,7 @@ class Sampler:
             x = x.contiguous()
         tokens, u, lse = tk.sample_rows(x, fp, ip)  # [B] each
         if not filtered:
-            return tokens
+            return tokens, tokens.tolist()
         fstates = [states[i] for i in filtered]
         idx = torch.tensor(filtered, device=dev)  # [F]
         xf = x if len(filtered) == len(states) else x[idx]  # [F, V]; all filtered: no gather
@@ -174,9 +177,11 @@ class Sampler:
         # T > 0 keeps the order: dividing the candidates gives exactly (x / T)'s top k
         vals, order = xf.topk(k, dim=-1)  # [F, k] each
         fits = tk.draw_candidates(vals / temp, order, idx, fp, ip, u, lse, tokens, vocab)  # [F]
-        if k < vocab and not bool(fits.all()):
-            tokens[idx] = _redraw_wide(xf / temp, u[idx], fstates, tokens[idx], fits)
-        return tokens
+        host = torch.cat([tokens, fits.long()]).tolist()
+        if all(host[len(states):]):
+            return tokens, host[: len(states)]
+        tokens[idx] = _redraw_wide(xf / temp, u[idx], fstates, tokens[idx], fits)
+        return tokens, tokens.tolist()
 
     def release(self, state: SamplingState) -> None:
         """Free a finished request's penalty row."""
