@@ -25,24 +25,24 @@ _MAX_BLOCK = 4096
 
 def row_layout(x: Tensor) -> tuple[int, int, int, int]:
     """(n0, n1, s0, s1): row r of x (every axis but the last) starts at (r // n1) * s0 +
-    (r % n1) * s1 elements from x's start; ValueError when the leading axes do not collapse
-    into two strided axes."""
-    dims = [(n, s) for n, s in zip(x.shape[:-1], x.stride()[:-1], strict=True) if n != 1]
+    (r % n1) * s1 elements from x's start. Axis 0 (the step's tokens) is always n0/s0, so a
+    step of one token gets the layout, and the compiled kernel variant, of any other count;
+    the axes between collapse into n1/s1 (ValueError when they cannot)."""
+    if x.dim() < 2:
+        return 1, 1, 0, 0
     merged: list[tuple[int, int]] = []
-    for n, s in dims:
+    for n, s in zip(x.shape[1:-1], x.stride()[1:-1], strict=True):
+        if n == 1:
+            continue
         if merged and merged[-1][1] == n * s:
             merged[-1] = (merged[-1][0] * n, s)
         else:
             merged.append((n, s))
-    if not merged:
-        return 1, 1, 0, 0
-    if len(merged) == 1:
-        return merged[0][0], 1, merged[0][1], 0
-    if len(merged) == 2:
-        (n0, s0), (n1, s1) = merged
-        return n0, n1, s0, s1
-    raise ValueError(f"rows of a tensor of shape {tuple(x.shape)} and strides {x.stride()} do not collapse "
-                     "into two strided axes; make it contiguous first")
+    if len(merged) > 1:
+        raise ValueError(f"rows of a tensor of shape {tuple(x.shape)} and strides {x.stride()} do not collapse "
+                         "into two strided axes; make it contiguous first")
+    n1, s1 = merged[0] if merged else (1, 0)
+    return x.shape[0], n1, x.stride(0), s1
 
 
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:

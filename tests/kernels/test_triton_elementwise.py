@@ -42,7 +42,7 @@ def test_gelu_and_mul(approximate, dtype):
 def test_gated_activation_of_a_strided_three_axis_input():
     # [T, 2, 2I] heads of a wider buffer: rows collapse into two strided axes
     x = _randn(3, 2, 2 * 24 + 5, dtype=torch.float32)[..., : 2 * 24]
-    assert row_layout(x)[1] == 1 and not x.is_contiguous()
+    assert row_layout(x)[1] == 2 and not x.is_contiguous()
     _check("gelu_and_mul", [x], {"approximate": "tanh"}, torch.float32)
 
 
@@ -76,6 +76,14 @@ def test_gather_rows_of_heads_and_strided_rows():
     _check("gather_rows", [x, torch.tensor([5, 5, 1], device=DEV)], {}, torch.float32)
     wide = _randn(6, 50, dtype=torch.float32)[:, 10:30]  # row stride 50, width 20
     _check("gather_rows", [wide, torch.tensor([2], device=DEV)], {}, torch.float32)
+
+
+def test_row_layout_keeps_the_token_axis_at_any_count():
+    merged = _randn(5, 3 * 8 + 4, dtype=torch.float32)
+    for t in (1, 5):  # one token: the same layout (so the same compiled variant) as five
+        n0, n1, _, s1 = row_layout(merged[:t, :24].unflatten(1, (3, 8)))
+        assert (n0, n1, s1) == (t, 3, 8)
+        assert row_layout(merged[:t]) == (t, 1, 28, 0)
 
 
 def test_rows_that_do_not_collapse_are_refused():

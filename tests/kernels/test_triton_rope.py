@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from kiln.frontend import import_model
+from kiln.ir import run_graph
 from kiln.ir.ops import OPS
+from kiln.ir.step_inputs import is_cache_input, whole_sequence_inputs
+from kiln.kernels.triton_kernels import elementwise, norms
 from kiln.kernels.triton_kernels.rope import LAUNCHERS
+from kiln.passes import PassManager, get_pass, resolve_pipeline
+from kiln.passes.differential import sample_batch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # Products and sums round where the reference rounds; float32 may contract them into an FMA.
@@ -191,3 +199,44 @@ def test_gpu_bf16_longrope():
     positions = torch.cat([torch.arange(int(n), device=DEV) for n in lengths] + [torch.zeros(48, device=DEV)]).long()
     args = [q, positions, cos, sin, cos_long, sin_long, lengths + 500, cu]
     _check_rope(args, {"style": "neox", "rotary_dim": 96, "long_after": 1024}, bf)
+
+
+# -- a whole model's cuda-pipeline graph on these kernels -------------------------------------
+
+
+def _on_triton(name: str, launcher):
+    """An op impl that computes through the Triton launcher into fresh destinations (written
+    operands: the operands themselves), sized by the reference run on copies."""
+    op = OPS[name]
+
+    def impl(*args, **attrs):
+        want = op.impl(*(a.clone() if i in op.writes else a for i, a in enumerate(args)), **attrs)
+        many = isinstance(want, tuple)
+        want = want if many else (want,)
+        outs = [args[i] for i in op.writes] + [torch.empty_like(w) for w in want[len(op.writes):]]
+        launcher(outs, list(args), attrs)
+        return tuple(outs) if many else outs[0]
+
+    return dataclasses.replace(op, impl=impl)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_cuda_pipeline_graph_on_triton_kernels_matches_the_reference(checkpoint, monkeypatch, arch):
+    imported = import_model(str(checkpoint(arch)), torch.float32)
+    graph = PassManager([get_pass(n) for n in resolve_pipeline("cuda", None)]).run(imported.graph)
+    lengths = (5, 11, 3)
+    batch = sample_batch(int(graph.meta.get("vocab_size", 2)), 0, lengths)
+    caches = {n.name: n.type for n in graph.inputs if is_cache_input(n.name)}
+    names = {n.name for n in graph.inputs}
+    batch.update(whole_sequence_inputs(lengths, names, caches, BLOCK_SIZE, shuffle_seed=3))
+    inputs = {n: batch[n] for n in names}
+    with torch.no_grad():
+        want = run_graph(graph, {k: v.clone() for k, v in inputs.items()}, imported.weights)
+        launched = {**norms.LAUNCHERS, **elementwise.LAUNCHERS, **LAUNCHERS}
+        used = {n.op for n in graph.ops()} & set(launched)
+        assert {"rope_kv_cache_write", "silu_and_mul" if arch == "llama" else "layer_norm"} <= used
+        for name in used:
+            monkeypatch.setitem(OPS, name, _on_triton(name, launched[name]))
+        got = run_graph(graph, inputs, imported.weights)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
