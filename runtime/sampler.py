@@ -163,7 +163,7 @@ class Sampler:
         if edit:
             if not owned or x.stride(1) != 1:
                 x = x.clone(memory_format=torch.contiguous_format)
-            tk.penalize_(x, self._counts, self._prompt_seen, fp, ip)
+            tk.penalize_(x, self._counts if pen_rows else None, self._prompt_seen if pen_rows else None, fp, ip)
         elif x.stride(1) != 1:
             x = x.contiguous()
         tokens, u, lse = tk.sample_rows(x, fp, ip)  # [B] each

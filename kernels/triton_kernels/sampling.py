@@ -172,7 +172,7 @@ def _sample_kernel(x_ptr, x_stride, tok_ptr, u_ptr, lse_ptr, fp_ptr, ip_ptr, ip_
             tl.store(tok_ptr + row, tl.where(found < V, found, last).to(tl.int64))
 
 
-@triton.jit(do_not_specialize=["ip_stride", "K"])
+@triton.jit(do_not_specialize=["k_stride", "ip_stride", "K"])
 def _candidates_kernel(vals_ptr, order_ptr, k_stride, rows_ptr, fp_ptr, ip_ptr, ip_stride, u_ptr, lse_ptr, tok_ptr,
                        fits_ptr, K, V, BLOCK: tl.constexpr):
     f = tl.program_id(0)

@@ -175,6 +175,16 @@ def test_candidate_draws_equal_the_torch_ones(scale):
     assert Sampler(use_triton=True)(x, states).token_ids == ref
 
 
+def test_a_new_vocabulary_with_only_masked_rows():
+    """The penalty pool of an earlier vocabulary is neither read nor checked by mask-only steps."""
+    sampler = Sampler(use_triton=True)
+    sampler(torch.randn(1, 100), [_state(P(temperature=0, presence_penalty=1.0))])
+    logits = torch.zeros(2, 200)
+    logits[:, 150] = 9.0
+    states = [_state(P(temperature=0, min_tokens=2), eos=[150]), _state(P(seed=0, min_tokens=2), eos=[150])]
+    assert 150 not in sampler(logits, states).token_ids
+
+
 def test_seeded_rows_do_not_depend_on_the_batch():
     vocab = 777
     probe = P(seed=11, temperature=0.9, presence_penalty=0.4, repetition_penalty=1.2)
