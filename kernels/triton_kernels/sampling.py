@@ -1,5 +1,5 @@
 """Triton kernels of the sampler (`kiln.runtime.sampler`): the per-row work of one sampling step
-in two launches, one program per row looping over the vocabulary in chunks.
+in one to three launches, one program per row looping over the vocabulary in chunks.
 
     _penalize_kernel   repetition penalty (prompt + output), frequency/presence (output), then
                        the min_tokens mask (-inf at banned ids), in place on float32 logits
@@ -14,7 +14,8 @@ in two launches, one program per row looping over the vocabulary in chunks.
                        surely lies within the candidates (else the sampler redraws the row)
 
 Sampling is no IR op, so this module has no LAUNCHERS table: the runtime's sampler calls
-`penalize_` and `sample_rows` directly. Per-row parameters arrive packed in two small tensors
+`penalize_` (when a row is penalized or masked), `sample_rows` and `draw_candidates` (when a
+row is filtered) directly. Per-row parameters arrive packed in two small tensors
 (one host-to-device copy each); the kernels read them from memory, so nothing the batch holds
 specializes a binary and no launch waits on the device.
 """
@@ -32,7 +33,8 @@ NF = 6
 I_SEED_LO, I_SEED_HI, I_COUNTER, I_MODE, I_SLOT, I_NBAN, I_TOP_K = 0, 1, 2, 3, 4, 5, 6
 NI = 7
 MODE_GREEDY, MODE_DRAW, MODE_FILTERED = 0, 1, 2
-"""I_MODE values: argmax; draw over the whole distribution; drawn elsewhere (only u is written)."""
+"""I_MODE values: argmax; draw over the whole distribution; filtered, drawn by
+`draw_candidates` (sample_rows writes only u, and the lse when there is no top-k)."""
 
 BLOCK = 1024
 """Vocabulary chunk each program loads per iteration."""
@@ -262,7 +264,7 @@ def penalize_(x: torch.Tensor, counts: torch.Tensor | None, seen: torch.Tensor |
     """In place on float32 logits x [B, V]: per row with ip[:, I_SLOT] >= 0 the penalties of
     fp's REP/FREQ/PRES columns from counts[slot] [C, V] float32 and seen[slot] [C, V] bool,
     then -inf at the row's ip[:, I_NBAN] banned ids."""
-    _check_rows(x, fp, ip.contiguous())
+    _check_rows(x, fp, ip)
     if counts is None:  # no penalized row: any [1, V] stands in, never read
         counts, seen = x[:1], torch.zeros(1, x.shape[1], dtype=torch.bool, device=x.device)
     if counts.shape[1] != x.shape[1] or seen.shape != counts.shape or counts.stride(1) != 1 or \
