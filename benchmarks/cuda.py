@@ -106,6 +106,8 @@ def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int
     res["b1_fraction_of_limit"] = res["decode_b1_tok_s"] / res["weight_read_limit_b1_tok_s"]
     ttft = [_timed(llm, _prompts(1, 2048, vocab, 1000 + r), 1) for r in range(a.reps + 2)]
     res["ttft_2048_ms"] = 1e3 * statistics.median(ttft[2:])
+    if a.profile_dir:
+        profile(llm, vocab, Path(a.profile_dir) / a.shape)
     if a.offline_requests and a.shape in a.offline:
         g = torch.Generator().manual_seed(7)
         lens = torch.randint(100, 1025, (a.offline_requests, 2), generator=g).tolist()
@@ -118,6 +120,18 @@ def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int
         res["offline"] = {"requests": a.offline_requests, "output_tokens": toks, "seconds": dt,
                           "output_tok_s": toks / dt}
     return res
+
+
+def profile(llm: LLM, vocab: int, out: Path) -> None:
+    """Per-kernel GPU time of 32 batch-1 decode steps and of one 2048-token prefill (tables)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, prompts, n in (("decode_b1", _prompts(1, PROMPT, vocab, 5), 33), ("prefill_2048", _prompts(1, 2048, vocab, 6), 1)):
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _timed(llm, prompts, n)
+        (out / f"{name}.txt").write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
 
 
 def bench_transformers(ckpt: Path, vocab: int, a) -> dict:
@@ -166,6 +180,7 @@ def main() -> None:
     ap.add_argument("--offline-requests", type=int, default=1000)
     ap.add_argument("--peers", default="eager,compile", help="transformers peers: eager, compile, or none")
     ap.add_argument("--out", default="results/cuda.json")
+    ap.add_argument("--profile-dir", help="write per-kernel profiler tables here")
     a = ap.parse_args()
     work = Path(a.work)
     bw = copy_bandwidth()
