@@ -8,8 +8,11 @@ generated and keeps what was said so far. `--message` asks one question and exit
 
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -19,6 +22,20 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.server.chat_template import ChatTemplate
 
 HELP = "commands: /reset (forget the conversation), /exit (leave); Ctrl-C stops an answer"
+
+
+@contextmanager
+def _sigint_sets(flag: threading.Event) -> Iterator[None]:
+    """While inside, Ctrl-C sets `flag` instead of raising wherever the engine happens to be:
+    the answer then stops between two steps, leaving the engine consistent."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class ChatSession:
@@ -48,12 +65,15 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         prompt = self.template.render(self.messages, add_generation_prompt=True)
         ids = self.llm.get_tokenizer().encode(prompt, add_special_tokens=False)
-        reply, request_id = "", None
+        reply, request_id, stop = "", None, threading.Event()
         try:
-            for out in self.llm.generate_stream({"prompt_token_ids": ids}, self.params):
-                request_id = out.request_id
-                reply += out.outputs[0].delta_text
-                write(out.outputs[0].delta_text)
+            with _sigint_sets(stop):
+                for out in self.llm.generate_stream({"prompt_token_ids": ids}, self.params):
+                    request_id = out.request_id
+                    reply += out.outputs[0].delta_text
+                    write(out.outputs[0].delta_text)
+                    if stop.is_set():
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             if request_id is not None:
                 self.llm.engine.abort_request(request_id)
@@ -75,9 +95,11 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
     if interactive:
         write(f"{HELP}\n")
     while True:
-        write("> " if interactive else "")
         try:
-            line = stdin.readline()
+            # input() gives line editing on a terminal; it reads sys.stdin, so only there.
+            line = input("> ") + "\n" if interactive and stdin is sys.stdin else stdin.readline()
+        except EOFError:
+            break
         except KeyboardInterrupt:
             write("\n")
             continue

@@ -86,3 +86,48 @@ def test_console_script_with_piped_input(artifact):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "[conversation reset]" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_terminal_session_through_a_pty(artifact):
+    """A real terminal: the help line, a prompt per turn, Ctrl-C at the prompt stays, /exit leaves."""
+    pty = pytest.importorskip("pty")
+    import os
+    import select
+    import time
+
+    exe = shutil.which("kiln")
+    if exe is None:
+        pytest.skip("console scripts not installed")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: kiln chat on the pty
+        try:
+            os.execv(exe, [exe, "chat", str(artifact("llama")), "--max-tokens", "4"])
+        finally:
+            os._exit(127)
+    seen = b""
+
+    def until(text: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while seen.count(text) == 0 and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                seen += os.read(fd, 4096)
+        assert text in seen, seen
+        seen = seen[seen.index(text) + len(text):]
+
+    try:
+        until(b"commands: /reset")
+        until(b"> ")
+        os.write(fd, b"hello\n")
+        until(b"> ")
+        os.write(fd, b"\x03")  # Ctrl-C at the prompt: a fresh prompt, not an exit
+        until(b"> ")
+        os.write(fd, b"/exit\n")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        if pid:  # it failed before /exit: end the child this test started
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
