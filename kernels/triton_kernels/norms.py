@@ -43,14 +43,16 @@ def _config(n: int) -> tuple[int, int]:
 def _rms_scale(w_ptr, cols, mask, y, offset, HAS_W: tl.constexpr, W_FP32: tl.constexpr,
                HAS_OFFSET: tl.constexpr, X_TY: tl.constexpr):
     # y: x * rstd in float32 -> the value before the final cast to the output's dtype.
+    out = y
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         if W_FP32:  # Gemma / OLMo2: y * (offset + w) in float32
-            return y * (w.to(tl.float32) + offset)
-        if HAS_OFFSET:  # (w + offset) in w's dtype
-            w = (w.to(tl.float32) + offset).to(w_ptr.dtype.element_ty)
-        return y.to(X_TY).to(tl.float32) * w.to(tl.float32)
-    return y
+            out = y * (w.to(tl.float32) + offset)
+        else:  # Llama: y cast to x's dtype, times (w + offset) in w's dtype
+            if HAS_OFFSET:
+                w = (w.to(tl.float32) + offset).to(w_ptr.dtype.element_ty)
+            out = y.to(X_TY).to(tl.float32) * w.to(tl.float32)
+    return out
 
 
 @triton.jit
