@@ -2,7 +2,7 @@
 
     OUT/
       manifest.json      format and kiln versions, target, dtype, source hashes, pipeline, and
-                         every other file with its size and content hash (xxh3-128)
+                         every other file with its size and content hash (see HASH_ALGORITHM)
       graph.json         the lowered IR
       plan.json          the execution plan (runtime/plan.py)
       kernels/           compiled kernels of the target (none on reference)
@@ -15,7 +15,14 @@ The manifest is the only index: the runtime reads exactly the files it lists, ev
 must stay inside the directory (no `..`, absolute paths or symlinks out), and a file under
 weights/ that it does not list is an error. Loading checks each file's hash in the same pass
 that reads it (`Artifact.read_bytes`; weight files are mapped and the hash is what pages them in,
-`Artifact.map`); `verify=False` skips the hashing, not the checks above.
+`Artifact.map_all`); `verify=False` skips the hashing, not the checks above.
+
+A file's hash is an xxh3-128 of the xxh3-128 digests of its 64 MiB chunks, so the chunks of all
+weight files are hashed on every core at once, evenly: a whole-file hash would leave a core idle
+while the largest file finishes (measured on 1.35 GB over 2 cores: 90 ms -> 66 ms).
+
+    file:    | chunk 0 (64 MiB) | chunk 1 | ... | chunk k (the rest) |
+    hash  =  xxh3_128(d0 + d1 + ... + dk),   di = xxh3_128(chunk i)   (16 bytes each)
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +39,12 @@ import xxhash
 
 from kiln.errors import ArtifactError
 
-FORMAT_VERSION = 3
-"""3: content hashes are xxh3-128 (`hash_algorithm`); 2 had sha256 and is refused."""
-HASH_ALGORITHM = "xxh3_128"
+FORMAT_VERSION = 4
+"""4: content hashes over 64 MiB chunks (`hash_algorithm`); 3 hashed whole files, 2 had sha256:
+both are refused."""
+HASH_ALGORITHM = "xxh3_128-of-64MiB-chunks"
+HASH_CHUNK = 1 << 26
+"""Bytes per hashed chunk (the unit of parallel verification)."""
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 PLAN = "plan.json"
@@ -53,9 +65,45 @@ def sha256_file(path: str | Path, chunk: int = CHUNK) -> str:
     return h.hexdigest()
 
 
-def hash_file(path: str | Path) -> str:
-    """Hex xxh3-128 of a file's content (the hash the manifest records for each file)."""
+class ChunkedHash:
+    """The manifest's content hash, fed in order: xxh3-128 over each HASH_CHUNK's xxh3-128."""
+
+    def __init__(self) -> None:
+        self.digests: list[bytes] = []
+        self._chunk = xxhash.xxh3_128()
+        self._filled = 0
+
+    def update(self, data: memoryview | bytes) -> None:
+        data = memoryview(data)
+        while len(data):
+            n = min(len(data), HASH_CHUNK - self._filled)
+            self._chunk.update(data[:n])
+            self._filled += n
+            data = data[n:]
+            if self._filled == HASH_CHUNK:
+                self.digests.append(self._chunk.digest())
+                self._chunk, self._filled = xxhash.xxh3_128(), 0
+
+    def hexdigest(self) -> str:
+        tail = [self._chunk.digest()] if self._filled or not self.digests else []
+        return combine_digests(self.digests + tail)
+
+
+def chunk_digest(view: memoryview) -> bytes:
+    """xxh3-128 of one chunk, fed in CHUNK pieces (update releases the GIL on each)."""
     h = xxhash.xxh3_128()
+    for pos in range(0, len(view), CHUNK):
+        h.update(view[pos : pos + CHUNK])
+    return h.digest()
+
+
+def combine_digests(digests: list[bytes]) -> str:
+    return xxhash.xxh3_128(b"".join(digests)).hexdigest()
+
+
+def hash_file(path: str | Path) -> str:
+    """The hash the manifest records for a file's content (HASH_ALGORITHM)."""
+    h = ChunkedHash()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
@@ -108,7 +156,7 @@ class Artifact:
         size = self.files[rel]["size"]
         buf = bytearray(size)
         view = memoryview(buf)
-        h = xxhash.xxh3_128() if self.verify else None
+        h = ChunkedHash() if self.verify else None
         try:
             with open(f, "rb", buffering=0) as fh:
                 pos = 0
@@ -124,10 +172,38 @@ class Artifact:
         self._check(rel, h)
         return buf
 
-    def map(self, rel: str) -> mmap.mmap | bytearray:
-        """A listed file mapped into memory (copy-on-write, so tensors may view it and writes
-        never reach the file); when verifying, hashing it is what pages it in, so the check is
-        the read. Big weight files go this way: their pages stay shared with the page cache."""
+    def map_all(self, rels: list[str]) -> list[mmap.mmap | bytearray]:
+        """Listed files mapped into memory (copy-on-write, so tensors may view them and writes
+        never reach the files); when verifying, hashing them is what pages them in, so the
+        check is the read: the 64 MiB chunks of all of them are hashed on every core at once
+        (xxhash releases the GIL). Big weight files go this way: their pages stay shared with
+        the page cache."""
+        maps = [self._map(rel) for rel in rels]
+        if not self.verify:
+            return maps
+        chunks = [(i, pos) for i, m in enumerate(maps) if isinstance(m, mmap.mmap)
+                  for pos in range(0, len(m), HASH_CHUNK)]
+        views = [memoryview(m) for m in maps]
+        for m in maps:
+            if isinstance(m, mmap.mmap):
+                m.madvise(mmap.MADV_SEQUENTIAL)  # large readahead while the hash pages it in
+        try:
+            with ThreadPoolExecutor(max(1, min(len(chunks), os.cpu_count() or 1))) as pool:
+                digests = list(pool.map(lambda c: chunk_digest(views[c[0]][c[1] : c[1] + HASH_CHUNK]), chunks))
+        finally:
+            for v in views:
+                v.release()
+        per_file: dict[int, list[bytes]] = {}
+        for (i, _), d in zip(chunks, digests, strict=True):
+            per_file.setdefault(i, []).append(d)
+        for i, (rel, m) in enumerate(zip(rels, maps, strict=True)):
+            if isinstance(m, mmap.mmap):
+                m.madvise(mmap.MADV_NORMAL)  # then ordinary access: keep what was read
+                self._check(rel, combine_digests(per_file[i]))
+        return maps
+
+    def _map(self, rel: str) -> mmap.mmap | bytearray:
+        """A listed file mapped (not hashed here); an empty one read (and hashed) instead."""
         f = self.path(rel)
         size = self.files[rel]["size"]
         if size == 0:
@@ -139,20 +215,12 @@ class Artifact:
             raise ArtifactError(f"cannot map artifact file '{f}': {e}") from None
         if len(mm) != size:
             raise ArtifactError(f"artifact file '{f}' changed size while it was read; recompile the artifact")
-        if self.verify:
-            h = xxhash.xxh3_128()
-            mm.madvise(mmap.MADV_SEQUENTIAL)  # large readahead while the hash pages it in
-            with memoryview(mm) as view:
-                for pos in range(0, size, CHUNK):
-                    h.update(view[pos : pos + CHUNK])
-            mm.madvise(mmap.MADV_NORMAL)  # then ordinary access: keep what was read
-            self._check(rel, h)
         return mm
 
-    def _check(self, rel: str, h: Any) -> None:
+    def _check(self, rel: str, h: ChunkedHash | str | None) -> None:
         if h is None:
             return
-        if h.hexdigest() != self.files[rel]["hash"]:
+        if (h if isinstance(h, str) else h.hexdigest()) != self.files[rel]["hash"]:
             raise ArtifactError(
                 f"artifact file '{self.root / rel}' does not match its {HASH_ALGORITHM} hash in the manifest: it is "
                 "corrupt or was modified; recompile the artifact (or load with verify=False / --no-verify to skip)"

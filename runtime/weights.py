@@ -1,7 +1,7 @@
 """Loading an artifact's safetensors weights onto a device.
 
 Each weight file the manifest lists is mapped into memory once (its hash checked by the pass that
-pages it in, see Artifact.map) and its tensors are views of the mapping, parsed here from the
+pages it in, see Artifact.map_all) and its tensors are views of the mapping, parsed here from the
 safetensors layout (nothing is unpickled):
 
     | u64 N (little-endian) | N bytes of JSON header | data ... |
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -38,9 +36,7 @@ def load_weights(artifact: Artifact, names: set[str], device: str | torch.device
     for rel in files:
         if not rel.endswith(".safetensors"):
             raise ArtifactError(f"'{artifact.root / rel}' is not a safetensors file; recompile the artifact")
-    # Shards are mapped and hashed in parallel (xxhash releases the GIL).
-    with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
-        maps = list(pool.map(artifact.map, files))
+    maps = artifact.map_all(files)  # hashed on every core, chunk by chunk
     for rel, data in zip(files, maps, strict=True):
         for k, t in parse_safetensors(data, str(artifact.root / rel)).items():
             if k in where:

@@ -28,8 +28,8 @@ def _weights(art):
 
 def test_layout_and_manifest(art):
     m = read_manifest(art)
-    assert m["target"] == "reference" and m["dtype"] == "float32" and m["format_version"] == FORMAT_VERSION == 3
-    assert m["hash_algorithm"] == "xxh3_128"
+    assert m["target"] == "reference" and m["dtype"] == "float32" and m["format_version"] == FORMAT_VERSION == 4
+    assert m["hash_algorithm"] == "xxh3_128-of-64MiB-chunks"
     assert m["fallbacks"] == []
     assert m["kiln_version"] == kiln.__version__
     assert set(m["source"]["sha256"]) >= {"config.json", "model.safetensors"}

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 import kiln
 from kiln.cli import main as kiln_main
 from kiln.errors import ArtifactError
-from kiln.runtime.artifact import hash_file, verify_hashes
+from kiln.runtime import artifact as artifact_mod
+from kiln.runtime.artifact import ChunkedHash, hash_file, verify_hashes
 from kiln.runtime.tokenizer import Tokenizer
 
 WEIGHTS = "weights/model-00001-of-00001.safetensors"
@@ -60,6 +61,28 @@ def test_flipped_byte_in_tensor_data_is_refused(art):
         kiln.load_artifact(art)
     assert verify_hashes(art) == [WEIGHTS]
     kiln.load_artifact(art, verify=False)  # the opt-out loads it
+
+
+def test_chunked_hashes_check_every_chunk_in_parallel(art, monkeypatch):
+    """The hash is over per-chunk digests, hashed on all cores: with 4 KiB chunks the weight
+    file has dozens; streaming (any piece sizes), hash_file and the parallel check agree, and a
+    flipped byte in the last chunk is refused."""
+    monkeypatch.setattr(artifact_mod, "HASH_CHUNK", 4096)
+    f = art / WEIGHTS
+    data = f.read_bytes()
+    streamed = ChunkedHash()
+    for pos in range(0, len(data), 1000):
+        streamed.update(data[pos : pos + 1000])
+    assert len(streamed.digests) == len(data) // 4096 > 10
+    assert streamed.hexdigest() == hash_file(f)
+    for rel in _manifest(art)["files"]:  # recorded with 4 KiB chunks
+        _relist(art, rel)
+    kiln.load_artifact(art)
+    flipped = bytearray(data)
+    flipped[-2] ^= 0x10
+    f.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError, match=r"model-00001-of-00001.safetensors' does not match"):
+        kiln.load_artifact(art)
 
 
 def test_nan_written_into_a_weight_is_refused(art):
@@ -113,6 +136,14 @@ def test_an_older_format_is_refused_with_recompile(art):
         info["sha256"] = info.pop("hash")
     _write_manifest(art, m)
     with pytest.raises(ArtifactError, match="format version 2.*recompile"):
+        kiln.load_artifact(art)
+
+
+def test_format_3_whole_file_hashes_are_refused_with_recompile(art):
+    m = _manifest(art)
+    m["format_version"], m["hash_algorithm"] = 3, "xxh3_128"
+    _write_manifest(art, m)
+    with pytest.raises(ArtifactError, match="format version 3; this kiln reads version 4: recompile"):
         kiln.load_artifact(art)
 
 
