@@ -223,8 +223,8 @@ class LLMEngine:
         delta_logprobs, delta_text; text is the whole text so far): fold them into whole
         outputs with `OutputAccumulator`."""
         touched: set[str] = set()
-        peak, blocks = self.kv.peak_blocks, self.pool.num_blocks
-        for req in [r for r in self.scheduler.running if peak(len(r.all_token_ids)) > blocks]:
+        limit = self.kv.max_seq_tokens
+        for req in [r for r in self.scheduler.running if len(r.all_token_ids) > limit]:
             self._finish(req, "length")  # the whole cache cannot hold it any more
             touched.add(req.group_id)
         step = self.scheduler.schedule()

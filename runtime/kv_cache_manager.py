@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,6 +201,14 @@ class KVCacheManager:
         them, or with a window the W tokens a query reads, spread over at most W/BS + 1."""
         whole = self.num_blocks_for(num_tokens)
         return min(whole, self.num_blocks_for(self.window) + 1) if self.window else whole
+
+    @property
+    def max_seq_tokens(self) -> int:
+        """The most tokens one sequence can ever reach: what the whole pool holds, or no limit
+        (sys.maxsize) with a window whose blocks fit in it."""
+        if self.peak_blocks(sys.maxsize) <= self.pool.num_blocks:
+            return sys.maxsize
+        return self.pool.num_blocks * self.block_size
 
     @property
     def max_chunk(self) -> int | None:

@@ -9,7 +9,6 @@ import ctypes
 import ctypes.util
 import json
 import logging
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -67,10 +66,7 @@ class ServerState:
     def max_cache_tokens(self) -> int:
         """The most tokens one sequence can ever hold: the whole KV cache, or no limit with a
         sliding window that fits in it (a sequence then holds only the window's blocks)."""
-        kv, blocks = self.engine.kv, self.engine.pool.num_blocks
-        if kv.window and kv.peak_blocks(sys.maxsize) <= blocks:
-            return sys.maxsize
-        return blocks * kv.block_size
+        return self.engine.kv.max_seq_tokens
 
     def check_token_ids(self, ids: Sequence[int], param: str) -> None:
         vocab = self.vocab_size

@@ -6,6 +6,8 @@ transformers, with preemption; a model with a global layer keeps every block."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -159,7 +161,7 @@ def test_long_generation_in_a_pool_smaller_than_the_sequences_matches_transforme
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     # 8 blocks of 4 = 32 slots: no sequence (up to 81 tokens) fits whole; 4 at once preempt.
     llm = LLM(art, num_kv_blocks=8, block_size=BS, max_num_seqs=4, max_num_batched_tokens=16)
-    assert llm.engine.kv.window == W
+    assert llm.engine.kv.window == W and llm.engine.kv.max_seq_tokens == sys.maxsize  # no length cap
     outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
@@ -191,7 +193,7 @@ def test_freed_blocks_poisoned_with_nan_change_nothing(windowed):
 
 def test_a_model_with_a_global_layer_keeps_every_block(artifact):
     llm = LLM(artifact("gemma2"), num_kv_blocks=64, block_size=BS)
-    assert llm.engine.kv.window is None
+    assert llm.engine.kv.window is None and llm.engine.kv.max_seq_tokens == 64 * BS
     with pytest.raises(ValueError, match="KV blocks"):
         LLM(artifact("gemma2"), num_kv_blocks=4, block_size=BS).generate(
             [{"prompt_token_ids": list(range(3, 40))}], SamplingParams(max_tokens=2), use_tqdm=False)
