@@ -197,3 +197,20 @@ def test_a_model_with_a_global_layer_keeps_every_block(artifact):
     with pytest.raises(ValueError, match="KV blocks"):
         LLM(artifact("gemma2"), num_kv_blocks=4, block_size=BS).generate(
             [{"prompt_token_ids": list(range(3, 40))}], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_prefix_hits_after_release_match_transformers(windowed):
+    """Prompts sharing a 40-token prefix, one at a time in a pool of 40 blocks (a request
+    allocates ~26 over its life): the shared blocks left the window and were released (the
+    first ones get evicted), yet each later prompt takes the blocks its window needs and
+    matches transformers."""
+    ckpt, art = windowed("mistral")
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 256, (40,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    want = _reference(ckpt, prompts)
+    llm = LLM(art, num_kv_blocks=40, block_size=BS, max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert [o.num_cached_tokens for o in outs] == [0, 40, 40, 40]  # 10 shared blocks, 2 of them held
