@@ -21,6 +21,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,7 +93,9 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - 
 
 
 def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int, bw: float, a) -> dict:
-    cold = subprocess.run([sys.executable, "-c", _COLD, str(art)], capture_output=True, text=True)
+    # From a neutral folder: a checkout's kiln/ in the working directory would shadow the installed kiln.
+    cold = subprocess.run([sys.executable, "-c", _COLD, str(art.resolve())], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())
     res: dict = {"cold_start": json.loads(cold.stdout.strip().splitlines()[-1]) if cold.returncode == 0
                  else {"error": cold.stderr[-2000:]}}
     llm = LLM(art, device="cuda", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=2048,
@@ -200,7 +203,8 @@ def main() -> None:
         vocab = cfg["vocab_size"]
         kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
         row["weight_bytes"] = manifest["parameters"]["bytes"]
-        row["kiln"] = bench_kiln(art, vocab, row["weight_bytes"], kv, bw, a)
+        row["weight_bytes_read_per_step"] = _bytes_read_per_step(cfg)
+        row["kiln"] = bench_kiln(art, vocab, row["weight_bytes_read_per_step"], kv, bw, a)
         _free()
         print(json.dumps({shape: row}, indent=1), flush=True)
         if a.peers != "none":
@@ -211,6 +215,15 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(_table(report))
+
+
+def _bytes_read_per_step(cfg: dict) -> int:
+    """bf16 weight bytes a decode step reads: every layer, the final norm and the LM head (the
+    embedding table is gathered one row per token; a tied model's LM head is that table)."""
+    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    attn = h * d * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
+    layer = attn + 3 * h * i + 2 * h
+    return 2 * (cfg["num_hidden_layers"] * layer + h + cfg["vocab_size"] * h)
 
 
 def _table(report: dict) -> str:

@@ -89,6 +89,8 @@ class CompiledModel:
             inputs[LOGITS_INDICES.name] = (
                 torch.arange(total) if logits_indices is None else logits_indices.to(torch.int64)
             )
+        device = self.executor.device  # the throwaway caches are written in place: they live on the device
+        inputs = {k: v.to(device) if is_cache_input(k) else v for k, v in inputs.items()}
         return self.executor.run(inputs)[0].clone()
 
     __call__ = forward

@@ -30,3 +30,15 @@ def test_seeded_sampling_on_cuda_does_not_depend_on_the_batch(artifact):
     alone = llm.generate({"prompt_token_ids": PROMPTS[0]}, params)[0].outputs[0].token_ids
     batched = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)[0].outputs[0].token_ids
     assert alone == batched
+
+
+def test_debug_forward_on_cuda_matches_transformers(checkpoint, artifact):
+    from kiln.runtime.model import CompiledModel
+
+    model = CompiledModel(artifact("llama", "float32"), device="cuda")
+    ids = torch.tensor(PROMPTS[1])
+    got = model(ids, torch.arange(len(ids)), [len(ids)]).cpu()
+    ref = load_reference_model(checkpoint("llama"))
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

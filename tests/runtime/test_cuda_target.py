@@ -65,12 +65,13 @@ def cuda_artifact(checkpoint, tmp_path_factory):
     return get
 
 
-def _margin(artifact, prompt: list[int], tokens: tuple[int, int]) -> float:
-    """|logit(a) - logit(b)| of the reference after `prompt`: how close the two choices were."""
+def _margin(artifact, prompt: list[int], tokens: tuple[int, int]) -> tuple[float, float]:
+    """(|logit(a) - logit(b)|, max |logit|) of the reference after `prompt`: how close the two
+    choices were, and the scale bf16 rounds at."""
     model = CompiledModel(artifact, device="cuda")
     ids = torch.tensor(prompt)
     logits = model(ids, torch.arange(len(prompt)), [len(prompt)])[-1].float()
-    return float((logits[tokens[0]] - logits[tokens[1]]).abs())
+    return float((logits[tokens[0]] - logits[tokens[1]]).abs()), float(logits.abs().max())
 
 
 @pytest.mark.gpu
@@ -84,10 +85,11 @@ def test_greedy_on_cuda_matches_the_reference_target(arch, cuda_artifact):
         if g == w:
             continue
         i = next(j for j, (a, b) in enumerate(zip(g, w, strict=True)) if a != b)
-        margin = _margin(ref, p + w[:i], (g[i], w[i]))
+        margin, scale = _margin(ref, p + w[:i], (g[i], w[i]))
         print(f"{arch}: first divergence at generated token {i}: cuda {g[i]} vs reference {w[i]}, "
-              f"reference logit margin {margin:.4f}")
-        assert margin < 0.125, f"{arch} diverges at token {i} where the reference's margin is {margin}"
+              f"reference logit margin {margin:.4f} (max |logit| {scale:.2f})")
+        # bf16 keeps 8 bits: two runs that round differently swap choices closer than ~1% of the scale
+        assert margin <= 0.01 * scale, f"{arch} diverges at token {i} where the reference's margin is {margin}"
 
 
 _SERVE = """
