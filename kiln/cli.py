@@ -53,7 +53,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop or None, ignore_eos=args.ignore_eos,
     )
     llm = LLM(args.artifact, **({"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {}),
-              **({"verify": False} if args.no_verify else {}))
+              **_engine_kwargs(args))
     if args.echo:
         sys.stdout.write(args.prompt)
     finish = None
@@ -73,9 +73,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed)
-    engine_kwargs = {"max_num_seqs": 4, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
-    if args.no_verify:
-        engine_kwargs["verify"] = False
+    engine_kwargs = {"max_num_seqs": 4, "kv_cache_memory_bytes": args.kv_cache_memory_bytes, **_engine_kwargs(args)}
     return run_chat(args.artifact, message=args.message, system=args.system, params=params, **engine_kwargs)
 
 
@@ -86,9 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_kv_blocks", "kv_cache_memory_bytes")
         if getattr(args, k) is not None
-    }
-    if args.no_verify:
-        engine_kwargs["verify"] = False
+    } | _engine_kwargs(args)
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("KILN_API_KEY"),
@@ -111,6 +107,26 @@ def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> i
 def _no_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the artifact's content hashes while loading (faster, trusts the files)")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    """Options every command that runs an artifact takes (besides its own)."""
+    _no_verify(p)
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda[:N] (default: the GPU for a cuda-target artifact when there is one, else cpu)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """Engine keyword arguments from _engine_args' options (only those given)."""
+    kw: dict = {}
+    if args.no_verify:
+        kw["verify"] = False
+    if args.device is not None:
+        kw["device"] = args.device
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
+    return kw
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -154,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
     g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
-    _no_verify(g)
+    _engine_args(g)
     _common(g)
     g.set_defaults(fn=_generate)
     ch = sub.add_parser("chat", help="chat with an artifact in the terminal (its chat template; /reset, /exit)")
@@ -167,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ch.add_argument("--top-k", type=int, default=0)
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20, help="KV cache size in bytes")
-    _no_verify(ch)
+    _engine_args(ch)
     _common(ch)
     ch.set_defaults(fn=_chat)
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
@@ -189,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
     s.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
     s.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size in bytes")
-    _no_verify(s)
+    _engine_args(s)
     _common(s)
     s.set_defaults(fn=_serve)
     args = p.parse_args(argv)

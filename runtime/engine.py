@@ -15,6 +15,7 @@ import torch
 
 from kiln.ir.step_inputs import LOGITS_INDICES, token_buckets
 from kiln.ir.types import torch_dtype
+from kiln.runtime.artifact import read_manifest
 from kiln.runtime.block_pool import BlockPool
 from kiln.runtime.cuda_graphs import GraphedExecutor
 from kiln.runtime.detokenizer import IncrementalDetokenizer
@@ -70,12 +71,15 @@ class LLMEngine:
         kv_cache_memory_bytes: int | None = None,
         num_kv_blocks: int | None = None,
         max_model_len: int | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         verify: bool = True,
         enforce_eager: bool = False,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if device is None:  # where the artifact's kernels run: a cuda artifact on the GPU when there is one
+            cuda = read_manifest(model).get("target") == "cuda" and torch.cuda.is_available()
+            device = "cuda" if cuda else "cpu"
         self.model = CompiledModel(model, device=device, verify=verify)  # verify: check content hashes
         self.tokenizer = Tokenizer(model, verify=verify)
         self.device = torch.device(device)

@@ -17,8 +17,9 @@ Params = SamplingParams | Sequence[SamplingParams] | None
 class LLM:
     """A compiled artifact ready to generate. Keyword arguments go to LLMEngine:
     max_num_batched_tokens, max_num_seqs, block_size, enable_prefix_caching,
-    kv_cache_memory_bytes, num_kv_blocks, max_model_len, device, verify (False skips checking the
-    artifact's content hashes)."""
+    kv_cache_memory_bytes, num_kv_blocks, max_model_len, device (default: the GPU for a cuda-target
+    artifact when there is one, else the CPU), enforce_eager (no CUDA graphs), verify (False skips
+    checking the artifact's content hashes)."""
 
     def __init__(self, model: str | Path, **engine_kwargs):
         self.engine = LLMEngine(model, **engine_kwargs)
