@@ -4,6 +4,7 @@ them (nothing comes from a model hub): the config of the real model, weights dra
 (its ids are a subset of the vocabulary; benchmarks feed token ids).
 
     python -m kiln.models.shapes llama-3.1-8b OUT_DIR [--dtype bfloat16] [--device cuda]
+    python -m kiln.models.shapes llama-100m OUT_DIR --dtype float32
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                          rope_parameters=dict(_LLAMA3_ROPE)),
+    "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, head_dim=64, tie_word_embeddings=True, vocab_size=32000,
+                       max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
-"""Name -> LlamaConfig fields of the real model (Meta's Llama 3.2 1B and 3.1 8B)."""
+"""Name -> LlamaConfig fields: Meta's Llama 3.2 1B and 3.1 8B, and a ~100M-parameter Llama for
+CPU benchmarks (SmolLM/TinyLlama-like proportions; not a released model)."""
 
 SHARD_BYTES = 4 << 30
 
@@ -41,8 +46,9 @@ def shape_config(name: str, dtype: torch.dtype = torch.bfloat16) -> LlamaConfig:
     """The config of a real model's shape; KeyError naming the known shapes otherwise."""
     if name not in SHAPES:
         raise KeyError(f"unknown shape '{name}'; known: {', '.join(SHAPES)}")
-    return LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
-                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, dtype=dtype, **SHAPES[name])
+    fields = {"vocab_size": 128256, "max_position_embeddings": 131072, **SHAPES[name]}
+    return LlamaConfig(rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                       pad_token_id=PAD_ID, dtype=dtype, **fields)
 
 
 def _tensors(c: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -1,4 +1,15 @@
-"""The generation engine: scheduler + paged KV cache + compiled model + sampler + detokenizer."""
+"""The generation engine: scheduler + paged KV cache + compiled model + sampler + detokenizer.
+
+Async scheduling (on by default on CUDA) hides the host's work of a step behind the device's:
+
+    host:    schedule n+1 | prepare n+1 | launch n+1 | read tokens of n, append, stop, detok | ...
+    device:  ... forward n, sample n  |       forward n+1, sample n+1            | ...
+
+Step n's sampled tokens stay on the device; each is a PLACEHOLDER in its request's tokens,
+which the scheduler counts (one more token, its KV slot allocated) and step n+1's input_ids
+take from the device. A request that step n finished still has a row in step n+1: its result
+is dropped. Without async scheduling a step reads its own tokens before it returns.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +34,8 @@ from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.model import CompiledModel
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import CompletionOutput, OutputAccumulator, RequestOutput
-from kiln.runtime.request import Request, Status
+from kiln.runtime.pending_sample import PendingSample
+from kiln.runtime.request import PLACEHOLDER, Request, Status
 from kiln.runtime.sampler import Sampler, SamplingState
 from kiln.runtime.sampling_params import Logprob, SamplingParams
 from kiln.runtime.scheduler import Scheduler
@@ -45,6 +57,17 @@ class _Track:
     cumulative: float = 0.0
     reported: int = 0
     """Output tokens already reported."""
+
+
+@dataclass(eq=False, slots=True)
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    requests: list[Request]
+    tracks: list[_Track]
+    sample: PendingSample
+    rows: dict[str, int] | None
+    """Request id -> its row of sample.tokens (for the next step's input_ids); None when sync."""
 
 
 def default_cache_bytes(device: torch.device) -> int:
@@ -74,6 +97,7 @@ class LLMEngine:
         device: str | None = None,
         verify: bool = True,
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -83,6 +107,9 @@ class LLMEngine:
         self.model = CompiledModel(model, device=device, verify=verify)  # verify: check content hashes
         self.tokenizer = Tokenizer(model, verify=verify)
         self.device = torch.device(device)
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
+        """Launch step n+1 before step n's tokens reach the host (None: on CUDA only)."""
+        self._inflight: _InFlight | None = None
         caches = self.model.cache_types
         bytes_per_block = sum(
             block_size * int(t.shape[2]) * int(t.shape[3]) * t.itemsize
@@ -213,6 +240,9 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if req.num_pending:  # tokens in flight after its end: never reported
+            del req.all_token_ids[-req.num_pending :]
+            req.num_pending = 0
         self.scheduler.finish(req, reason)
         self.runner.release(req)
         self.sampler.release(self._track[req.request_id].state)
@@ -225,16 +255,21 @@ class LLMEngine:
         """Run one scheduled batch; outputs for every request that progressed or finished.
         They carry what is new since the request's previous output (delta_token_ids,
         delta_logprobs, delta_text; text is the whole text so far): fold them into whole
-        outputs with `OutputAccumulator`."""
+        outputs with `OutputAccumulator`. With async scheduling the tokens reported are those
+        of the previous step, read after this one was launched."""
         touched: set[str] = set()
         limit = self.kv.max_seq_tokens
+        if self._inflight is not None and self._must_drain(limit):
+            touched |= self._drain()
         for req in [r for r in self.scheduler.running if len(r.all_token_ids) > limit]:
             self._finish(req, "length")  # the whole cache cannot hold it any more
             touched.add(req.group_id)
         step = self.scheduler.schedule()
         if not step.requests:
+            touched |= self._drain()
             return [self._output(g) for g in touched]
-        batch = self.runner.prepare(step)
+        prev = self._inflight
+        batch = self.runner.prepare(step, *((prev.sample.tokens, prev.rows) if prev is not None else ()))
         sampled = batch.sampled
         inputs = {**batch.inputs, **self.kv_caches}
         try:
@@ -244,30 +279,71 @@ class LLMEngine:
             logits = logits[: len(sampled)]
         except Exception:
             log.exception("model step failed; failing the %d requests in it", len(step.requests))
+            touched |= self._drain()
             for req in step.requests:
-                self.kv.forget_uncomputed(req)
-                self._finish(req, "error")
-                touched.add(req.group_id)
+                if not req.finished:
+                    self.kv.forget_uncomputed(req)
+                    self._finish(req, "error")
+                    touched.add(req.group_id)
             return [self._output(g) for g in touched]
         for req, n in zip(step.requests, step.num_new_tokens, strict=True):
             req.num_computed_tokens += n
+        self._inflight = None
         if sampled:
             tracks = [self._track[r.request_id] for r in sampled]
-            result = self.sampler(logits, [t.state for t in tracks])
-            for req, track, token, lp in zip(sampled, tracks, result.token_ids, result.logprobs, strict=True):
-                self._append(req, track, token, lp)
-                touched.add(req.group_id)
-            self.num_generated_tokens += len(sampled)
+            sample = self.sampler.launch(logits, [t.state for t in tracks])
+            for req in sampled:
+                req.all_token_ids.append(PLACEHOLDER)
+                req.num_pending += 1
+            rows = {r.request_id: i for i, r in enumerate(sampled)} if self.async_scheduling else None
+            self._inflight = _InFlight(sampled, tracks, sample, rows)
+        if prev is not None:
+            touched |= self._process(prev)
+        if not self.async_scheduling:
+            touched |= self._drain()
         return [self._output(g) for g in touched]
 
+    def _must_drain(self, limit: int) -> bool:
+        """Whether a token in flight must be read before scheduling, for the outcome to be the
+        synchronous one: it makes its request too long for the cache, or crosses a longrope
+        switch (the request is then computed again, and its next token with it)."""
+        after = self.long_rope_after
+        return any(
+            len(r.all_token_ids) > limit
+            or (after is not None and not r.long_rope and len(r.all_token_ids) > after)
+            for r in self._inflight.requests if r.num_pending
+        )
+
+    def _drain(self) -> set[str]:
+        """Read and process the step in flight, if any; the groups it touched."""
+        prev, self._inflight = self._inflight, None
+        return self._process(prev) if prev is not None else set()
+
+    def _process(self, step: _InFlight) -> set[str]:
+        """Append a launched step's tokens (waiting for them), run the stop checks and
+        detokenize; the groups touched. A request finished or aborted since its row was
+        launched has no placeholder left: its token is dropped."""
+        result = step.sample.result()
+        touched: set[str] = set()
+        for req, track, token, lp in zip(step.requests, step.tracks, result.token_ids, result.logprobs, strict=True):
+            if req.finished:
+                continue
+            self._append(req, track, token, lp)
+            touched.add(req.group_id)
+            self.num_generated_tokens += 1
+        return touched
+
     def _append(self, req: Request, track: _Track, token: int, logprobs: dict[int, Logprob] | None) -> None:
-        req.all_token_ids.append(token)
+        """Put a sampled token in its placeholder (the oldest) and apply the stop rules."""
+        num_tokens = len(req.all_token_ids) - req.num_pending + 1  # up to and with this token
+        req.all_token_ids[num_tokens - 1] = token
+        req.num_pending -= 1
         if logprobs is not None:
             track.logprobs.append(logprobs)
             track.cumulative += logprobs[token].logprob
         p = req.params
         stop_str = track.detok.update((token,))
-        num_out = len(req.all_token_ids) - req.prompt_len
+        num_out = num_tokens - req.prompt_len
         done_min = num_out >= p.min_tokens
         if done_min and token in p.stop_token_ids:
             self._finish(req, "stop", token)
@@ -279,7 +355,7 @@ class LLMEngine:
             self._finish(req, "length")
         elif num_out + req.prompt_len >= self.max_model_len:
             self._finish(req, "length")
-        elif not req.long_rope and self.long_rope_after is not None and len(req.all_token_ids) > self.long_rope_after:
+        elif not req.long_rope and self.long_rope_after is not None and num_tokens > self.long_rope_after:
             # Past a longrope model's switch every token runs on the long factors, the cached
             # ones too (transformers drops its cache there): compute the sequence again.
             req.long_rope = True
@@ -296,14 +372,15 @@ class LLMEngine:
             done = req.status is Status.FINISHED
             delta = detok.take_delta() + detok.finish() if done else detok.take_delta()
             tokens = req.all_token_ids
-            reported, track.reported = track.reported, len(tokens) - req.prompt_len
+            known = len(tokens) - req.num_pending
+            reported, track.reported = track.reported, known - req.prompt_len
             if req.params.logprobs is None:
                 cumulative = delta_lp = None
             else:
                 cumulative, delta_lp, track.logprobs = track.cumulative, track.logprobs, []
             outs.append(CompletionOutput(
                 req.index, detok.text, [], cumulative, None, req.finish_reason,
-                req.stop_reason, delta, tokens[req.prompt_len + reported :], delta_lp,
+                req.stop_reason, delta, tokens[req.prompt_len + reported : known], delta_lp,
             ))
             finished = finished and done
             cached += req.num_cached_tokens

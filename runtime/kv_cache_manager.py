@@ -156,12 +156,14 @@ class KVCacheManager:
         if need > 0:
             table.extend(self.pool.allocate(need))
         if self.pool.enable_caching:
-            # Full blocks get their hash now: their tokens are known and are written this step.
-            hashes = self._full_hashes(req, total)
-            for i in range(self.cached_upto.get(req.request_id, 0), total // self.block_size):
+            # Full blocks get their hash now: their tokens are written this step. A token still
+            # on the device (async scheduling) is unknown: its block is hashed by a later call.
+            known = min(total, req.num_known_tokens)
+            hashes = self._full_hashes(req, known)
+            for i in range(self.cached_upto.get(req.request_id, 0), known // self.block_size):
                 if table[i] is not self.hole:
                     self.pool.cache(table[i], hashes[i])
-            self.cached_upto[req.request_id] = total // self.block_size
+            self.cached_upto[req.request_id] = max(self.cached_upto.get(req.request_id, 0), known // self.block_size)
         return True
 
     def forget_uncomputed(self, req: Request) -> None:

@@ -98,6 +98,11 @@ class ModelRunner:
         self._rows: dict[str, _Row] = {}
         self._free_rows = list(range(self.max_seqs - 1, -1, -1))
         self._arange = np.arange(self.max_tokens, dtype=np.int64)  # [T]
+        self._fill_host = torch.zeros(2, self.max_seqs, dtype=torch.int64, pin_memory=pin)  # see _fill
+        self._fill_np = self._fill_host.numpy()
+        self._fill_dev = self._fill_host if not pin else torch.empty_like(self._fill_host, device=self.device)
+        self._copied: torch.cuda.Event | None = None
+        """Recorded after a step's host-to-device copies: the host buffers are not rewritten before."""
 
     # -- per-request rows ------------------------------------------------------------------------
 
@@ -125,13 +130,19 @@ class ModelRunner:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def prepare(self, step: SchedulerOutput) -> StepBatch:
+    def prepare(self, step: SchedulerOutput, feed: torch.Tensor | None = None,
+                feed_rows: dict[str, int] | None = None) -> StepBatch:
         """Inputs for one forward pass and the requests whose last row is sampled.
 
         Request r contributes its tokens [computed, computed + n): positions continue from what
         is cached, slots come from its block table, and if the chunk reaches the end of its
         tokens its last row is in logits_indices (a prefill chunk that stops short is not sampled).
+        A token the host does not know yet (a PLACEHOLDER, async scheduling) is the previous
+        step's sampled token feed[feed_rows[r]] on the device: copied into input_ids there, after
+        the host's copy and in stream order, so a CUDA graph replays the same buffers.
         """
+        if self._copied is not None:  # the previous step's copies must be done reading the host buffers
+            self._copied.synchronize()
         for req in step.preempted:
             self.release(req)
         num_seqs = len(step.requests)
@@ -144,9 +155,14 @@ class ModelRunner:
         sampled: list[Request] = []
         end = 0
         totals: list[int] = []
+        fill: list[tuple[int, int]] = []  # (input row, feed row) of the placeholders
         for req, n in zip(step.requests, step.num_new_tokens, strict=True):
             start = req.num_computed_tokens
             tokens = req.all_token_ids
+            if req.num_pending and len(tokens) - req.num_pending < start + n:
+                if feed_rows is None or req.request_id not in feed_rows or req.num_pending != 1:
+                    raise ValueError(f"request {req.request_id} has a token on the device that no feed gives")
+                fill.append((end + len(tokens) - 1 - start, feed_rows[req.request_id]))
             ids += tokens[start : start + n]
             starts.append(start)
             totals.append(len(tokens))
@@ -199,8 +215,22 @@ class ModelRunner:
             inputs[name] = self._dev[name][: sizes[name]]
             if self._dev is not self._host:
                 inputs[name].copy_(self._host[name][: sizes[name]], non_blocking=True)
+        if fill:
+            self._fill(inputs[INPUT_IDS.name], feed, fill)
+        if self._dev is not self._host:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         host_ints = {MAX_SEQ_LEN: int(lens[:num_seqs].max()), MAX_QUERY_LEN: int(n_new.max())}
         return StepBatch(inputs, host_ints, sampled, num_tokens)
+
+    def _fill(self, input_ids: torch.Tensor, feed: torch.Tensor, fill: list[tuple[int, int]]) -> None:
+        """input_ids[row] = feed[feed row] on the device for each (row, feed row) of fill."""
+        k = len(fill)
+        self._fill_np[:, :k] = np.array(fill, dtype=np.int64).T
+        idx = self._fill_dev[:, :k]  # [2, k]: input rows, feed rows
+        if self._fill_dev is not self._fill_host:
+            idx.copy_(self._fill_host[:, :k], non_blocking=True)
+        input_ids.index_copy_(0, idx[0], feed.index_select(0, idx[1]).to(input_ids.dtype))
 
     def decode_inputs(self, num_seqs: int) -> dict[str, torch.Tensor]:
         """The device buffers of a decode step of num_seqs sequences, filled with a valid

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 from kiln.runtime.sampling_params import SamplingParams
 
+PLACEHOLDER = -1
+"""The id held in all_token_ids for a token sampled on the device and not yet read."""
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -42,6 +45,9 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache when first admitted."""
+    num_pending: int = 0
+    """Sampled tokens still on the device (async scheduling): the last num_pending entries of
+    all_token_ids are PLACEHOLDER until the engine reads them; the scheduler counts them."""
     all_token_ids: list[int] = field(init=False)
     """Prompt then output token ids; only ever appended to."""
     prompt_len: int = field(init=False)
@@ -63,6 +69,11 @@ class Request:
     def num_output_tokens(self) -> int:
         """Tokens generated so far."""
         return len(self.all_token_ids) - self.prompt_len
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus generated tokens whose ids the host has (not placeholders)."""
+        return len(self.all_token_ids) - self.num_pending
 
     @property
     def num_tokens(self) -> int:

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.runtime.sampling_params import Logprob, SamplingParams
+from kiln.runtime.pending_sample import PendingSample, SampleResult, logprob_tensors
+from kiln.runtime.sampling_params import SamplingParams
 
 CANDIDATES = 1024
 """Logits a filtered row looks at before it falls back to rejection draws, then a full sort."""
@@ -79,16 +80,6 @@ class SamplingState:
         self.banned = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids)))
 
 
-@dataclass
-class SampleResult:
-    """The tokens chosen in one step, one per row."""
-
-    token_ids: list[int]
-    logprobs: list[dict[int, Logprob] | None]
-    """Per row, None unless params.logprobs is set; else the chosen token's Logprob and the
-    top-N tokens' (ranks 1..N), from log_softmax of the raw logits."""
-
-
 class Sampler:
     """Turns [B, V] logits into one token per row. Holds the penalty counts of the requests it
     has penalized (one row each, freed by `release`)."""
@@ -103,12 +94,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
         """Pick one token per row of logits (row i belongs to states[i]) and advance the states."""
+        return self.launch(logits, states).result()
+
+    def launch(self, logits: torch.Tensor, states: list[SamplingState]) -> PendingSample:
+        """`__call__` without waiting for the device: the tokens stay on it (and are being
+        copied to the host) until `result()`. The states advance now, and the penalty counts
+        take the new tokens in stream order, so the next step's sampling may be queued first."""
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(
                 f"logits must be [B, V] with B = len(states) = {len(states)}, got {tuple(logits.shape)}"
             )
         raw = logits.float()  # [B, V]; a view when already float32: never written
         pen_rows = [i for i, s in enumerate(states) if _has_penalty(s.params)]
+        token_ids: list[int] | None = None  # known on the host already (a filtered triton draw)
         if self.use_triton or (self.use_triton is None and logits.is_cuda):
             # raw may be edited in place when it is the sampler's own copy and no logprobs need it
             owned = raw is not logits and all(s.params.logprobs is None for s in states)
@@ -121,20 +119,21 @@ class Sampler:
             if rows:
                 idx = torch.tensor(rows, device=x.device)
                 tokens[idx] = _sample(x[idx], [states[i] for i in rows])
-            token_ids = tokens.tolist()
         if pen_rows:
             slots = torch.tensor([self._slot[states[i]] for i in pen_rows], device=raw.device)
             chosen = tokens[torch.tensor(pen_rows, device=raw.device)]
             self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
         for s in states:
             s.num_generated += 1
-        return SampleResult(token_ids, _logprobs(raw, token_ids, states))
+        lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        return PendingSample(states, lp_rows, [tokens, *logprob_tensors(raw, tokens, states, lp_rows)], token_ids)
 
     def _select_triton(self, raw: torch.Tensor, owned: bool, states: list[SamplingState],
-                       pen_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """The tokens of float32 logits raw [B, V] by the Triton kernels, on the device [B] and
-        on the host (raw is written only when `owned`, a copy the sampler made). The one copy to
-        the host also says whether a filtered row must be redrawn over its whole vocabulary."""
+                       pen_rows: list[int]) -> tuple[torch.Tensor, list[int] | None]:
+        """The tokens of float32 logits raw [B, V] by the Triton kernels, on the device [B] and,
+        when a filtered row made it look, on the host (raw is written only when `owned`, a copy
+        the sampler made). That copy to the host says whether a filtered row must be redrawn
+        over its whole vocabulary."""
         from kiln.kernels.triton_kernels import sampling as tk  # triton only where it runs
 
         dev, vocab = raw.device, raw.shape[1]
@@ -168,7 +167,7 @@ class Sampler:
             x = x.contiguous()
         tokens, u, lse = tk.sample_rows(x, fp, ip)  # [B] each
         if not filtered:
-            return tokens, tokens.tolist()
+            return tokens, None
         fstates = [states[i] for i in filtered]
         idx = torch.tensor(filtered, device=dev)  # [F]
         xf = x if len(filtered) == len(states) else x[idx]  # [F, V]; all filtered: no gather
@@ -181,7 +180,7 @@ class Sampler:
         if all(host[len(states):]):
             return tokens, host[: len(states)]
         tokens[idx] = _redraw_wide(xf / temp, u[idx], fstates, tokens[idx], fits)
-        return tokens, tokens.tolist()
+        return tokens, None
 
     def release(self, state: SamplingState) -> None:
         """Free a finished request's penalty row."""
@@ -405,28 +404,3 @@ def _draw_top(x: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_p: torc
     choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # [F]
     choice = torch.minimum(choice, keep.sum(dim=-1) - 1)  # guards u * total rounding up to total
     return order.gather(1, choice.unsqueeze(1)).squeeze(1), fits
-
-
-def _logprobs(
-    raw: torch.Tensor, token_ids: list[int], states: list[SamplingState]
-) -> list[dict[int, Logprob] | None]:
-    """Per row: None, or {chosen: Logprob(rank)} plus the top-N of log_softmax(raw) [B, V]."""
-    out: list[dict[int, Logprob] | None] = [None] * len(states)
-    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-    if not rows:
-        return out
-    dev = raw.device
-    lp = raw[rows].log_softmax(dim=-1)  # [R, V]
-    chosen = torch.tensor([token_ids[i] for i in rows], device=dev).unsqueeze(1)  # [R, 1]
-    chosen_lp = lp.gather(1, chosen)  # [R, 1]
-    ranks = (lp > chosen_lp).sum(dim=-1) + 1  # [R]
-    n = min(max(states[i].params.logprobs for i in rows), lp.shape[1])
-    top_lp, top_ids = lp.topk(n, dim=-1)  # [R, n] each
-    chosen_l, ranks_l = chosen_lp.squeeze(1).tolist(), ranks.tolist()
-    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-    for r, i in enumerate(rows):
-        d = {token_ids[i]: Logprob(chosen_l[r], rank=ranks_l[r])}
-        for k in range(min(states[i].params.logprobs, n)):
-            d[top_ids_l[r][k]] = Logprob(top_lp_l[r][k], rank=k + 1)
-        out[i] = d
-    return out

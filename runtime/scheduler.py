@@ -7,6 +7,11 @@ admitted while blocks and sequence slots last; a prompt longer than the remainin
 chunked across steps. When blocks run out, the newest running request is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed (its output so far is
 kept, and prefix caching usually makes the recompute cheap).
+
+Async scheduling needs nothing else: a token sampled on the device and not yet read is a
+placeholder in the request's tokens (`Request.num_pending`), so the request is one token behind
+(a decode) the step after it was sampled, and the next step computes it. Only a request whose
+in-flight token is surely its last (max_tokens) is left out, not given a row it would waste.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if req.num_pending and req.params.max_tokens is not None and req.num_output_tokens >= req.params.max_tokens:
+                continue  # its token in flight is its last
             if room or self._reserve(req, 1, out):
                 out.requests.append(req)
                 out.num_new_tokens.append(1)

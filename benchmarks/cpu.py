@@ -1,0 +1,209 @@
+"""The cpu target on this machine's CPU, with its peers measured in the same run (float32).
+
+    python benchmarks/cpu.py [--models demo,llama-100m] [--out benchmarks/results/cpu.json]
+
+Per model (the bundled demo model, and a ~100M-parameter Llama shape with random weights
+synthesized here by kiln.models.shapes): batch-1 and batch-8 decode tok/s (64-token prompts;
+(B * (N - 1)) tokens over the time between a 1-token and an N-token generation, median of
+--reps) and 512-token prefill tok/s (one 512-token prompt, one token out; 223 tokens on the demo
+model, whose context is 256), for
+- kiln's `cpu` target (TVM kernels) and `reference` target, through `LLM.generate`;
+- transformers eager `generate`;
+- transformers with a static cache and `torch.compile` of the forward;
+- ONNX Runtime on the transformers model exported with its KV cache as inputs and outputs
+  (torch.onnx.export, dynamo), driven by a greedy decode loop; a failed export is reported.
+Greedy decoding, ignore EOS. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kiln
+from kiln import LLM, SamplingParams
+from kiln.errors import KilnError
+from kiln.models.shapes import synthesize_checkpoint
+
+PROMPT, DECODE = 64, 33
+PREFILL = 512
+"""Prefill prompt length: 512, or what fits the model's context (the demo model's is 256)."""
+
+
+def _ids(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(10, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _rates(gen, vocab: int, reps: int) -> dict:
+    """decode tok/s at batch 1 and 8 and prefill tok/s of one engine: gen(ids [B, L], n) -> seconds."""
+    out: dict = {"prefill_tokens": PREFILL}
+    gen(_ids(1, 8, vocab, 99), 2)  # warm
+    for b in (1, 8):
+        rates = []
+        for r in range(reps):
+            ids = _ids(b, PROMPT, vocab, r)
+            t1, tn = gen(ids, 1), gen(ids, DECODE)
+            rates.append(b * (DECODE - 1) / (tn - t1))
+        out[f"decode_b{b}_tok_s"] = statistics.median(rates)
+    out["prefill_tok_s"] = statistics.median(PREFILL / gen(_ids(1, PREFILL, vocab, 100 + r), 1) for r in range(reps))
+    return out
+
+
+def kiln_engine(ckpt: Path, target: str, work: Path, vocab: int, reps: int) -> dict:
+    try:
+        art = kiln.compile(ckpt, work / f"art-{target}", target=target, overwrite=True)
+    except KilnError as e:
+        return {"error": str(e)}
+    llm = LLM(art, max_num_seqs=8, max_num_batched_tokens=1024, enable_prefix_caching=False)
+
+    def gen(ids: torch.Tensor, n: int) -> float:
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": row} for row in ids.tolist()],
+                     SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        return time.perf_counter() - t
+
+    return _rates(gen, vocab, reps)
+
+
+def hf_engine(ckpt: Path, vocab: int, reps: int, compiled: bool) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    if compiled:
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, fullgraph=True)
+
+    def gen(ids: torch.Tensor, n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    t = time.perf_counter()
+    if compiled:  # compile every shape the measurement uses before timing
+        for b, length in ((1, 8), (1, PROMPT), (8, PROMPT), (1, PREFILL)):
+            gen(_ids(b, length, vocab, 98), 3)
+    res = _rates(gen, vocab, reps)
+    if compiled:
+        res["warmup_s"] = time.perf_counter() - t
+    return res
+
+
+def ort_engine(ckpt: Path, work: Path, vocab: int, reps: int) -> dict:
+    """ONNX Runtime on the exported model; decode = one session run per token with the cache."""
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    cfg = model.config
+    layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, position_ids, past):
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+            return out.logits[:, -1], torch.stack([t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+    path = work / "step.onnx"
+    example = (torch.zeros(2, 3, dtype=torch.long), torch.arange(5, 8).repeat(2, 1), torch.zeros(2 * layers, 2, hkv, 5, d))
+    dims = {"B": torch.export.Dim("B", min=1, max=64), "T": torch.export.Dim("T", min=1, max=4096),
+            "P": torch.export.Dim("P", min=1, max=4096)}
+    try:
+        torch.onnx.export(Step(), example, path, dynamo=True, input_names=["input_ids", "position_ids", "past"],
+                          dynamic_shapes={"input_ids": {0: dims["B"], 1: dims["T"]},
+                                          "position_ids": {0: dims["B"], 1: dims["T"]},
+                                          "past": {1: dims["B"], 3: dims["P"]}})
+    except Exception as e:  # noqa: BLE001 - any exporter failure is a result to report
+        return {"error": f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def gen(ids: torch.Tensor, n: int) -> float:
+        b, length = ids.shape
+        t = time.perf_counter()
+        # The prompt with a one-position dummy cache (the export needs P >= 1): position 0 is a
+        # zero key/value the prompt attends to, a small cost measured with the rest.
+        past = np.zeros((2 * layers, b, hkv, 1, d), dtype=np.float32)
+        tok, pos = ids.numpy(), np.arange(1, length + 1)[None].repeat(b, 0)
+        for _ in range(n):
+            logits, past = sess.run(None, {"input_ids": tok, "position_ids": pos, "past": past})
+            tok = logits.argmax(-1)[:, None]
+            pos = pos[:, -1:] + 1
+        return time.perf_counter() - t
+
+    return _rates(gen, vocab, reps)
+
+
+ENGINES = ("kiln cpu", "kiln reference", "transformers eager", "torch.compile", "onnxruntime")
+
+
+def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int) -> dict:
+    if engine.startswith("kiln "):
+        return kiln_engine(ckpt, engine.removeprefix("kiln "), work, vocab, reps)
+    if engine == "onnxruntime":
+        return ort_engine(ckpt, work, vocab, reps)
+    if engine in ("transformers eager", "torch.compile"):
+        return hf_engine(ckpt, vocab, reps, compiled=engine == "torch.compile")
+    raise SystemExit(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="demo,llama-100m")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--out", default="benchmarks/results/cpu.json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    engines = a.engines.split(",")
+    report: dict = {"cpu": platform.processor() or platform.machine(), "threads": a.threads, "torch": torch.__version__,
+                    "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.models.split(","):
+            work = Path(tmp) / name
+            ckpt = Path("models/demo") if name == "demo" else synthesize_checkpoint(name, work / "ckpt", torch.float32)
+            cfg = json.loads((ckpt / "config.json").read_text())
+            vocab = cfg["vocab_size"]
+            global PREFILL
+            PREFILL = min(512, cfg["max_position_embeddings"] - DECODE)  # the demo model's context is 256
+            row: dict = {}
+            for engine in engines:
+                row[engine] = run_engine(engine, ckpt, work, vocab, a.reps)
+                print(name, engine, json.dumps(row[engine]), flush=True)
+            report["models"][name] = row
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print(_table(report))
+
+
+def _table(report: dict) -> str:
+    metrics = ("decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s")
+    lines = [f"{'model':11} {'engine':19} " + " ".join(f"{m:>18}" for m in metrics)]
+    for model, row in report["models"].items():
+        for engine, r in row.items():
+            cells = [f"{r[m]:18.1f}" if m in r else f"{'-':>18}" for m in metrics]
+            lines.append(f"{model:11} {engine:19} " + " ".join(cells) + (f"  {r['error'][:60]}" if "error" in r else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
