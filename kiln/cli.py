@@ -43,6 +43,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from kiln.codegen.tune import main_text
+
+    print(main_text(args.artifact))
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from kiln.runtime.llm import LLM
     from kiln.runtime.sampling_params import SamplingParams
@@ -156,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also check every file's content hash; exit 1 on a mismatch")
     _common(i)
     i.set_defaults(fn=_inspect)
+    t = sub.add_parser("tune", help="fit an artifact's compiled kernels to this machine (cuda: build them on this GPU)")
+    t.add_argument("artifact")
+    _common(t)
+    t.set_defaults(fn=_tune)
     g = sub.add_parser("generate", help="complete a prompt with an artifact, streaming to the terminal")
     g.add_argument("artifact")
     g.add_argument("--prompt", required=True)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from kiln.ir.cost import NOMINAL, kernel_coverage
 from kiln.ir.serialize import loads
-from kiln.runtime.artifact import GRAPH, read_manifest, verify_hashes
+from kiln.runtime.artifact import GRAPH, read_json, read_manifest, verify_hashes
+from kiln.runtime.kernel_binaries import BUILD_INFO
 
 
 def _human(n: float) -> str:
@@ -15,6 +16,18 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def _kernels(root: Path, m: dict) -> list[str]:
+    """The compiled kernels' line of a cuda artifact: what they were built for, or that they
+    are missing."""
+    if m["target"] != "cuda":
+        return []
+    if BUILD_INFO not in m["files"]:
+        return [f"kernels    none built (compiled without a GPU): run `kiln tune {root}` on the GPU that will serve it"]
+    b = read_json(root, BUILD_INFO)
+    return [f"kernels    {b.get('variants')} Triton variants for {b.get('arch')} ({b.get('gpu')}), Triton "
+            f"{b.get('triton')}, torch {b.get('torch')}; {b.get('graphs')} decode CUDA graphs at load"]
 
 
 def describe(path: str | Path, verify: bool = False) -> tuple[str, bool]:
@@ -41,6 +54,7 @@ def describe(path: str | Path, verify: bool = False) -> tuple[str, bool]:
             for i, p in enumerate(m["passes"], 1)
         ),
         "fallbacks  " + (", ".join(m["fallbacks"]) if m["fallbacks"] else "none"),
+        *_kernels(Path(path), m),
         f"files      {len(m['files'])}, {_human(sum(f['size'] for f in m['files'].values()))}",
     ]
     bad = verify_hashes(path) if verify else []

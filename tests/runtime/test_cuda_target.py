@@ -128,3 +128,16 @@ def test_kernels_for_another_gpu_are_refused(cuda_artifact, tmp_path):
     replace_files(art, {BUILD_INFO: json.dumps(built).encode()}, (BUILD_INFO,))
     with pytest.raises(ArtifactError, match="GPU architecture sm_70.*kiln tune"):
         CompiledModel(art, device="cuda")
+
+
+def test_tune_needs_the_gpu_for_a_cuda_artifact(checkpoint, artifact, tmp_path, capsys, monkeypatch):
+    from kiln.cli import main
+    from kiln.runtime.inspect import describe
+
+    cuda = kiln.compile(checkpoint("llama"), tmp_path / "cuda", target="cuda", dtype="float32")
+    assert "none built (compiled without a GPU)" in describe(cuda)[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["tune", str(cuda)]) != 0
+    assert "tune it on the GPU that will serve it" in capsys.readouterr().err
+    assert main(["tune", str(artifact("llama"))]) == 0
+    assert "nothing to tune" in capsys.readouterr().out
