@@ -13,9 +13,13 @@ if TYPE_CHECKING:
     from kiln.codegen.lowering import LoweredModule
     from kiln.ir.graph import Graph
 
-AVAILABLE: dict[str, str] = {"reference": "kiln.codegen.reference", "cuda": "kiln.codegen.cuda"}
+AVAILABLE: dict[str, str] = {
+    "reference": "kiln.codegen.reference",
+    "cuda": "kiln.codegen.cuda",
+    "cpu": "kiln.codegen.cpu",
+}
 """Target -> the module that lowers for it."""
-PLANNED: dict[str, str] = {"cpu": "TVM/LLVM kernels"}
+PLANNED: dict[str, str] = {}
 """Targets the CLI accepts that are not implemented yet -> what they will use."""
 TARGETS: tuple[str, ...] = (*AVAILABLE, *PLANNED)
 """Every target name the CLI accepts."""

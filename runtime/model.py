@@ -24,6 +24,7 @@ from kiln.runtime.weights import load_weights
 
 DEBUG_BLOCK_SIZE = 16
 CUDA_TARGET = "cuda"
+CPU_TARGET = "cpu"
 
 
 class CompiledModel:
@@ -42,6 +43,10 @@ class CompiledModel:
         self.plan = load_plan(artifact)
         if self.manifest.get("target") == CUDA_TARGET:
             install_kernels(artifact, torch.device(device))
+        elif self.manifest.get("target") == CPU_TARGET:
+            from kiln.runtime.tvm_library import install as install_library
+
+            install_library(artifact)
         weights = load_weights(artifact, set(self.plan.params), device)
         self.executor = PlanExecutor(self.plan, weights, device, limits)
         self.config: dict[str, Any] = artifact.read_json("config.json")

@@ -3,7 +3,8 @@ from the provider's module in `kiln.kernels`.
 
     torch:<op>    kiln.kernels.torch_provider: the IR op's torch reference (every target)
     triton:<op>   kiln.kernels.triton_provider: Triton kernels of the cuda target
-    tvm:<k>       TVM/LLVM kernels of the cpu target (not in this runtime yet)
+    tvm:<k>       kiln.kernels.tvm_provider: TVM/LLVM kernels of the cpu target, from the
+                  artifact's library (kiln.runtime.tvm_library loads it first)
     aoti:<k>      Inductor AOT packages of the cuda target (not in this runtime yet)
 """
 
@@ -33,7 +34,7 @@ PROVIDERS: dict[str, Provider] = {
     for p in (
         Provider("torch", "kiln.kernels.torch_provider", "reference"),
         Provider("triton", "kiln.kernels.triton_provider", "cuda"),
-        Provider("tvm", None, "cpu"),
+        Provider("tvm", "kiln.kernels.tvm_provider", "cpu"),
         Provider("aoti", None, "cuda"),
     )
 }

@@ -1,0 +1,50 @@
+"""Compiling the cpu target's kernels: every specialization of a graph in one IRModule, built
+once with LLVM for the host processor into one shared library.
+
+    kernels/cpu/kernels.so    the library (tvm.runtime.load_module reads it back)
+    kernels/cpu/build.json    what it was built for (TVM version, LLVM triple, mcpu and the CPU
+                              features that mcpu enables) and how each function is launched
+                              (kiln.kernels.tvm_kernels.Kernel.table)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from kiln.kernels.tvm_kernels import Kernel
+from kiln.runtime.tvm_library import BUILD_INFO, LIBRARY, host
+
+FORMAT = 1
+"""build.json's format version."""
+
+
+def target() -> tvm.target.Target:
+    """LLVM for this machine's processor, with its cores."""
+    info = host()
+    return tvm.target.Target({"kind": "llvm", "mcpu": info["mcpu"], "mtriple": info["triple"],
+                              "num-cores": os.cpu_count() or 1})
+
+
+def compile_kernels(kernels: Sequence[Kernel]) -> tvm.runtime.Module:
+    """One compiled library holding every kernel (by its name)."""
+    funcs = {k.name: k.func.with_attr("global_symbol", k.name) for k in kernels}
+    return tvm.compile(tvm.IRModule(funcs), target=target())
+
+
+def library_files(kernels: Sequence[Kernel]) -> dict[str, bytes]:
+    """The artifact files of a graph's kernels: the exported library and its build.json."""
+    import json
+
+    lib = compile_kernels(kernels)
+    with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as d:
+        path = Path(d) / "kernels.so"
+        lib.export_library(str(path))
+        data = path.read_bytes()
+    info: dict[str, Any] = {"format": FORMAT, **host(), "kernels": {k.name: k.table() for k in kernels}}
+    return {LIBRARY: data, BUILD_INFO: json.dumps(info, indent=1, sort_keys=True).encode()}

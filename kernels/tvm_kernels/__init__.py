@@ -1,0 +1,152 @@
+"""TVM kernels of the `cpu` target, one module per op family; each module exposes
+`BUILDERS: dict[str, Builder]`, keyed by the IR op it computes. A builder takes an `OpInfo`
+(the op node's input and result types, with symbolic dims such as "T", and its attributes) and
+returns a `Kernel` specialized to its constants (hidden size, dtypes, eps, ...), or None when it
+does not cover that node (the op then runs its torch reference, listed as a fallback).
+`kiln.codegen.cpu` compiles every kernel of a graph into one library; `kiln.kernels.tvm_provider`
+launches them as `tvm:<name>`.
+
+Rules every kernel here keeps:
+- one PrimFunc, written in TVMScript with its CPU schedule in the loops themselves (parallel
+  over rows or output blocks, vectorized over the contiguous inner axis), destination-passing:
+  the buffers of `Kernel.inputs` (op input indices) then of `Kernel.outputs` (result indices);
+- symbolic in every row dim (token count T, but also heads and batch): a function depends only
+  on its constants, so one binary serves every step;
+- every buffer except weights declares symbolic strides with a unit inner stride, so strided
+  views (a slice of a merged QKV projection) pass without a copy; `Kernel.present` says how the
+  launcher shapes each argument (`ROWS`: any rank as [A, B, N]; `MAT`: [M, N]; `AS_IS`);
+- the same numerics as the op's torch reference: float32 arithmetic, rounding to a 16-bit
+  dtype wherever torch rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.ir.types import TensorType
+
+AS_IS = "as_is"
+"""The argument is passed with its own shape."""
+ROWS = "rows"
+"""The argument is passed as [A, B, N]: rank 1 as [1, 1, N], rank 2 [T, N] as [T, 1, N], rank 3
+as is, higher ranks with their leading dims merged (a view when strides allow, else a copy)."""
+MAT = "mat"
+"""The argument is passed as [M, N], leading dims merged (a view when strides allow)."""
+
+MODULES = ("norms", "elementwise", "rope", "linear")
+"""Kernel modules of this package whose builders take an OpInfo."""
+ATTENTION = "attention"
+"""The optional paged-attention module: its builders take (input types, attrs) and return
+(name, func) or None; every input is passed as is, then the one result."""
+
+FLOATS = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What a builder sees of an op node."""
+
+    op: str
+    """IR op name."""
+    inputs: tuple[TensorType | None, ...]
+    """Input types; None for an input that is not a tensor (a scalar constant)."""
+    outputs: tuple[TensorType, ...]
+    """Result types (one per result of a multi-result op)."""
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    """The node's attributes."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One specialization: a compiled function and how to call it."""
+
+    name: str
+    """Unique function name: the op and every constant it was specialized to."""
+    func: Any
+    """The tvm.tirx.PrimFunc."""
+    inputs: tuple[int, ...]
+    """Op inputs passed as buffers, in order."""
+    outputs: tuple[int, ...]
+    """Op results passed as buffers after them (none for an in-place op)."""
+    present: tuple[str, ...]
+    """Per passed buffer (inputs then outputs): AS_IS, ROWS or MAT."""
+
+    def table(self) -> dict[str, Any]:
+        """The launch record stored in the artifact's build.json."""
+        return {"inputs": list(self.inputs), "outputs": list(self.outputs), "present": list(self.present)}
+
+
+Builder = Callable[[OpInfo], Kernel | None]
+
+
+@functools.cache
+def builders() -> dict[str, Builder]:
+    """Every builder by IR op name (importing the kernel modules, and tvm, once)."""
+    table: dict[str, Builder] = {}
+    for name in MODULES:
+        table.update(importlib.import_module(f"{__name__}.{name}").BUILDERS)
+    try:
+        attention = importlib.import_module(f"{__name__}.{ATTENTION}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{ATTENTION}":
+            raise
+    else:
+        table.update({op: _typed(b) for op, b in attention.BUILDERS.items()})
+    return table
+
+
+def _typed(builder: Callable[..., tuple[str, Any] | None]) -> Builder:
+    def build(info: OpInfo) -> Kernel | None:
+        made = builder(list(info.inputs), info.attrs)
+        if made is None:
+            return None
+        name, func = made
+        n = len(info.inputs)
+        return Kernel(name, func, tuple(range(n)), (0,), (AS_IS,) * (n + 1))
+
+    return build
+
+
+def build(info: OpInfo) -> Kernel | None:
+    """The kernel for an op node, or None when no builder covers it."""
+    b = builders().get(info.op)
+    return b(info) if b is not None else None
+
+
+def name_of(*parts: Any) -> str:
+    """A C identifier from an op name and its constants: rms_norm_h64_float32_e1em05."""
+    text = "_".join(str(p) for p in parts if p is not None and p != "")
+    return text.replace("-", "m").replace("+", "").replace(".", "p")
+
+
+def vec_width(n: int, widest: int = 16) -> int:
+    """The widest power-of-two vector width up to `widest` that divides n."""
+    v = widest
+    while v > 1 and n % v:
+        v //= 2
+    return v
+
+
+def last_dim(t: TensorType | None) -> int | None:
+    """The static last dim of a tensor type, or None (symbolic, or not a tensor)."""
+    if t is None or not t.shape or not isinstance(t.shape[-1], int):
+        return None
+    return t.shape[-1]
+
+
+def short(dtype: str) -> str:
+    """A dtype's short name for kernel names: f32, f16, bf16, i64."""
+    return {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}.get(dtype, dtype)
+
+
+def keep_params(func: Any, keep: tuple[int, ...]) -> Any:
+    """`func` with only its params at `keep`: one TVMScript body serves the variants of an op
+    (with or without weight, bias), the params a variant does not read dropped."""
+    import tvm
+
+    params = [func.params[i] for i in keep]
+    return tvm.tirx.PrimFunc(params, func.body, func.ret_type, attrs=func.attrs)

@@ -1,0 +1,156 @@
+"""linear: y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] ("out_in") or [K, N] ("in_out").
+
+Schedule (both layouts): one parallel loop over blocks of output columns, so each core streams
+its own slice of the weight once per row tile (batch-1 decode is a GEMV bound by reading W);
+rows go in tiles of MT with a one-row tail, so every T is served by one function.
+
+    out_in: an (MT x NB) tile of dot products; each accumulates V float32 lanes along K
+            (vectorized loads of x and W rows), summed across lanes at the end
+    in_out: an (MT x NV) tile of y; each step broadcasts x[m, k] against the contiguous
+            W[k, n0:n0+NV] row slice (no horizontal sums)
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from kiln.kernels.tvm_kernels import (
+    AS_IS,
+    FLOATS,
+    MAT,
+    Kernel,
+    OpInfo,
+    keep_params,
+    name_of,
+    short,
+    vec_width,
+)
+
+F32 = "float32"
+MT = 4
+"""Rows per tile: MT x NB accumulators of V lanes stay in registers."""
+
+
+def _block(n: int, widest: int) -> int:
+    b = widest
+    while b > 1 and n % b:
+        b //= 2
+    return b
+
+
+def _out_in(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool):
+    v = vec_width(k)
+    nb = _block(n, 4)
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
+        M = T.int64()
+        sx0, sy0 = T.int64(), T.int64()
+        X = T.match_buffer(x_h, (M, k), dt, strides=(sx0, 1), offset_factor=1)
+        W = T.match_buffer(w_h, (n, k), wdt, offset_factor=1)
+        Bias = T.match_buffer(b_h, (n,), bdt, offset_factor=1)
+        Y = T.match_buffer(y_h, (M, n), dt, strides=(sy0, 1), offset_factor=1)
+        for jb in T.parallel(n // nb):
+            for mb in range(M // MT):
+                acc = T.alloc_buffer((MT, nb, v), F32, scope="local")
+                for i, j in T.grid(MT, nb):
+                    for q in T.vectorized(v):
+                        acc[i, j, q] = T.float32(0)
+                for k0 in range(k // v):
+                    for i in T.unroll(MT):
+                        for j in T.unroll(nb):
+                            for q in T.vectorized(v):
+                                acc[i, j, q] = acc[i, j, q] + T.Cast(F32, X[mb * MT + i, k0 * v + q]) * T.Cast(
+                                    F32, W[jb * nb + j, k0 * v + q])
+                for i, j in T.grid(MT, nb):
+                    for q in range(1, v):
+                        acc[i, j, 0] = acc[i, j, 0] + acc[i, j, q]
+                    if has_b:
+                        Y[mb * MT + i, jb * nb + j] = T.Cast(dt, acc[i, j, 0] + T.Cast(F32, Bias[jb * nb + j]))
+                    else:
+                        Y[mb * MT + i, jb * nb + j] = T.Cast(dt, acc[i, j, 0])
+            for m in range(M // MT * MT, M):
+                acc1 = T.alloc_buffer((nb, v), F32, scope="local")
+                for j in T.unroll(nb):
+                    for q in T.vectorized(v):
+                        acc1[j, q] = T.float32(0)
+                for k0 in range(k // v):
+                    for j in T.unroll(nb):
+                        for q in T.vectorized(v):
+                            acc1[j, q] = acc1[j, q] + T.Cast(F32, X[m, k0 * v + q]) * T.Cast(F32, W[jb * nb + j, k0 * v + q])
+                for j in range(nb):
+                    for q in range(1, v):
+                        acc1[j, 0] = acc1[j, 0] + acc1[j, q]
+                    if has_b:
+                        Y[m, jb * nb + j] = T.Cast(dt, acc1[j, 0] + T.Cast(F32, Bias[jb * nb + j]))
+                    else:
+                        Y[m, jb * nb + j] = T.Cast(dt, acc1[j, 0])
+
+    return func
+
+
+def _in_out(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool):
+    nv = _block(n, 32)
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
+        M = T.int64()
+        sx0, sy0 = T.int64(), T.int64()
+        X = T.match_buffer(x_h, (M, k), dt, strides=(sx0, 1), offset_factor=1)
+        W = T.match_buffer(w_h, (k, n), wdt, offset_factor=1)
+        Bias = T.match_buffer(b_h, (n,), bdt, offset_factor=1)
+        Y = T.match_buffer(y_h, (M, n), dt, strides=(sy0, 1), offset_factor=1)
+        for jb in T.parallel(n // nv):
+            for mb in range(M // MT):
+                acc = T.alloc_buffer((MT, nv), F32, scope="local")
+                for i in T.unroll(MT):
+                    for q in T.vectorized(nv):
+                        acc[i, q] = T.float32(0)
+                for kk in range(k):
+                    for i in T.unroll(MT):
+                        for q in T.vectorized(nv):
+                            acc[i, q] = acc[i, q] + T.Cast(F32, X[mb * MT + i, kk]) * T.Cast(F32, W[kk, jb * nv + q])
+                for i in T.unroll(MT):
+                    for q in T.vectorized(nv):
+                        if has_b:
+                            Y[mb * MT + i, jb * nv + q] = T.Cast(dt, acc[i, q] + T.Cast(F32, Bias[jb * nv + q]))
+                        else:
+                            Y[mb * MT + i, jb * nv + q] = T.Cast(dt, acc[i, q])
+            for m in range(M // MT * MT, M):
+                acc1 = T.alloc_buffer((nv,), F32, scope="local")
+                for q in T.vectorized(nv):
+                    acc1[q] = T.float32(0)
+                for kk in range(k):
+                    for q in T.vectorized(nv):
+                        acc1[q] = acc1[q] + T.Cast(F32, X[m, kk]) * T.Cast(F32, W[kk, jb * nv + q])
+                for q in T.vectorized(nv):
+                    if has_b:
+                        Y[m, jb * nv + q] = T.Cast(dt, acc1[q] + T.Cast(F32, Bias[jb * nv + q]))
+                    else:
+                        Y[m, jb * nv + q] = T.Cast(dt, acc1[q])
+
+    return func
+
+
+def linear(info: OpInfo) -> Kernel | None:
+    x, w = info.inputs[:2]
+    b = info.inputs[2] if len(info.inputs) > 2 else None
+    layout = info.attrs.get("weight_layout", "out_in")
+    if x is None or w is None or w.rank != 2 or x.dtype not in FLOATS or w.dtype not in FLOATS:
+        return None
+    if b is not None and (b.dtype not in FLOATS or b.rank != 1):
+        return None
+    k, n = (w.shape[1], w.shape[0]) if layout == "out_in" else (w.shape[0], w.shape[1])
+    if not isinstance(k, int) or not isinstance(n, int) or layout not in ("out_in", "in_out"):
+        return None
+    make = _out_in if layout == "out_in" else _in_out
+    func = make(k, n, x.dtype, w.dtype, b.dtype if b is not None else F32, b is not None)
+    name = name_of("linear", layout, f"k{k}n{n}", short(x.dtype), f"w{short(w.dtype)}",
+                   f"b{short(b.dtype)}" if b is not None else "")
+    keep = (0, 1, 2, 3) if b is not None else (0, 1, 3)
+    ins = (0, 1, 2) if b is not None else (0, 1)
+    present = (MAT, AS_IS, AS_IS, MAT) if b is not None else (MAT, AS_IS, MAT)
+    return Kernel(name, keep_params(func, keep), ins, (0,), present)
+
+
+BUILDERS = {"linear": linear}

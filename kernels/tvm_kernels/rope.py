@@ -1,0 +1,114 @@
+"""Rotary embedding and the K/V cache write.
+
+    rope            x [T, H, D] (strided), positions [T], cos/sin [P, R] -> out [T, H, D]
+    kv_cache_write  k [T, Hkv, D], v [T, Hkv, Dv], caches [NB, BS, Hkv, D|Dv], slots [T]
+                    in place; slot -1 (a padded row) writes nothing
+
+rope: one task per (token, head) row; the R rotary features as x * cos + rotate(x) * sin in
+float32 (neox rotates halves, interleaved rotates pairs), the rest copied. Longrope (a second
+table pair chosen per sequence) stays with the torch reference.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from kiln.kernels.tvm_kernels import AS_IS, FLOATS, Kernel, OpInfo, last_dim, name_of, short
+
+F32 = "float32"
+
+
+def _rope_func(d: int, r: int, dt: str, tdt: str, pdt: str, odt: str, style: str):
+    # torch computes x*cos and rotate(x)*sin in the promoted dtype, rounding each product there
+    rnd = (lambda v: v) if odt == F32 else (lambda v: T.Cast(F32, T.Cast(odt, v)))
+    h2 = r // 2
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, p_h: T.handle, c_h: T.handle, s_h: T.handle, y_h: T.handle):
+        N = T.int64()
+        H = T.int64()
+        P = T.int64()
+        sx0, sx1, sy0, sy1 = T.int64(), T.int64(), T.int64(), T.int64()
+        X = T.match_buffer(x_h, (N, H, d), dt, strides=(sx0, sx1, 1), offset_factor=1)
+        Pos = T.match_buffer(p_h, (N,), pdt, offset_factor=1)
+        C = T.match_buffer(c_h, (P, r), tdt, offset_factor=1)
+        S = T.match_buffer(s_h, (P, r), tdt, offset_factor=1)
+        Y = T.match_buffer(y_h, (N, H, d), odt, strides=(sy0, sy1, 1), offset_factor=1)
+        for row in T.parallel(N * H):
+            t = row // H
+            h = row % H
+            p = T.Cast("int64", Pos[t])
+            if style == "neox":
+                for j in T.vectorized(h2):
+                    Y[t, h, j] = T.Cast(odt, rnd(T.Cast(F32, X[t, h, j]) * T.Cast(F32, C[p, j]))
+                                        - rnd(T.Cast(F32, X[t, h, j + h2]) * T.Cast(F32, S[p, j])))
+                for j in T.vectorized(h2):
+                    Y[t, h, j + h2] = T.Cast(odt, rnd(T.Cast(F32, X[t, h, j + h2]) * T.Cast(F32, C[p, j + h2]))
+                                             + rnd(T.Cast(F32, X[t, h, j]) * T.Cast(F32, S[p, j + h2])))
+            else:
+                for j in range(h2):
+                    Y[t, h, 2 * j] = T.Cast(odt, rnd(T.Cast(F32, X[t, h, 2 * j]) * T.Cast(F32, C[p, 2 * j]))
+                                            - rnd(T.Cast(F32, X[t, h, 2 * j + 1]) * T.Cast(F32, S[p, 2 * j])))
+                    Y[t, h, 2 * j + 1] = T.Cast(odt, rnd(T.Cast(F32, X[t, h, 2 * j + 1]) * T.Cast(F32, C[p, 2 * j + 1]))
+                                                + rnd(T.Cast(F32, X[t, h, 2 * j]) * T.Cast(F32, S[p, 2 * j + 1])))
+            if r < d:
+                for j in T.vectorized(d - r):
+                    Y[t, h, r + j] = T.Cast(odt, X[t, h, r + j])
+
+    return func
+
+
+def rope(info: OpInfo) -> Kernel | None:
+    if len(info.inputs) != 4:
+        return None  # longrope: a per-sequence table choice, left to the reference
+    x, pos, cos, sin = info.inputs
+    d, r, style = last_dim(x), int(info.attrs["rotary_dim"]), info.attrs["style"]
+    out = info.outputs[0]
+    if (d is None or x.rank != 3 or r % 2 or r > d or style not in ("neox", "interleaved") or pos is None
+            or cos is None or sin is None or cos.dtype != sin.dtype or cos.rank != 2 or cos.shape[1] != r
+            or not pos.dtype.startswith("int") or x.dtype not in FLOATS or cos.dtype not in FLOATS):
+        return None
+    name = name_of("rope", style, f"d{d}r{r}", short(x.dtype), short(cos.dtype), short(pos.dtype), short(out.dtype))
+    func = _rope_func(d, r, x.dtype, cos.dtype, pos.dtype, out.dtype, style)
+    return Kernel(name, func, (0, 1, 2, 3), (0,), (AS_IS,) * 5)
+
+
+def _cache_write_func(d: int, dv: int, hkv: int, dt: str, cdt: str, sdt: str):
+
+    @T.prim_func(private=True)
+    def func(k_h: T.handle, v_h: T.handle, kc_h: T.handle, vc_h: T.handle, s_h: T.handle):
+        N = T.int64()
+        NB = T.int64()
+        BS = T.int64()
+        sk0, sk1, sv0, sv1 = T.int64(), T.int64(), T.int64(), T.int64()
+        kc0, kc1, kc2, vc0, vc1, vc2 = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        K = T.match_buffer(k_h, (N, T.int64(hkv), T.int64(d)), dt, strides=(sk0, sk1, T.int64(1)), offset_factor=1)
+        V = T.match_buffer(v_h, (N, T.int64(hkv), T.int64(dv)), dt, strides=(sv0, sv1, T.int64(1)), offset_factor=1)
+        KC = T.match_buffer(kc_h, (NB, BS, T.int64(hkv), T.int64(d)), cdt, strides=(kc0, kc1, kc2, T.int64(1)), offset_factor=1)
+        VC = T.match_buffer(vc_h, (NB, BS, T.int64(hkv), T.int64(dv)), cdt, strides=(vc0, vc1, vc2, T.int64(1)), offset_factor=1)
+        Slots = T.match_buffer(s_h, (N,), sdt, offset_factor=1)
+        for t in T.parallel(N):
+            slot = T.Cast("int64", Slots[t])
+            if slot >= T.int64(0):
+                for h in range(hkv):
+                    for j in T.vectorized(d):
+                        KC[slot // BS, slot % BS, h, j] = T.Cast(cdt, K[t, h, j])
+                    for j in T.vectorized(dv):
+                        VC[slot // BS, slot % BS, h, j] = T.Cast(cdt, V[t, h, j])
+
+    return func
+
+
+def kv_cache_write(info: OpInfo) -> Kernel | None:
+    k, v, kc, vc, slots = info.inputs
+    if any(t is None for t in info.inputs) or k.rank != 3 or v.rank != 3 or kc.rank != 4 or kc.dtype != vc.dtype:
+        return None
+    d, dv, hkv = k.shape[2], v.shape[2], k.shape[1]
+    if not all(isinstance(x, int) for x in (d, dv, hkv)) or not slots.dtype.startswith("int"):
+        return None
+    name = name_of("kv_cache_write", f"h{hkv}d{d}v{dv}", short(k.dtype), short(kc.dtype), short(slots.dtype))
+    func = _cache_write_func(d, dv, hkv, k.dtype, kc.dtype, slots.dtype)
+    return Kernel(name, func, (0, 1, 2, 3, 4), (), (AS_IS,) * 5)
+
+
+BUILDERS = {"rope": rope, "kv_cache_write": kv_cache_write}
