@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 Prompt = str | dict
 
+ASYNC_SCHEDULING_ON_CUDA = False
+"""What async_scheduling=None means on CUDA (on the CPU it is off: nothing to overlap). Off until
+the CUDA path (pinned token copies, the device-side input_ids fill) has run on a GPU."""
+
 
 @dataclass(eq=False, slots=True)
 class _Track:
@@ -107,8 +111,10 @@ class LLMEngine:
         self.model = CompiledModel(model, device=device, verify=verify)  # verify: check content hashes
         self.tokenizer = Tokenizer(model, verify=verify)
         self.device = torch.device(device)
-        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
-        """Launch step n+1 before step n's tokens reach the host (None: on CUDA only)."""
+        if async_scheduling is None:
+            async_scheduling = self.device.type == "cuda" and ASYNC_SCHEDULING_ON_CUDA
+        self.async_scheduling = bool(async_scheduling)
+        """Launch step n+1 before step n's tokens reach the host."""
         self._inflight: _InFlight | None = None
         caches = self.model.cache_types
         bytes_per_block = sum(

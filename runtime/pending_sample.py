@@ -29,6 +29,13 @@ class SampleResult:
     top-N tokens' (ranks 1..N), from log_softmax of the raw logits."""
 
 
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as int64 on device, copied without waiting for the work queued there (a plain
+    torch.tensor(..., device=cuda) copies from pageable memory and synchronizes the stream)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def logprob_tensors(raw: torch.Tensor, tokens: torch.Tensor, states: list[SamplingState],
                      rows: list[int]) -> list[torch.Tensor]:
     """For the rows that want logprobs, from log_softmax(raw) [B, V] and the chosen tokens [B]:
@@ -36,7 +43,7 @@ def logprob_tensors(raw: torch.Tensor, tokens: torch.Tensor, states: list[Sampli
     if not rows:
         return []
     dev = raw.device
-    idx = torch.tensor(rows, device=dev)
+    idx = index_tensor(rows, dev)
     lp = raw[idx].log_softmax(dim=-1)  # [R, V]
     chosen_lp = lp.gather(1, tokens[idx].unsqueeze(1))  # [R, 1]
     ranks = (lp > chosen_lp).sum(dim=-1) + 1  # [R]

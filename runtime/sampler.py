@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.runtime.pending_sample import PendingSample, SampleResult, logprob_tensors
+from kiln.runtime.pending_sample import PendingSample, SampleResult, index_tensor, logprob_tensors
 from kiln.runtime.sampling_params import SamplingParams
 
 CANDIDATES = 1024
@@ -120,8 +120,8 @@ class Sampler:
                 idx = torch.tensor(rows, device=x.device)
                 tokens[idx] = _sample(x[idx], [states[i] for i in rows])
         if pen_rows:
-            slots = torch.tensor([self._slot[states[i]] for i in pen_rows], device=raw.device)
-            chosen = tokens[torch.tensor(pen_rows, device=raw.device)]
+            slots = index_tensor([self._slot[states[i]] for i in pen_rows], raw.device)
+            chosen = tokens[index_tensor(pen_rows, raw.device)]
             self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
         for s in states:
             s.num_generated += 1
