@@ -176,3 +176,33 @@ def test_failed_step_fails_its_requests(artifact):
     final = eng.run([rid])[rid].outputs[0]
     assert final.finish_reason == "error" and len(final.token_ids) == 2 and PLACEHOLDER not in final.token_ids
     assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_longrope_switch_identical(tmp_path):
+    """A token in flight that crosses a longrope model's switch is read before the next step
+    is scheduled: the sequence is computed again, its next token on the long factors."""
+    import kiln
+    from kiln.models.checkpoint import build_checkpoint
+
+    rope = {"rope_theta": 10000.0, "rope_type": "longrope", "partial_rotary_factor": 1.0,
+            "original_max_position_embeddings": 64, "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [2.0 + 0.3 * i for i in range(8)]}
+    ckpt = build_checkpoint("phi3", tmp_path / "ckpt", config_overrides={"rope_parameters": rope,
+                                                                          "original_max_position_embeddings": 64})
+    path = kiln.compile(ckpt, tmp_path / "art")
+    prompts = [list(range(3, 3 + n)) for n in (58, 20)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    sync, _ = _generate(path, prompts, params, False, num_kv_blocks=64, block_size=4)
+    got, _ = _generate(path, prompts, params, True, num_kv_blocks=64, block_size=4)
+    assert _summary(got) == _summary(sync)
+
+
+def test_too_long_for_the_cache_identical(artifact):
+    """A sequence that outgrows the whole pool ends with "length" after the same tokens."""
+    prompts = [list(range(3, 13)), list(range(20, 25))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    sync, _ = _generate(artifact("llama"), prompts, params, False, num_kv_blocks=5, block_size=4)
+    got, _ = _generate(artifact("llama"), prompts, params, True, num_kv_blocks=5, block_size=4)
+    assert _summary(got) == _summary(sync)
+    assert {o.outputs[0].finish_reason for o in got} == {"length"}
+    assert max(len(o.outputs[0].token_ids) for o in got) < 40
