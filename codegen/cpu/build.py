@@ -9,6 +9,7 @@ once with LLVM for the host processor into one shared library.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ from typing import Any
 
 import tvm
 
+from kiln.kernels import Launcher
 from kiln.kernels.tvm_kernels import Kernel
+from kiln.kernels.tvm_provider import make_launcher
 from kiln.runtime.tvm_library import BUILD_INFO, LIBRARY, host
 
 FORMAT = 1
@@ -39,8 +42,6 @@ def compile_kernels(kernels: Sequence[Kernel]) -> tvm.runtime.Module:
 
 def library_files(kernels: Sequence[Kernel]) -> dict[str, bytes]:
     """The artifact files of a graph's kernels: the exported library and its build.json."""
-    import json
-
     lib = compile_kernels(kernels)
     with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as d:
         path = Path(d) / "kernels.so"
@@ -48,3 +49,17 @@ def library_files(kernels: Sequence[Kernel]) -> dict[str, bytes]:
         data = path.read_bytes()
     info: dict[str, Any] = {"format": FORMAT, **host(), "kernels": {k.name: k.table() for k in kernels}}
     return {LIBRARY: data, BUILD_INFO: json.dumps(info, indent=1, sort_keys=True).encode()}
+
+
+def launcher_of(kernel: Kernel) -> Launcher:
+    """A launcher of one kernel compiled in this process (kernel tests, tuning); serving loads
+    the artifact's library instead."""
+    if kernel.name not in _compiled:
+        lib = compile_kernels([kernel])
+        _compiled[kernel.name] = make_launcher(lib[kernel.name], kernel.table())
+        _libs.append(lib)
+    return _compiled[kernel.name]
+
+
+_compiled: dict[str, Launcher] = {}
+_libs: list[tvm.runtime.Module] = []

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from kiln.kernels.tvm_kernels import AS_IS, FLOATS, ROWS, Kernel, OpInfo, last_dim, name_of, short, vec_width
+from kiln.kernels.tvm_kernels import (
+    AS_IS,
+    FLOATS,
+    ROWS,
+    Kernel,
+    OpInfo,
+    last_dim,
+    name_of,
+    short,
+    vec_width,
+)
 from kiln.kernels.tvm_kernels import keep_params as _drop
 
 F32 = "float32"
