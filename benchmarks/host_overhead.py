@@ -15,6 +15,12 @@ whose PYTHONPATH maps its folders to kiln.* (pyproject's package-dir); the curre
 measured the same way. The measurement handles both the old API (build_step_inputs,
 SamplingState with output lists) and the new one: it only uses LLMEngine, Sampler and
 SamplingState(params, prompt_token_ids). Prints a table and writes JSON (--out).
+
+(c) With --decode-shapes (a GPU, the current tree only): wall time per decode step of a real
+model with async scheduling off and on, batch 1 and 32 (--decode-batches), 128-token prompts,
+greedy; steps overlap when async, so the time is the whole run's over its steps.
+
+    python benchmarks/host_overhead.py --decode-shapes llama-3.2-1b,llama-3.1-8b
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ def _host_step_ms(artifact: str, num_seqs: int, context: int, steps: int) -> flo
     logits = torch.zeros(max(num_seqs, 2048), eng.model.vocab_size)  # [rows, V], returned every step
     # the name as a literal: the old tree has no kiln.ir.step_inputs
     eng.model.executor.run = lambda inputs: [logits[: len(inputs["logits_indices"])]]
-    eng.sampler = lambda lg, states: SampleResult([5] * len(states), [None] * len(states))
+    eng.sampler = _FakeSampler(SampleResult)
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=10 * (context + steps), ignore_eos=True)
     for i in range(num_seqs):
@@ -71,6 +77,86 @@ def _host_step_ms(artifact: str, num_seqs: int, context: int, steps: int) -> flo
     if len(eng.scheduler.running) < num_seqs:
         raise RuntimeError("a request finished during the measurement")
     return statistics.median(times) * 1e3
+
+
+class _FakeSampler:
+    """Token 5 for every row, as the old API (a call) and the new one (launch -> pending)."""
+
+    def __init__(self, result_type):
+        self.result_type = result_type
+
+    def __call__(self, logits, states):
+        return self.result_type([5] * len(states), [None] * len(states))
+
+    def launch(self, logits, states):
+        import torch
+
+        tokens = torch.full((len(states),), 5, dtype=torch.int64, device=logits.device)
+        return _FakePending(tokens, self(logits, states))
+
+    def release(self, state) -> None:
+        pass
+
+
+class _FakePending:
+    def __init__(self, tokens, result):
+        self.tokens, self._result = tokens, result
+
+    def result(self):
+        return self._result
+
+
+def _decode_step_ms(artifact: str, batch: int, steps: int, async_on: bool) -> float:
+    """Wall ms per greedy decode step of `batch` 128-token prompts on CUDA (after prefill)."""
+    import torch
+
+    from kiln.runtime.engine import LLMEngine
+    from kiln.runtime.sampling_params import SamplingParams
+
+    eng = LLMEngine(artifact, device="cuda", max_num_seqs=max(batch, 1), max_model_len=128 + steps + 64,
+                    async_scheduling=async_on)
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=steps + 32, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(str(i), {"prompt_token_ids": torch.randint(3, eng.model.vocab_size, (128,),
+                                                                   generator=g).tolist()}, params)
+    for _ in range(8):  # prefill and a few decodes
+        eng.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / steps * 1e3
+    if len(eng.scheduler.running) < batch:
+        raise RuntimeError("a request finished during the measurement")
+    del eng
+    torch.cuda.empty_cache()
+    return ms
+
+
+def _decode_main(args: argparse.Namespace) -> None:
+    """(c): per shape and batch, ms per decode step with async scheduling off and on."""
+    import torch
+
+    import kiln
+    from kiln.models.shapes import synthesize_checkpoint
+
+    res: dict = {"gpu": torch.cuda.get_device_name(), "shapes": {}}
+    print(f"{'ms per decode step':<40}{'sync':>10}{'async':>10}{'speedup':>10}")
+    for shape in args.decode_shapes.split(","):
+        ckpt, art = Path(args.work) / shape / "ckpt", Path(args.work) / shape / "artifact"
+        if not (ckpt / "config.json").exists():
+            synthesize_checkpoint(shape, ckpt, torch.bfloat16, "cuda")
+        if not (art / "manifest.json").exists():
+            kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True)
+        for b in args.decode_batches:
+            sync, on = (_decode_step_ms(str(art), b, args.steps, a) for a in (False, True))
+            res["shapes"].setdefault(shape, {})[str(b)] = {"sync_ms": sync, "async_ms": on}
+            print(f"{shape + ', batch ' + str(b):<40}{sync:>10.3f}{on:>10.3f}{sync / on:>9.2f}x", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.out}")
 
 
 def _sampler_ms(rows: int, vocab: int, reps: int) -> dict[str, float]:
@@ -165,11 +251,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed sampler calls per case")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--out", default="benchmarks/results/host_overhead.json")
+    ap.add_argument("--decode-shapes", default=None, help="(c) only: shapes to time decode steps of, on a GPU")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--work", default="/tmp/kiln-bench", help="(c): checkpoints and artifacts go here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         _worker(args)
+        return
+    if args.decode_shapes:
+        if args.out == ap.get_default("out"):
+            args.out = "benchmarks/results/async_scheduling.json"
+        _decode_main(args)
         return
     with tempfile.TemporaryDirectory(prefix="kiln-host-") as d:
         tmp = Path(d)
