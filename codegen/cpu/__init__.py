@@ -10,8 +10,8 @@ from kiln.codegen.lowering import LoweredModule, build_plan
 from kiln.errors import UnsupportedOpError
 from kiln.ir.graph import Graph, Node
 from kiln.ir.types import TensorType
-from kiln.kernels import torch_provider, tvm_provider
-from kiln.kernels.tvm_kernels import Kernel, OpInfo, build
+from kiln.kernels import torch_provider, tvm_kernels, tvm_provider
+from kiln.kernels.tvm_kernels import Kernel, OpInfo
 
 TARGET = "cpu"
 
@@ -32,7 +32,7 @@ def lower(graph: Graph) -> LoweredModule:
     fallbacks: set[str] = set()
 
     def kernel(node: Node) -> str:
-        k = build(op_info(node))
+        k = tvm_kernels.build(op_info(node))  # (the name `build` is this package's build.py)
         if k is not None:
             kernels.setdefault(k.name, k)
             return f"{tvm_provider.PREFIX}:{k.name}"

@@ -40,8 +40,7 @@ MAT = "mat"
 MODULES = ("norms", "elementwise", "rope", "linear")
 """Kernel modules of this package whose builders take an OpInfo."""
 ATTENTION = "attention"
-"""The optional paged-attention module: its builders take (input types, attrs) and return
-(name, func) or None; every input is passed as is, then the one result."""
+"""The optional paged-attention module (same contract; absent in a build without it)."""
 
 FLOATS = ("float32", "float16", "bfloat16")
 
@@ -95,20 +94,8 @@ def builders() -> dict[str, Builder]:
         if e.name != f"{__name__}.{ATTENTION}":
             raise
     else:
-        table.update({op: _typed(b) for op, b in attention.BUILDERS.items()})
+        table.update(attention.BUILDERS)
     return table
-
-
-def _typed(builder: Callable[..., tuple[str, Any] | None]) -> Builder:
-    def build(info: OpInfo) -> Kernel | None:
-        made = builder(list(info.inputs), info.attrs)
-        if made is None:
-            return None
-        name, func = made
-        n = len(info.inputs)
-        return Kernel(name, func, tuple(range(n)), (0,), (AS_IS,) * (n + 1))
-
-    return build
 
 
 def build(info: OpInfo) -> Kernel | None:

@@ -9,9 +9,10 @@ import torch
 
 pytest.importorskip("tvm")
 
+from test_tvm_norms import _randn, check  # noqa: E402
+
 from kiln.ir.types import TensorType  # noqa: E402
 from kiln.kernels.tvm_kernels import OpInfo, build  # noqa: E402
-from test_tvm_norms import _randn, check  # noqa: E402
 
 
 def _qkv(t: int, h: int, d: int) -> torch.Tensor:

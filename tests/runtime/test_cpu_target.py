@@ -1,0 +1,97 @@
+"""The cpu target end to end: tiny models compiled with `--target cpu` (float32) generate
+greedily what the reference target generates; the artifact's TVM library is loaded, not
+compiled, at start; a library built for another processor is refused; `kiln inspect` lists
+the ops that fell back to torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import kiln  # noqa: E402
+from kiln import LLM, SamplingParams  # noqa: E402
+from kiln.errors import ArtifactError  # noqa: E402
+from kiln.runtime.model import CompiledModel  # noqa: E402
+from kiln.runtime.tvm_library import BUILD_INFO, LIBRARY  # noqa: E402
+
+PROMPTS = [[5, 9, 33, 2, 71], list(range(3, 30)), [100] * 9]
+# llama: the plain decoder; qwen2: QKV bias; gemma2: soft-caps, sliding window, (1 + w) norms,
+# gelu tanh; phi: layer_norm, partial rotary, dense bias
+ARCHS = ["llama", "qwen2", "gemma2", "phi"]
+
+
+@pytest.fixture(scope="module")
+def cpu_artifact(checkpoint, tmp_path_factory):
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            out = tmp_path_factory.mktemp(f"cpu-{arch}") / "artifact"
+            cache[arch] = kiln.compile(checkpoint(arch), out, target="cpu", dtype="float32")
+        return cache[arch]
+
+    return get
+
+
+def _greedy(artifact, n: int = 8) -> list[list[int]]:
+    llm = LLM(artifact, max_num_seqs=2, num_kv_blocks=16)
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_on_cpu_matches_the_reference_target(arch, cpu_artifact, artifact):
+    cpu = cpu_artifact(arch)
+    manifest = json.loads((cpu / "manifest.json").read_text())
+    assert any(k.startswith("tvm:linear_") for k in manifest["ops"])
+    assert _greedy(cpu) == _greedy(artifact(arch, "float32"))
+
+
+def test_the_kernel_set_of_llama_runs_in_tvm(cpu_artifact):
+    manifest = json.loads((cpu_artifact("llama") / "manifest.json").read_text())
+    ops = {k.split(":", 1)[1].split("_f32")[0] if k.startswith("tvm:") else k for k in manifest["ops"]}
+    for kind in ("embedding", "rms_norm", "fused_add_rms_norm", "rope", "kv_cache_write", "silu_and_mul",
+                 "gather_rows"):
+        assert any(o.startswith(kind) for o in ops), f"{kind} is not a TVM kernel: {sorted(ops)}"
+    assert not any(k.startswith("torch:") and k != "torch:paged_attention" for k in manifest["ops"])
+    built = json.loads((cpu_artifact("llama") / BUILD_INFO).read_text())
+    assert built["tvm"] == tvm.__version__ and built["mcpu"] and built["kernels"]
+    assert (cpu_artifact("llama") / LIBRARY).stat().st_size > 0
+
+
+def test_loading_and_running_compile_nothing(cpu_artifact, monkeypatch):
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TVM compiled at load")
+
+    for module, name in ((tvm, "compile"), (tvm.tirx, "build")):
+        monkeypatch.setattr(module, name, refuse)
+    model = CompiledModel(cpu_artifact("llama"))
+    logits = model(torch.tensor([5, 9, 33]), torch.arange(3), [3])
+    assert logits.shape[0] == 3 and torch.isfinite(logits).all()
+
+
+def test_a_library_for_another_processor_is_refused(cpu_artifact, tmp_path):
+    from kiln.codegen.artifact_writer import replace_files
+
+    art = shutil.copytree(cpu_artifact("llama"), tmp_path / "copy")
+    built = json.loads((art / BUILD_INFO).read_text()) | {"mcpu": "cortex-a76", "triple": "aarch64-linux-gnu"}
+    replace_files(art, {BUILD_INFO: json.dumps(built).encode()}, (BUILD_INFO,))
+    with pytest.raises(ArtifactError, match="built for processor cortex-a76.*kiln tune"):
+        CompiledModel(art)
+
+
+def test_inspect_lists_the_fallbacks(cpu_artifact, capsys):
+    from kiln.cli import main
+
+    art = cpu_artifact("phi")
+    fallbacks = json.loads((art / "manifest.json").read_text())["fallbacks"]
+    assert fallbacks  # phi's gelu tanh glue (add, mul, pow, tanh) stays generic
+    assert main(["inspect", str(art)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("fallbacks"))
+    assert all(op in line for op in fallbacks)
