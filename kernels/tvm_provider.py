@@ -79,6 +79,13 @@ def register(functions: Mapping[str, Callable[..., Any]], records: Mapping[str, 
         _launchers[name] = make_launcher(functions[name], record)
 
 
+def missing(kernel: str) -> str:
+    """Why kernel id `kernel` does not resolve: no loaded library has it."""
+    return (f"the plan calls kernel '{kernel}' of provider '{PREFIX}' (target 'cpu'), which no loaded kernel "
+            "library has: load the artifact with kiln (CompiledModel installs its kernels/cpu library), "
+            "recompile it on this machine, or recompile with --target reference")
+
+
 def launcher(name: str) -> Launcher | None:
     """The launcher of compiled function `name`, or None when no loaded library has it."""
     return _launchers.get(name)

@@ -59,7 +59,10 @@ def resolve(kernel: str) -> Launcher:
             f"the plan calls kernel '{kernel}' of unknown provider '{prefix}'; known: {', '.join(PROVIDERS)}"
             "; recompile the artifact with this kiln"
         )
-    fn = _module(p, kernel).launcher(name)
+    module = _module(p, kernel)
+    fn = module.launcher(name)
+    if fn is None and hasattr(module, "missing"):
+        raise ArtifactError(module.missing(kernel))
     if fn is None:
         raise ArtifactError(
             f"the plan calls kernel '{kernel}', which provider '{prefix}' does not have; recompile the "
