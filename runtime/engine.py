@@ -265,9 +265,13 @@ class LLMEngine:
         of the previous step, read after this one was launched."""
         touched: set[str] = set()
         limit = self.kv.max_seq_tokens
-        if self._inflight is not None and self._must_drain(limit):
+        too_long = [r for r in self.scheduler.running if len(r.all_token_ids) > limit]
+        # A token in flight that decides the request's fate (its last one, or a longrope switch
+        # that computes the request again) is read first: the outcome is the synchronous one.
+        if self._inflight is not None and (any(r.num_pending for r in too_long) or self._crosses_long_rope()):
             touched |= self._drain()
-        for req in [r for r in self.scheduler.running if len(r.all_token_ids) > limit]:
+            too_long = [r for r in self.scheduler.running if len(r.all_token_ids) > limit]
+        for req in too_long:
             self._finish(req, "length")  # the whole cache cannot hold it any more
             touched.add(req.group_id)
         step = self.scheduler.schedule()
@@ -309,16 +313,11 @@ class LLMEngine:
             touched |= self._drain()
         return [self._output(g) for g in touched]
 
-    def _must_drain(self, limit: int) -> bool:
-        """Whether a token in flight must be read before scheduling, for the outcome to be the
-        synchronous one: it makes its request too long for the cache, or crosses a longrope
-        switch (the request is then computed again, and its next token with it)."""
+    def _crosses_long_rope(self) -> bool:
+        """Whether a token in flight takes its request past a longrope model's switch."""
         after = self.long_rope_after
-        return any(
-            len(r.all_token_ids) > limit
-            or (after is not None and not r.long_rope and len(r.all_token_ids) > after)
-            for r in self._inflight.requests if r.num_pending
-        )
+        return after is not None and any(
+            r.num_pending and not r.long_rope and len(r.all_token_ids) > after for r in self._inflight.requests)
 
     def _drain(self) -> set[str]:
         """Read and process the step in flight, if any; the groups it touched."""

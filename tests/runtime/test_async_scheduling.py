@@ -206,3 +206,17 @@ def test_too_long_for_the_cache_identical(artifact):
     assert _summary(got) == _summary(sync)
     assert {o.outputs[0].finish_reason for o in got} == {"length"}
     assert max(len(o.outputs[0].token_ids) for o in got) < 40
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_cuda_identical(artifact, scenario):
+    """On a GPU (CUDA graphs for the decode buckets, pinned token copies, the device-side
+    input_ids fill): the same tokens with async scheduling on and off."""
+    prompts = _prompts()[:5]
+    kwargs = {"device": "cuda", "max_num_seqs": 8, **SCENARIOS[scenario]}
+    kwargs.setdefault("num_kv_blocks", 64)
+    sync, _ = _generate(artifact("llama", "float32"), prompts, SAMPLED, False, **kwargs)
+    got, _ = _generate(artifact("llama", "float32"), prompts, SAMPLED, True, **kwargs)
+    assert [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in got] == \
+        [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in sync]
