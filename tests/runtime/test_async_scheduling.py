@@ -220,3 +220,18 @@ def test_cuda_identical(artifact, scenario):
     got, _ = _generate(artifact("llama", "float32"), prompts, SAMPLED, True, **kwargs)
     assert [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in got] == \
         [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in sync]
+
+
+def test_no_row_for_a_token_past_max_tokens(artifact):
+    """A request whose token in flight is its max_tokens-th is not given another row: async
+    runs as many forward passes as sync does."""
+    counts = []
+    for on in (False, True):
+        eng = LLMEngine(artifact("llama"), block_size=4, async_scheduling=on)
+        run, calls = eng.model.executor.run, []
+        eng.model.executor.run = lambda inputs, run=run, calls=calls: (calls.append(1), run(inputs))[1]
+        rid = eng.add_request(None, {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=MAX_TOKENS,
+                                                                                     ignore_eos=True))
+        assert len(eng.run([rid])[rid].outputs[0].token_ids) == MAX_TOKENS
+        counts.append(len(calls))
+    assert counts == [MAX_TOKENS, MAX_TOKENS]
