@@ -10,19 +10,25 @@ Layouts (T tokens, S sequences, NB cache blocks of BS tokens, MB blocks per tabl
 Work: one parallel loop over T * Hkv items (token row, KV head). An item finds its sequence by
 binary search over cu_seqlens (rows outside cu_seqlens[0]:cu_seqlens[S] are padding, written
 0), then runs an online softmax for the G = Hq / Hkv query heads of its KV head over its keys
-[lo, hi), a cache block at a time:
+[lo, hi), KB keys at a time (KB = the largest power of two <= 16 dividing BS):
 
     qpos = seq_lens[s] - q_len + row        hi = qpos + 1 (causal) or seq_lens[s]
     lo = max(qpos - W + 1, 0) (window W) or 0
 
-    block b of the table:  scores[g, i] = q[g] . K[blk, i]        i in [j0, j1): keys in [lo, hi)
-                           m' = max(m, max_i scores)   acc = acc * e^(m - m') + sum_i p[g, i] V[blk, i]
+    blocks b = lo // BS .. (hi - 1) // BS of the table row, KB slots of block blk at a time:
+        sc[g, i] = q[g] . K[blk, i] * scale  (-inf-like where key i is outside [lo, hi))
+        m' = max(m, max_i sc)   p = e^(sc - m')   acc = acc * e^(m - m') + sum_i p[g, i] V[blk, i]
 
-Only keys in [lo, hi) are loaded, so a block that left the window (freed, maybe NaN) is never
-read: every row's lo is at or after its sequence's first query's window start. Dot products
-over D accumulate in VL float32 lanes (vectorized), P @ V is vectorized over Dv; the G query
-rows share each K and V row load. Rows are visited in zig-zag order (0, T-1, 1, T-2, ...) so
-the static chunks of the parallel loop get equal shares of a causal prefill's triangle.
+Blocks before a row's window are never touched: every row's lo is at or after its sequence's
+first query's window start, whose block is the first the reference reads (earlier ones may be
+freed, and hold NaN). Inside a touched block, slots outside [lo, hi) may be loaded but never
+reach the result: their scores and V rows are replaced by selects, not multiplied by 0.
+
+Schedule: the dot products and the P @ V updates are built as whole expressions (lane-wise
+FMAs over D in VL-wide vectors, then a shuffle tree across lanes; KB weighted V rows per VL
+slice of Dv), so their accumulators stay in registers; the softmax of KB scores is one vector
+(tree max, a polynomial e^x, tree sum). Rows are visited in zig-zag order (0, T-1, 1, T-2, ...)
+so the static chunks of the parallel loop share a causal prefill's triangle evenly.
 """
 
 from __future__ import annotations
@@ -60,11 +66,88 @@ def kernel_name(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, attrs: 
 
 
 def _lanes(d: int) -> int:
-    """The vector width of the dot products over a head of d elements."""
-    for lanes in (8, 4, 2):
+    """The vector width of the loops over a head of d elements."""
+    for lanes in (16, 8, 4, 2):
         if d % lanes == 0:
             return lanes
     return 1
+
+
+# Expression builders: a whole dot product or weighted row sum as one expression, so that its
+# vector accumulators stay in registers (through local buffers LLVM keeps them in memory).
+
+
+def _vec(buf: tvm.tirx.Buffer, index: list, start, lanes: int) -> tvm.tirx.PrimExpr:
+    """buf[*index, start : start + lanes] as a float32 vector (a scalar when lanes is 1)."""
+    last = tvm.tirx.Ramp(start, 1, lanes) if lanes > 1 else start
+    x = tvm.tirx.BufferLoad(buf, [*index, last])
+    if str(buf.dtype) == "float32":
+        return x
+    suffix = "" if lanes == 1 else f"x{lanes}"
+    if str(buf.dtype) == "bfloat16":  # by its bits: TVM's vector bfloat16 cast is wrong here
+        bits = tvm.tirx.Cast(f"uint32{suffix}", tvm.tirx.reinterpret(f"uint16{suffix}", x))
+        sixteen = tvm.tirx.const(16, "uint32")
+        return tvm.tirx.reinterpret(
+            f"float32{suffix}", bits << (sixteen if lanes == 1 else tvm.tirx.Broadcast(sixteen, lanes)))
+    return tvm.tirx.Cast(f"float32{suffix}", x)
+
+
+def _dot(a, a_index, b, b_index, d: int, lanes: int) -> tvm.tirx.PrimExpr:
+    """sum_c a[*a_index, c] * b[*b_index, c] over c < d: lane-wise FMAs, then across lanes."""
+    acc = None
+    for c0 in range(0, d, lanes):
+        term = _vec(a, a_index, c0, lanes) * _vec(b, b_index, c0, lanes)
+        acc = term if acc is None else acc + term
+    return _lanes_reduce(acc, lanes)
+
+
+def _lanes_reduce(v: tvm.tirx.PrimExpr, lanes: int, op=None) -> tvm.tirx.PrimExpr:
+    """The lanes of a vector combined by op (default +) as a tree: halves until one is left."""
+    if lanes == 1:
+        return v
+    var = tvm.tirx.Var("half", f"float32x{lanes}")
+    half = lanes // 2
+    lo = tvm.tirx.Shuffle([var], [tvm.tirx.const(j, "int32") for j in range(half)])
+    hi = tvm.tirx.Shuffle([var], [tvm.tirx.const(j, "int32") for j in range(half, lanes)])
+    both = lo + hi if op is None else op(lo, hi)
+    return tvm.tirx.Let(var, v, both if half == 1 else _lanes_reduce(both, half, op))
+
+
+def _exp(x: tvm.tirx.PrimExpr, lanes: int) -> tvm.tirx.PrimExpr:
+    """e^x for x <= 0, vectorized (LLVM calls expf per lane): x = n ln2 + r, |r| <= ln2 / 2,
+    e^r by Cephes' expf polynomial (float32-exact to ~1 ulp), 2^n by the exponent bits; x below
+    -87 gives ~6e-39."""
+    def vec(value, dtype="float32"):
+        c = tvm.tirx.const(value, dtype)
+        return c if lanes == 1 else tvm.tirx.Broadcast(c, lanes)
+
+    suffix = "" if lanes == 1 else f"x{lanes}"
+    xv = tvm.tirx.Var("x", f"float32{suffix}")
+    nv = tvm.tirx.Var("n", f"float32{suffix}")
+    rv = tvm.tirx.Var("r", f"float32{suffix}")
+    poly = vec(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        poly = poly * rv + vec(c)
+    er = poly * rv * rv + rv + vec(1.0)
+    bits = (tvm.tirx.Cast(f"int32{suffix}", nv) + vec(127, "int32")) << vec(23, "int32")
+    two_n = tvm.tirx.reinterpret(f"float32{suffix}", bits)
+    r = xv - nv * vec(0.693359375) + nv * vec(2.12194440e-4)
+    n = tvm.tirx.floor(xv * vec(1.44269504088896341) + vec(0.5))
+    body = tvm.tirx.Let(nv, n, tvm.tirx.Let(rv, r, er * two_n))
+    return tvm.tirx.Let(xv, tvm.tirx.max(x, vec(-87.0)), body)
+
+
+def _weighted_rows(acc, weights, buf, index, lanes: int, lo, hi) -> tvm.tirx.PrimExpr:
+    """acc + sum_i weights[i] * buf[index[0], index[1] + i, index[2], index[3] : +lanes], rows
+    i outside [lo, hi) replaced by 0 (a stale slot may hold NaN, and NaN * 0 is NaN)."""
+    blk, slot, h, c = index
+    zero = tvm.tirx.const(0.0, "float32") if lanes == 1 else tvm.tirx.Broadcast(
+        tvm.tirx.const(0.0, "float32"), lanes)
+    for i, w in enumerate(weights):
+        ok = tvm.tirx.all(lo <= i, hi > i)
+        row = tvm.tirx.Select(ok, _vec(buf, [blk, slot + i, h], c, lanes), zero)
+        acc = acc + (w if lanes == 1 else tvm.tirx.Broadcast(w, lanes)) * row
+    return acc
 
 
 def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, scale: float,
@@ -72,9 +155,14 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
     """The destination-passing PrimFunc (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens,
     [sinks,] out) of one specialization; symbolic in T, S, NB and MB (int64)."""
     g_heads = hq // hkv
-    vl = _lanes(d)
+    vl, vlv = _lanes(d), _lanes(dv)
+    kb = max(k for k in (1, 2, 4, 8, 16) if bs % k == 0)  # keys per online-softmax step
     neg = T.min_value("float32")
-    has_sinks, sliding, capped = bool(sinks), window > 0, softcap > 0.0
+
+    def cap(x):
+        return T.tanh(x / T.float32(softcap)) * T.float32(softcap) if softcap > 0 else x
+
+    has_sinks, sliding = bool(sinks), window > 0
 
     @T.macro
     def body(q, k_cache, v_cache, tables, seq_lens, cu, snk, out, n_tok, n_seq):
@@ -84,12 +172,11 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
             t = T.if_then_else(r % 2 == 0, r // 2, n_tok - 1 - r // 2)
             bnd = T.alloc_local((2,), "int64")
             qf = T.alloc_local((g_heads, d), "float32")  # q * scale
-            sc = T.alloc_local((g_heads, bs), "float32")  # scores of one block
+            sc = T.alloc_local((g_heads, kb), "float32")  # scores, then weights, of kb keys
             acc = T.alloc_local((g_heads, dv), "float32")
             m = T.alloc_local((g_heads,), "float32")
             den = T.alloc_local((g_heads,), "float32")
             red = T.alloc_local((2,), "float32")
-            lanes = T.alloc_local((vl,), "float32")
             bnd[0] = T.int64(0)
             bnd[1] = n_seq
             if t >= T.Cast("int64", cu[0]) and t < T.Cast("int64", cu[n_seq]):
@@ -122,42 +209,29 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
                         den[g] = T.float32(1)
                     else:
                         m[g] = neg
-                for b in range(T.max(lo, 0) // bs, T.max(hi + bs - 1, 0) // bs):
+                for b in range(lo // bs, (hi + bs - 1) // bs):
                     blk = T.Cast("int64", tables[s, b])
-                    j0 = T.max(lo - b * bs, T.int64(0))
-                    j1 = T.min(hi - b * bs, T.int64(bs))
-                    for i in range(j0, j1):
-                        for g in range(g_heads):
-                            for c in T.vectorized(vl):
-                                lanes[c] = T.float32(0)
-                            for c0 in range(d // vl):
-                                for c in T.vectorized(vl):
-                                    lanes[c] = lanes[c] + qf[g, c0 * vl + c] * T.Cast(
-                                        "float32", k_cache[blk, i, h, c0 * vl + c])
-                            red[0] = T.float32(0)
-                            for c in T.unroll(vl):
-                                red[0] = red[0] + lanes[c]
-                            if capped:
-                                sc[g, i] = T.tanh(red[0] / T.float32(softcap)) * T.float32(softcap)
-                            else:
-                                sc[g, i] = red[0]
-                    for g in range(g_heads):
-                        red[0] = m[g]
-                        for i in range(j0, j1):
-                            red[0] = T.max(red[0], sc[g, i])
-                        red[1] = T.exp(m[g] - red[0])  # rescales what came before
-                        m[g] = red[0]
-                        den[g] = den[g] * red[1]
-                        for c in T.vectorized(dv):
-                            acc[g, c] = acc[g, c] * red[1]
-                        for i in range(j0, j1):
-                            sc[g, i] = T.exp(sc[g, i] - red[0])
-                            den[g] = den[g] + sc[g, i]
-                    for i in range(j0, j1):
-                        for g in range(g_heads):
-                            for c in T.vectorized(dv):
-                                acc[g, c] = acc[g, c] + sc[g, i] * T.Cast(
-                                    "float32", v_cache[blk, i, h, c])
+                    for u in range(bs // kb):
+                        k0 = b * bs + u * kb  # keys k0 .. k0 + kb - 1: slots u * kb .. of blk
+                        if k0 < hi and k0 + kb > lo:
+                            for g in range(g_heads):
+                                for i in T.unroll(kb):
+                                    sc[g, i] = T.Select(
+                                        lo <= k0 + i and k0 + i < hi,
+                                        cap(_dot(qf, [g], k_cache, [blk, u * kb + i, h], d, vl)),
+                                        neg)
+                                red[0] = T.max(m[g], _lanes_reduce(sc[g, T.Ramp(0, 1, kb)], kb, T.max))
+                                red[1] = T.exp(m[g] - red[0])  # rescales what came before
+                                m[g] = red[0]
+                                sc[g, T.Ramp(0, 1, kb)] = _exp(  # ~0 where masked
+                                    sc[g, T.Ramp(0, 1, kb)] - T.Broadcast(red[0], kb), kb)
+                                den[g] = den[g] * red[1] + _lanes_reduce(sc[g, T.Ramp(0, 1, kb)], kb)
+                                for c0 in range(dv // vlv):
+                                    acc[g, T.Ramp(c0 * vlv, 1, vlv)] = _weighted_rows(
+                                        acc[g, T.Ramp(c0 * vlv, 1, vlv)] * red[1],
+                                        [sc[g, i] for i in range(kb)], v_cache,
+                                        [blk, u * kb, h, c0 * vlv], vlv,
+                                        lo - k0, hi - k0)
             for g in range(g_heads):
                 red[0] = T.if_then_else(den[g] > T.float32(0), T.float32(1) / den[g], T.float32(0))
                 for c in T.vectorized(dv):
