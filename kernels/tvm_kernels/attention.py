@@ -92,13 +92,61 @@ def _vec(buf: tvm.tirx.Buffer, index: list, start, lanes: int) -> tvm.tirx.PrimE
     return tvm.tirx.Cast(f"float32{suffix}", x)
 
 
-def _dot(a, a_index, b, b_index, d: int, lanes: int) -> tvm.tirx.PrimExpr:
-    """sum_c a[*a_index, c] * b[*b_index, c] over c < d: lane-wise FMAs, then across lanes."""
-    acc = None
-    for c0 in range(0, d, lanes):
-        term = _vec(a, a_index, c0, lanes) * _vec(b, b_index, c0, lanes)
-        acc = term if acc is None else acc + term
-    return _lanes_reduce(acc, lanes)
+def _dots(q, g, k_cache, index, d: int, lanes: int, keys: int) -> tvm.tirx.PrimExpr:
+    """[q[g] . k_cache[blk, slot + i, h] for i < keys] as one float32 vector, from lane-wise
+    FMA accumulators (one per key) reduced together: each round pairs two vectors and adds the
+    two halves of every key's partial sums, so keys share the shuffles (a transpose-reduce)."""
+    blk, slot, h = index
+    lets: list[tuple[tvm.tirx.Var, tvm.tirx.PrimExpr]] = []
+
+    def bind(value, n):
+        var = tvm.tirx.Var("v", f"float32x{n}" if n > 1 else "float32")
+        lets.append((var, value))
+        return var
+
+    # (vector, owner key of each lane)
+    vecs = []
+    for i in range(keys):
+        acc = None
+        for c0 in range(0, d, lanes):
+            term = _vec(q, [g], c0, lanes) * _vec(k_cache, [blk, slot + i, h], c0, lanes)
+            acc = term if acc is None else acc + term
+        vecs.append((bind(acc, lanes), [i] * lanes))
+    while len(vecs) > 1 and len(vecs[0][1]) // len(set(vecs[0][1])) > 1:
+        nxt = []
+        for (a, oa), (b, ob) in zip(vecs[::2], vecs[1::2], strict=True):
+            v, owners = _fold(tvm.tirx.Shuffle([a, b], [tvm.tirx.const(j, "int32") for j in range(2 * lanes)]), oa + ob, bind)
+            nxt.append((v, owners))
+        vecs = nxt
+    # One key per lane now, or one vector left: add each key's remaining partials, concatenate.
+    parts, owners = [], []
+    for v, own in vecs:
+        while len(own) > len(set(own)):
+            v, own = _fold(v, own, bind)
+        parts.append(v)
+        owners += own
+    flat = tvm.tirx.Shuffle(parts, [tvm.tirx.const(owners.index(i), "int32") for i in range(keys)])
+    for var, value in reversed(lets):
+        flat = tvm.tirx.Let(var, value, flat)
+    return flat
+
+
+def _fold(v, owners: list[int], bind):
+    """Add the first half of each key's lanes of v to its second half: (vector, owners)."""
+    lo_idx, hi_idx, out = [], [], []
+    for key in dict.fromkeys(owners):
+        pos = [j for j, o in enumerate(owners) if o == key]
+        lo_idx += pos[: len(pos) // 2]
+        hi_idx += pos[len(pos) // 2:]
+        out += [key] * (len(pos) // 2)
+    lo, hi = (tvm.tirx.Shuffle([v], [tvm.tirx.const(j, "int32") for j in idx]) for idx in (lo_idx, hi_idx))
+    return bind(lo + hi, len(out)), out
+
+
+def _in_range(k0, lo, hi, keys: int) -> tvm.tirx.PrimExpr:
+    """The lanes i < keys with lo <= k0 + i < hi."""
+    pos = tvm.tirx.Ramp(k0, tvm.tirx.const(1, "int64"), keys)
+    return tvm.tirx.all(pos >= tvm.tirx.Broadcast(lo, keys), pos < tvm.tirx.Broadcast(hi, keys))
 
 
 def _lanes_reduce(v: tvm.tirx.PrimExpr, lanes: int, op=None) -> tvm.tirx.PrimExpr:
@@ -215,11 +263,10 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
                         k0 = b * bs + u * kb  # keys k0 .. k0 + kb - 1: slots u * kb .. of blk
                         if k0 < hi and k0 + kb > lo:
                             for g in range(g_heads):
-                                for i in T.unroll(kb):
-                                    sc[g, i] = T.Select(
-                                        lo <= k0 + i and k0 + i < hi,
-                                        cap(_dot(qf, [g], k_cache, [blk, u * kb + i, h], d, vl)),
-                                        neg)
+                                sc[g, T.Ramp(0, 1, kb)] = T.Select(
+                                    _in_range(k0, lo, hi, kb),
+                                    cap(_dots(qf, g, k_cache, [blk, u * kb, h], d, vl, kb)),
+                                    T.Broadcast(neg, kb))
                                 red[0] = T.max(m[g], _lanes_reduce(sc[g, T.Ramp(0, 1, kb)], kb, T.max))
                                 red[1] = T.exp(m[g] - red[0])  # rescales what came before
                                 m[g] = red[0]
