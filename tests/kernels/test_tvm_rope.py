@@ -59,3 +59,36 @@ def test_kv_cache_write(t):
     launcher_of(build(info))(caches, [k, v, *caches, slots], {})
     for got, ref in zip(caches, want, strict=True):
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("style,rotary", [("neox", 32), ("interleaved", 16)])
+def test_rope_kv_cache_write(style, rotary, t):
+    from kiln.codegen.cpu.build import launcher_of
+    from kiln.ir.ops import OPS
+
+    nb, bs, hq, hkv, d, dv = 10, 4, 4, 2, 32, 16
+    qkv = _randn(t, (hq + 2 * hkv) * d, seed=t)
+    q = qkv[:, : hq * d].view(t, hq, d)  # strided views of the merged projection
+    k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
+    v = _randn(t, hkv, dv, seed=4)
+    pos = torch.randint(0, 64, (t,), generator=torch.Generator().manual_seed(1))
+    cos, sin = _randn(64, rotary, seed=2), _randn(64, rotary, seed=3)
+    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(t))[:t]
+    slots[1::3] = -1
+    caches = [_randn(nb, bs, hkv, d, seed=7), _randn(nb, bs, hkv, dv, seed=8)]
+    want_caches = [c.clone() for c in caches]
+    attrs = {"style": style, "rotary_dim": rotary}
+    want_q = OPS["rope_kv_cache_write"].impl(q, k, v, pos, cos, sin, *want_caches, slots, **attrs)[2]
+    f32 = "float32"
+    cache_types = (TensorType(f32, ("NB", "BS", hkv, d)), TensorType(f32, ("NB", "BS", hkv, dv)))
+    info = OpInfo("rope_kv_cache_write",
+                  (TensorType(f32, ("T", hq, d)), TensorType(f32, ("T", hkv, d)), TensorType(f32, ("T", hkv, dv)),
+                   TensorType("int64", ("T",)), TensorType(f32, (64, rotary)), TensorType(f32, (64, rotary)),
+                   *cache_types, TensorType("int64", ("T",))),
+                  (*cache_types, TensorType(f32, ("T", hq, d))), attrs)
+    q_rot = torch.full_like(want_q, float("nan"))
+    launcher_of(build(info))([*caches, q_rot], [q, k, v, pos, cos, sin, *caches, slots], attrs)
+    torch.testing.assert_close(q_rot, want_q, atol=1e-6, rtol=1e-6)
+    for got, ref in zip(caches, want_caches, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
