@@ -185,17 +185,24 @@ def _exp(x: tvm.tirx.PrimExpr, lanes: int) -> tvm.tirx.PrimExpr:
     return tvm.tirx.Let(xv, tvm.tirx.max(x, vec(-87.0)), body)
 
 
-def _weighted_rows(acc, weights, buf, index, lanes: int, lo, hi) -> tvm.tirx.PrimExpr:
-    """acc + sum_i weights[i] * buf[index[0], index[1] + i, index[2], index[3] : +lanes], rows
-    i outside [lo, hi) replaced by 0 (a stale slot may hold NaN, and NaN * 0 is NaN)."""
+def _weighted_rows(acc, weights, buf, index, lanes: int, lo=None, hi=None) -> tvm.tirx.PrimExpr:
+    """acc + sum_i weights[i] * buf[index[0], index[1] + i, index[2], index[3] : +lanes] in four
+    independent FMA chains; with lo and hi, rows i outside [lo, hi) are replaced by 0 (a stale
+    slot may hold NaN, and NaN * 0 is NaN)."""
     blk, slot, h, c = index
     zero = tvm.tirx.const(0.0, "float32") if lanes == 1 else tvm.tirx.Broadcast(
         tvm.tirx.const(0.0, "float32"), lanes)
+    chains: list = [None] * min(4, len(weights))
     for i, w in enumerate(weights):
-        ok = tvm.tirx.all(lo <= i, hi > i)
-        row = tvm.tirx.Select(ok, _vec(buf, [blk, slot + i, h], c, lanes), zero)
-        acc = acc + (w if lanes == 1 else tvm.tirx.Broadcast(w, lanes)) * row
-    return acc
+        row = _vec(buf, [blk, slot + i, h], c, lanes)
+        if lo is not None:
+            row = tvm.tirx.Select(tvm.tirx.all(lo <= i, hi > i), row, zero)
+        term = (w if lanes == 1 else tvm.tirx.Broadcast(w, lanes)) * row
+        j = i % len(chains)
+        chains[j] = term if chains[j] is None else chains[j] + term
+    while len(chains) > 1:
+        chains = [a + b for a, b in zip(chains[::2], chains[1::2], strict=True)]
+    return acc + chains[0]
 
 
 def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, scale: float,
@@ -273,12 +280,18 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
                                 sc[g, T.Ramp(0, 1, kb)] = _exp(  # ~0 where masked
                                     sc[g, T.Ramp(0, 1, kb)] - T.Broadcast(red[0], kb), kb)
                                 den[g] = den[g] * red[1] + _lanes_reduce(sc[g, T.Ramp(0, 1, kb)], kb)
-                                for c0 in range(dv // vlv):
-                                    acc[g, T.Ramp(c0 * vlv, 1, vlv)] = _weighted_rows(
-                                        acc[g, T.Ramp(c0 * vlv, 1, vlv)] * red[1],
-                                        [sc[g, i] for i in range(kb)], v_cache,
-                                        [blk, u * kb, h, c0 * vlv], vlv,
-                                        lo - k0, hi - k0)
+                                if k0 >= lo and k0 + kb <= hi:  # every key in range
+                                    for c0 in range(dv // vlv):
+                                        acc[g, T.Ramp(c0 * vlv, 1, vlv)] = _weighted_rows(
+                                            acc[g, T.Ramp(c0 * vlv, 1, vlv)] * red[1],
+                                            [sc[g, i] for i in range(kb)], v_cache,
+                                            [blk, u * kb, h, c0 * vlv], vlv)
+                                else:
+                                    for c0 in range(dv // vlv):
+                                        acc[g, T.Ramp(c0 * vlv, 1, vlv)] = _weighted_rows(
+                                            acc[g, T.Ramp(c0 * vlv, 1, vlv)] * red[1],
+                                            [sc[g, i] for i in range(kb)], v_cache,
+                                            [blk, u * kb, h, c0 * vlv], vlv, lo - k0, hi - k0)
             for g in range(g_heads):
                 red[0] = T.if_then_else(den[g] > T.float32(0), T.float32(1) / den[g], T.float32(0))
                 for c in T.vectorized(dv):
