@@ -232,6 +232,7 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
             m = T.alloc_local((g_heads,), "float32")
             den = T.alloc_local((g_heads,), "float32")
             red = T.alloc_local((2,), "float32")
+            alpha = T.alloc_local((g_heads,), "float32")
             bnd[0] = T.int64(0)
             bnd[1] = n_seq
             if t >= T.Cast("int64", cu[0]) and t < T.Cast("int64", cu[n_seq]):
@@ -275,21 +276,24 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
                                     cap(_dots(qf, g, k_cache, [blk, u * kb, h], d, vl, kb)),
                                     T.Broadcast(neg, kb))
                                 red[0] = T.max(m[g], _lanes_reduce(sc[g, T.Ramp(0, 1, kb)], kb, T.max))
-                                red[1] = T.exp(m[g] - red[0])  # rescales what came before
+                                alpha[g] = T.exp(m[g] - red[0])  # rescales what came before
                                 m[g] = red[0]
                                 sc[g, T.Ramp(0, 1, kb)] = _exp(  # ~0 where masked
                                     sc[g, T.Ramp(0, 1, kb)] - T.Broadcast(red[0], kb), kb)
-                                den[g] = den[g] * red[1] + _lanes_reduce(sc[g, T.Ramp(0, 1, kb)], kb)
-                                if k0 >= lo and k0 + kb <= hi:  # every key in range
-                                    for c0 in range(dv // vlv):
+                                den[g] = den[g] * alpha[g] + _lanes_reduce(sc[g, T.Ramp(0, 1, kb)], kb)
+                            # The G heads unrolled, so each V row slice is loaded once for all.
+                            if k0 >= lo and k0 + kb <= hi:  # every key in range
+                                for c0 in range(dv // vlv):
+                                    for g in T.unroll(g_heads):
                                         acc[g, T.Ramp(c0 * vlv, 1, vlv)] = _weighted_rows(
-                                            acc[g, T.Ramp(c0 * vlv, 1, vlv)] * red[1],
+                                            acc[g, T.Ramp(c0 * vlv, 1, vlv)] * alpha[g],
                                             [sc[g, i] for i in range(kb)], v_cache,
                                             [blk, u * kb, h, c0 * vlv], vlv)
-                                else:
-                                    for c0 in range(dv // vlv):
+                            else:
+                                for c0 in range(dv // vlv):
+                                    for g in T.unroll(g_heads):
                                         acc[g, T.Ramp(c0 * vlv, 1, vlv)] = _weighted_rows(
-                                            acc[g, T.Ramp(c0 * vlv, 1, vlv)] * red[1],
+                                            acc[g, T.Ramp(c0 * vlv, 1, vlv)] * alpha[g],
                                             [sc[g, i] for i in range(kb)], v_cache,
                                             [blk, u * kb, h, c0 * vlv], vlv, lo - k0, hi - k0)
             for g in range(g_heads):
