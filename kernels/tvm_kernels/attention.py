@@ -329,8 +329,8 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
 
 def build(input_types: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[str, tvm.tirx.PrimFunc] | None:
     """(function name, PrimFunc) of `paged_attention` for these input types and attrs, or None
-    when the kernel does not cover them (another dtype, heads not a multiple of KV heads, or
-    fixed-size dims that are not ints)."""
+    when the kernel does not cover them (another dtype, heads not a multiple of KV heads, odd
+    head or block sizes, or fixed-size dims that are not ints)."""
     q, k_cache, v_cache = input_types[:3]
     sinks = len(input_types) > 6
     if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -343,6 +343,8 @@ def build(input_types: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[
     hq, d = q.shape[1], q.shape[2]
     bs, hkv, dk, dv = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
     if dk != d or hkv < 1 or hq % hkv or tuple(v_cache.shape[1:3]) != (bs, hkv):
+        return None
+    if d % 2 or dv % 2 or bs % 2:  # the vector steps need two lanes at least
         return None
     name = kernel_name(q.dtype, hq, hkv, d, dv, bs, attrs, sinks)
     func = make_prim_func(

@@ -134,6 +134,11 @@ def test_head_sizes_differ() -> None:
     _check([(50, 50), (75, 2)], hq=4, hkv=2, d=192, dv=128, bs=16, pad_rows=1)
 
 
+def test_narrow_vectors_and_wide_groups() -> None:
+    _check([(40, 40), (70, 1), (33, 5)], d=36, hq=4, hkv=1, bs=12)  # 4 lanes, 4-key steps
+    _check([(40, 40), (70, 1), (33, 5)], hq=16, hkv=2, d=128, dv=64, bs=32)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision(dtype: str) -> None:
     _check(MIXED, dtype=dtype, pad_rows=1)
@@ -168,6 +173,8 @@ def test_names_and_unsupported() -> None:
     assert len(names) == len(variants) + 1
     assert build(_types("int8", 8, 2, 64, 64, 16, False), attrs) is None
     assert build(_types("float32", 6, 4, 64, 64, 16, False), attrs) is None
+    assert build(_types("float32", 8, 2, 65, 65, 16, False), attrs) is None
+    assert build(_types("float32", 8, 2, 64, 64, 1, False), attrs) is None
 
 
 def test_package_builder() -> None:
