@@ -302,10 +302,13 @@ class LLMEngine:
         if sampled:
             tracks = [self._track[r.request_id] for r in sampled]
             sample = self.sampler.launch(logits, [t.state for t in tracks])
-            for req in sampled:
-                req.all_token_ids.append(PLACEHOLDER)
-                req.num_pending += 1
-            rows = {r.request_id: i for i, r in enumerate(sampled)} if self.async_scheduling else None
+            rows = None
+            if self.async_scheduling:  # the tokens count before they are known
+                rows = {}
+                for i, req in enumerate(sampled):
+                    req.all_token_ids.append(PLACEHOLDER)
+                    req.num_pending += 1
+                    rows[req.request_id] = i
             self._inflight = _InFlight(sampled, tracks, sample, rows)
         if prev is not None:
             touched |= self._process(prev)
@@ -330,19 +333,26 @@ class LLMEngine:
         launched has no placeholder left: its token is dropped."""
         result = step.sample.result()
         touched: set[str] = set()
+        finished = Status.FINISHED
+        n = 0
         for req, track, token, lp in zip(step.requests, step.tracks, result.token_ids, result.logprobs, strict=True):
-            if req.finished:
-                continue
-            self._append(req, track, token, lp)
-            touched.add(req.group_id)
-            self.num_generated_tokens += 1
+            if req.status is not finished:
+                self._append(req, track, token, lp)
+                touched.add(req.group_id)
+                n += 1
+        self.num_generated_tokens += n
         return touched
 
     def _append(self, req: Request, track: _Track, token: int, logprobs: dict[int, Logprob] | None) -> None:
-        """Put a sampled token in its placeholder (the oldest) and apply the stop rules."""
-        num_tokens = len(req.all_token_ids) - req.num_pending + 1  # up to and with this token
-        req.all_token_ids[num_tokens - 1] = token
-        req.num_pending -= 1
+        """Put a sampled token in its placeholder (the oldest), if it has one, and apply the
+        stop rules."""
+        if req.num_pending:
+            num_tokens = len(req.all_token_ids) - req.num_pending + 1  # up to and with this token
+            req.all_token_ids[num_tokens - 1] = token
+            req.num_pending -= 1
+        else:
+            req.all_token_ids.append(token)
+            num_tokens = len(req.all_token_ids)
         if logprobs is not None:
             track.logprobs.append(logprobs)
             track.cumulative += logprobs[token].logprob
