@@ -228,9 +228,9 @@ class Sampler:
         slot = self._slot[state] = self._free.pop()
         self._counts[slot] = 0
         self._prompt_seen[slot] = False
-        prompt = torch.tensor([t for t in state.prompt_token_ids if t < vocab], dtype=torch.long, device=device)
+        prompt = index_tensor([t for t in state.prompt_token_ids if t < vocab], device)
         self._prompt_seen[slot, prompt] = True
-        out = torch.tensor([t for t in state.output_token_ids if t < vocab], dtype=torch.long, device=device)
+        out = index_tensor([t for t in state.output_token_ids if t < vocab], device)
         self._counts[slot].index_put_((out,), torch.ones(out.shape, device=device), accumulate=True)
         return slot
 
