@@ -20,10 +20,12 @@ from kiln.ir.types import TensorType  # noqa: E402
 from kiln.kernels.tvm_kernels import OpInfo  # noqa: E402
 from kiln.kernels.tvm_kernels.attention import BUILDERS, build  # noqa: E402
 
-TARGET = {"kind": "llvm", "num-cores": 2}
+HOST = {"kind": "llvm", "num-cores": 2, "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+"""What the cpu target builds for (runtime/tvm_library.py); GENERIC is LLVM's baseline x86-64."""
+GENERIC = {"kind": "llvm", "num-cores": 2}
 TOL = {"float32": 2e-5, "float16": 1e-2, "bfloat16": 3e-2}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple[str, str], object] = {}
 
 
 def _types(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, sinks: bool) -> list[TensorType]:
@@ -33,13 +35,14 @@ def _types(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, sinks: bool)
     return types + [TensorType(dtype, (hq,))] if sinks else types
 
 
-def _kernel(types: list[TensorType], attrs: dict):
+def _kernel(types: list[TensorType], attrs: dict, target: dict = HOST):
     """The compiled function of one specialization (built and compiled once per session)."""
     name, func = build(types, attrs)
-    if name not in _COMPILED:
-        lib = tvm.compile(tvm.IRModule({name: func}), target=tvm.target.Target(TARGET))
-        _COMPILED[name] = lib[name]
-    return _COMPILED[name]
+    key = (name, str(target))
+    if key not in _COMPILED:
+        lib = tvm.compile(tvm.IRModule({name: func}), target=tvm.target.Target(target))
+        _COMPILED[key] = lib[name]
+    return _COMPILED[key]
 
 
 def _batch(seqs, *, hq, hkv, d, dv, bs, dtype, window=0, pad_seqs=0, pad_rows=0, seed=0):
@@ -73,14 +76,15 @@ def _batch(seqs, *, hq, hkv, d, dv, bs, dtype, window=0, pad_seqs=0, pad_rows=0,
 
 
 def _check(seqs, *, hq=8, hkv=2, d=64, dv=None, bs=16, dtype="float32", causal=True, window=0,
-           softcap=0.0, sinks=False, scale=None, pad_seqs=0, pad_rows=0, seed=0, views=False):
+           softcap=0.0, sinks=False, scale=None, pad_seqs=0, pad_rows=0, seed=0, views=False,
+           target=HOST):
     dv = dv or d
     attrs = {"scale": scale or d**-0.5, "causal": causal, "sliding_window": window, "softcap": softcap}
     args = list(_batch(seqs, hq=hq, hkv=hkv, d=d, dv=dv, bs=bs, dtype=dtype, window=window,
                        pad_seqs=pad_seqs, pad_rows=pad_rows, seed=seed))
     if sinks:
         args.append((torch.randn(hq, generator=torch.Generator().manual_seed(seed + 1)) * 2).to(args[0].dtype))
-    fn = _kernel(_types(dtype, hq, hkv, d, dv, bs, sinks), attrs)
+    fn = _kernel(_types(dtype, hq, hkv, d, dv, bs, sinks), attrs, target)
     out = torch.full((args[0].shape[0], hq, dv), 7.0, dtype=args[0].dtype)  # every row is written
     if views:  # q a slice of a merged QKV projection, out a slice of a wider buffer
         qkv = torch.zeros(args[0].shape[0], hq + 2 * hkv, d, dtype=args[0].dtype)
@@ -143,6 +147,11 @@ def test_narrow_vectors_and_wide_groups() -> None:
 def test_half_precision(dtype: str) -> None:
     _check(MIXED, dtype=dtype, pad_rows=1)
     _check([(60, 3), (33, 33)], dtype=dtype, sinks=True, window=16, softcap=20.0)
+
+
+def test_generic_target() -> None:
+    _check(MIXED, pad_seqs=1, pad_rows=2, target=GENERIC)
+    _check([(60, 3), (33, 33)], dtype="bfloat16", sinks=True, window=16, softcap=20.0, target=GENERIC)
 
 
 def test_empty_step() -> None:
