@@ -5,7 +5,7 @@ its own slice of the weight once per row tile (batch-1 decode is a GEMV bound by
 rows go in tiles of MT with a one-row tail, so every T is served by one function.
 
     out_in: an (MT x NB) tile of dot products; each accumulates V float32 lanes along K
-            (vectorized loads of x and W rows), summed across lanes at the end
+            (vectorized loads of x and W rows), summed across lanes by a tree at the end
     in_out: an (MT x NV) tile of y; each step broadcasts x[m, k] against the contiguous
             W[k, n0:n0+NV] row slice (no horizontal sums)
 """
@@ -44,6 +44,7 @@ def _out_in(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool):
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})  # y never overlaps x, W or bias: x loads stay hoisted
         M = T.int64()
         sx0, sy0 = T.int64(), T.int64()
         X = T.match_buffer(x_h, (M, k), dt, strides=(sx0, 1), offset_factor=1)
@@ -63,8 +64,18 @@ def _out_in(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool):
                                 acc[i, j, q] = acc[i, j, q] + T.Cast(F32, X[mb * MT + i, k0 * v + q]) * T.Cast(
                                     F32, W[jb * nb + j, k0 * v + q])
                 for i, j in T.grid(MT, nb):
-                    for q in range(1, v):
-                        acc[i, j, 0] = acc[i, j, 0] + acc[i, j, q]
+                    # lanes summed as a tree of vector adds (a scalar chain costs as much as the dot)
+                    if v >= 16:
+                        for q in T.vectorized(8):
+                            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 8]
+                    if v >= 8:
+                        for q in T.vectorized(4):
+                            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 4]
+                    if v >= 4:
+                        for q in T.vectorized(2):
+                            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 2]
+                    if v >= 2:
+                        acc[i, j, 0] = acc[i, j, 0] + acc[i, j, 1]
                     if has_b:
                         Y[mb * MT + i, jb * nb + j] = T.Cast(dt, acc[i, j, 0] + T.Cast(F32, Bias[jb * nb + j]))
                     else:
@@ -79,8 +90,17 @@ def _out_in(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool):
                         for q in T.vectorized(v):
                             acc1[j, q] = acc1[j, q] + T.Cast(F32, X[m, k0 * v + q]) * T.Cast(F32, W[jb * nb + j, k0 * v + q])
                 for j in range(nb):
-                    for q in range(1, v):
-                        acc1[j, 0] = acc1[j, 0] + acc1[j, q]
+                    if v >= 16:
+                        for q in T.vectorized(8):
+                            acc1[j, q] = acc1[j, q] + acc1[j, q + 8]
+                    if v >= 8:
+                        for q in T.vectorized(4):
+                            acc1[j, q] = acc1[j, q] + acc1[j, q + 4]
+                    if v >= 4:
+                        for q in T.vectorized(2):
+                            acc1[j, q] = acc1[j, q] + acc1[j, q + 2]
+                    if v >= 2:
+                        acc1[j, 0] = acc1[j, 0] + acc1[j, 1]
                     if has_b:
                         Y[m, jb * nb + j] = T.Cast(dt, acc1[j, 0] + T.Cast(F32, Bias[jb * nb + j]))
                     else:
@@ -94,6 +114,7 @@ def _in_out(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool):
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})  # y never overlaps x, W or bias: x loads stay hoisted
         M = T.int64()
         sx0, sy0 = T.int64(), T.int64()
         X = T.match_buffer(x_h, (M, k), dt, strides=(sx0, 1), offset_factor=1)
