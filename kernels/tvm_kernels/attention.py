@@ -206,9 +206,12 @@ def _weighted_rows(acc, weights, buf, index, lanes: int, lo=None, hi=None) -> tv
 
 
 def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, scale: float,
-                   causal: bool, window: int, softcap: float, sinks: bool) -> tvm.tirx.PrimFunc:
+                   causal: bool, window: int, softcap: float, sinks: bool,
+                   sinks_dtype: str | None = None) -> tvm.tirx.PrimFunc:
     """The destination-passing PrimFunc (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens,
-    [sinks,] out) of one specialization; symbolic in T, S, NB and MB (int64)."""
+    [sinks,] out) of one specialization; symbolic in T, S, NB and MB (int64). Sinks may have
+    their own dtype (sinks_dtype, default dtype); like the reference, they are rounded to dtype."""
+    sinks_dtype = sinks_dtype or dtype
     g_heads = hq // hkv
     vl, vlv = _lanes(d), _lanes(dv)
     kb = max(k for k in (1, 2, 4, 8, 16) if bs % k == 0)  # keys per online-softmax step
@@ -261,7 +264,7 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
                     for c in T.vectorized(d):
                         qf[g, c] = T.Cast("float32", q[t, h * g_heads + g, c]) * T.float32(scale)
                     if has_sinks:  # a sink is one more logit, without a value
-                        m[g] = T.Cast("float32", snk[h * g_heads + g])
+                        m[g] = T.Cast("float32", T.Cast(dtype, snk[h * g_heads + g]))
                         den[g] = T.float32(1)
                     else:
                         m[g] = neg
@@ -318,7 +321,7 @@ def make_prim_func(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, *, s
         tables = T.match_buffer(bt_h, (n_seq, n_tab), "int32", strides=(sb0, T.int64(1)), offset_factor=1)
         seq_lens = T.match_buffer(sl_h, (n_seq,), "int32", offset_factor=1)
         cu = T.match_buffer(cu_h, (n_seq + 1,), "int32", offset_factor=1)
-        snk = T.match_buffer(sk_h, (T.int64(hq),), dtype, offset_factor=1)
+        snk = T.match_buffer(sk_h, (T.int64(hq),), sinks_dtype, offset_factor=1)
         out = T.match_buffer(o_h, (n_tok, T.int64(hq), T.int64(dv)), dtype, strides=(so0, so1, T.int64(1)), offset_factor=1)
         body(q, k_cache, v_cache, tables, seq_lens, cu, snk, out, n_tok, n_seq)
 
@@ -335,7 +338,8 @@ def build(input_types: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[
     sinks = len(input_types) > 6
     if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return None
-    if sinks and input_types[6].dtype != q.dtype:
+    sinks_dtype = input_types[6].dtype if sinks else None
+    if sinks and sinks_dtype not in DTYPES:
         return None
     fixed = (*q.shape[1:], *k_cache.shape[1:], v_cache.shape[3])
     if not all(isinstance(x, int) for x in fixed):
@@ -347,10 +351,12 @@ def build(input_types: Sequence[TensorType], attrs: Mapping[str, Any]) -> tuple[
     if d % 2 or dv % 2 or bs % 2:  # the vector steps need two lanes at least
         return None
     name = kernel_name(q.dtype, hq, hkv, d, dv, bs, attrs, sinks)
+    if sinks and sinks_dtype != q.dtype:
+        name += f"_{SHORT[sinks_dtype]}"
     func = make_prim_func(
         q.dtype, hq, hkv, d, dv, bs, scale=float(attrs["scale"]), causal=bool(attrs["causal"]),
         window=int(attrs.get("sliding_window") or 0), softcap=float(attrs.get("softcap") or 0.0),
-        sinks=sinks,
+        sinks=sinks, sinks_dtype=sinks_dtype,
     )
     return name, func.with_attr("global_symbol", name)
 

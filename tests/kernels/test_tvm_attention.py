@@ -77,14 +77,17 @@ def _batch(seqs, *, hq, hkv, d, dv, bs, dtype, window=0, pad_seqs=0, pad_rows=0,
 
 def _check(seqs, *, hq=8, hkv=2, d=64, dv=None, bs=16, dtype="float32", causal=True, window=0,
            softcap=0.0, sinks=False, scale=None, pad_seqs=0, pad_rows=0, seed=0, views=False,
-           target=HOST):
+           target=HOST, sinks_dtype=None):
     dv = dv or d
     attrs = {"scale": scale or d**-0.5, "causal": causal, "sliding_window": window, "softcap": softcap}
     args = list(_batch(seqs, hq=hq, hkv=hkv, d=d, dv=dv, bs=bs, dtype=dtype, window=window,
                        pad_seqs=pad_seqs, pad_rows=pad_rows, seed=seed))
     if sinks:
-        args.append((torch.randn(hq, generator=torch.Generator().manual_seed(seed + 1)) * 2).to(args[0].dtype))
-    fn = _kernel(_types(dtype, hq, hkv, d, dv, bs, sinks), attrs, target)
+        args.append((torch.randn(hq, generator=torch.Generator().manual_seed(seed + 1)) * 2).to(DTYPES[sinks_dtype or dtype]))
+    types = _types(dtype, hq, hkv, d, dv, bs, sinks)
+    if sinks_dtype:
+        types[6] = TensorType(sinks_dtype, (hq,))
+    fn = _kernel(types, attrs, target)
     out = torch.full((args[0].shape[0], hq, dv), 7.0, dtype=args[0].dtype)  # every row is written
     if views:  # q a slice of a merged QKV projection, out a slice of a wider buffer
         qkv = torch.zeros(args[0].shape[0], hq + 2 * hkv, d, dtype=args[0].dtype)
@@ -147,6 +150,7 @@ def test_narrow_vectors_and_wide_groups() -> None:
 def test_half_precision(dtype: str) -> None:
     _check(MIXED, dtype=dtype, pad_rows=1)
     _check([(60, 3), (33, 33)], dtype=dtype, sinks=True, window=16, softcap=20.0)
+    _check([(60, 3), (33, 33)], dtype=dtype, sinks=True, sinks_dtype="float32")
 
 
 def test_generic_target() -> None:
