@@ -12,7 +12,8 @@ model, whose context is 256), for
 - transformers with a static cache and `torch.compile` of the forward;
 - ONNX Runtime on the transformers model exported with its KV cache as inputs and outputs
   (torch.onnx.export, dynamo), driven by a greedy decode loop; a failed export is reported.
-Greedy decoding, ignore EOS. Prints a table and writes JSON.
+Greedy decoding, ignore EOS. Prints a table and writes JSON. Needs the `bench` extra
+(`pip install -e ".[bench]"`: onnx, onnxruntime, onnxscript).
 """
 
 from __future__ import annotations
