@@ -7,6 +7,11 @@ Strided views pass as they are (the kernels declare symbolic strides) except whe
 can present them: an inner stride other than 1, or leading dims that cannot merge into one.
 Such an input is copied into a contiguous temporary; such a destination is computed into one
 and copied back. Plans rarely make them (a transposed view feeding a kernel).
+
+A record may name other functions of the library for small row counts (`by_rows`: [[max rows,
+function], ...], written by `kiln tune` when decode and prefill want different schedules): the
+launcher counts the rows of the first buffer it passes and calls the first function whose bound
+holds, else its own.
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ def _shaped(t: torch.Tensor, present: str) -> torch.Tensor | None:
         return None
 
 
-def make_launcher(fn: Callable[..., Any], record: Mapping[str, Any]) -> Launcher:
+def make_launcher(fn: Callable[..., Any], record: Mapping[str, Any],
+                  by_rows: tuple[tuple[int, Callable[..., Any]], ...] = ()) -> Launcher:
     """The launcher of compiled function `fn` with its build.json record (inputs, outputs,
-    present: see kiln.kernels.tvm_kernels.Kernel)."""
+    present: see kiln.kernels.tvm_kernels.Kernel); `by_rows`: (max rows, function) pairs that
+    serve calls of at most that many rows instead."""
     ins, outs_at = list(record["inputs"]), list(record["outputs"])
     present = list(record["present"])
 
@@ -65,7 +72,11 @@ def make_launcher(fn: Callable[..., Any], record: Mapping[str, Any]) -> Launcher
                 back.append((outs[j], tmp))
                 t = _shaped(tmp, p)
             call.append(t)
-        fn(*call)
+        f = fn
+        if by_rows and call:
+            rows = call[0].numel() // max(call[0].shape[-1], 1) if call[0].dim() else 1
+            f = next((g for bound, g in by_rows if rows <= bound), fn)
+        f(*call)
         for dst, tmp in back:
             dst.copy_(tmp)
 
@@ -76,7 +87,8 @@ def register(functions: Mapping[str, Callable[..., Any]], records: Mapping[str, 
     """Serve each function of a loaded library by name (a name is its op and every constant, so
     two libraries with one name hold the same kernel)."""
     for name, record in records.items():
-        _launchers[name] = make_launcher(functions[name], record)
+        by_rows = tuple((int(bound), functions[f]) for bound, f in record.get("by_rows", ()))
+        _launchers[name] = make_launcher(functions[name], record, by_rows)
 
 
 def missing(kernel: str) -> str:

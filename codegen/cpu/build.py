@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,13 @@ def compile_kernels(kernels: Sequence[Kernel]) -> tvm.runtime.Module:
     return tvm.compile(tvm.IRModule(funcs), target=target())
 
 
-def library_files(kernels: Sequence[Kernel]) -> dict[str, bytes]:
-    """The artifact files of a graph's kernels: the exported library and its build.json."""
+def library_files(kernels: Sequence[Kernel], tuning: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    """The artifact files of a graph's kernels: the exported library and its build.json; with a
+    tuning table (tuning.json, kiln.codegen.cpu.tuning) its schedules, else the defaults."""
+    if tuning:
+        from kiln.codegen.cpu.tuning import apply
+
+        kernels = apply(kernels, tuning)
     lib = compile_kernels(kernels)
     with tempfile.TemporaryDirectory(prefix="kiln-tvm-") as d:
         path = Path(d) / "kernels.so"

@@ -3,6 +3,10 @@
 (the op node's input and result types, with symbolic dims such as "T", and its attributes) and
 returns a `Kernel` specialized to its constants (hidden size, dtypes, eps, ...), or None when it
 does not cover that node (the op then runs its torch reference, listed as a fallback).
+A module whose schedules have knobs also exposes `KNOBS: dict[op, dict[knob, candidate values]]`
+and its builders take `config` (knob -> value; None is the default schedule, which is what a
+compile builds); `kiln tune` (kiln.codegen.cpu.tune) searches that space. A config changes the
+schedule, never the function's name or numerics.
 `kiln.codegen.cpu` compiles every kernel of a graph into one library; `kiln.kernels.tvm_provider`
 launches them as `tvm:<name>`.
 
@@ -21,6 +25,7 @@ Rules every kernel here keeps:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Callable, Mapping
@@ -73,13 +78,20 @@ class Kernel:
     """Op results passed as buffers after them (none for an in-place op)."""
     present: tuple[str, ...]
     """Per passed buffer (inputs then outputs): AS_IS, ROWS or MAT."""
+    info: OpInfo | None = None
+    """The node it was built for (set by `build`), so a tuned schedule can rebuild it."""
+    by_rows: tuple[tuple[int, str], ...] = ()
+    """Shape buckets with a schedule of their own: (max rows, function name) pairs, the first that
+    holds a call's row count wins, else this function runs (`kiln tune`'s decode bucket)."""
 
     def table(self) -> dict[str, Any]:
         """The launch record stored in the artifact's build.json."""
-        return {"inputs": list(self.inputs), "outputs": list(self.outputs), "present": list(self.present)}
+        record = {"inputs": list(self.inputs), "outputs": list(self.outputs), "present": list(self.present)}
+        return record | ({"by_rows": [list(b) for b in self.by_rows]} if self.by_rows else {})
 
 
-Builder = Callable[[OpInfo], Kernel | None]
+Builder = Callable[..., Kernel | None]
+"""builder(info) -> Kernel | None; builder(info, config) too for an op with knobs."""
 
 
 @functools.cache
@@ -87,7 +99,9 @@ def builders() -> dict[str, Builder]:
     """Every builder by IR op name (importing the kernel modules, and tvm, once)."""
     table: dict[str, Builder] = {}
     for name in MODULES:
-        table.update(importlib.import_module(f"{__name__}.{name}").BUILDERS)
+        module = importlib.import_module(f"{__name__}.{name}")
+        table.update(module.BUILDERS)
+        _knobs.update(getattr(module, "KNOBS", {}))
     try:
         attention = importlib.import_module(f"{__name__}.{ATTENTION}")
     except ModuleNotFoundError as e:
@@ -98,10 +112,22 @@ def builders() -> dict[str, Builder]:
     return table
 
 
-def build(info: OpInfo) -> Kernel | None:
-    """The kernel for an op node, or None when no builder covers it."""
+def build(info: OpInfo, config: Mapping[str, Any] | None = None) -> Kernel | None:
+    """The kernel for an op node, or None when no builder covers it; `config` picks a schedule
+    of an op with knobs (ValueError when it does not fit the node's shape)."""
     b = builders().get(info.op)
-    return b(info) if b is not None else None
+    kernel = (b(info, config) if config else b(info)) if b is not None else None
+    return dataclasses.replace(kernel, info=info) if kernel is not None else None
+
+
+def knobs(op: str) -> dict[str, tuple]:
+    """The schedule knobs of op's kernels and their candidate values ({} when it has none)."""
+    builders()
+    return dict(_knobs.get(op, {}))
+
+
+_knobs: dict[str, dict[str, tuple]] = {}
+"""Registry of the kernel modules' KNOBS, filled by `builders`."""
 
 
 def name_of(*parts: Any) -> str:

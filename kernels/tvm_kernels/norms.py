@@ -2,7 +2,8 @@
 fused_add_rms_norm (x + residual, then its rms_norm; two results) and layer_norm.
 
 Each row of [A, B, N] (T rows, or T*H for a per-head norm) is one task of a parallel loop; its
-statistics accumulate in float32 over V lanes (vectorized), then sum across the lanes.
+statistics accumulate in float32 over V lanes (vectorized), then sum across the lanes; V is the
+one knob (`KNOBS`, searched by `kiln tune`), by default the widest of 16 or less that divides N.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from kiln.kernels.tvm_kernels import keep_params as _drop
 
 F32 = "float32"
 
+KNOBS = {op: {"v": (4, 8, 16, 32, 64)} for op in ("rms_norm", "fused_add_rms_norm", "layer_norm")}
+"""float32 lanes of the row statistics; a width that does not divide N is no schedule of it."""
+
+
+def _lanes(n: int, config) -> int:
+    v = int((config or {}).get("v", vec_width(n)))
+    if v < 1 or n % v:
+        raise ValueError(f"norm of width {n}: {v} lanes do not divide it")
+    return v
+
 
 def _rounder(dtype: str):
     """v (float32) rounded to dtype and back: where torch rounds a 16-bit intermediate."""
@@ -40,8 +51,7 @@ def _rms_variant(attrs) -> tuple[str, float]:
     return ("fp32_mul" if attrs.get("weight_fp32") else "cast_mul"), float(attrs.get("offset") or 0.0)
 
 
-def _rms_func(n: int, dt: str, wdt: str | None, eps: float, mode: str, offset: float, fused: bool):
-    v = vec_width(n)
+def _rms_func(n: int, dt: str, wdt: str | None, eps: float, mode: str, offset: float, fused: bool, v: int):
     rnd = _rounder(dt)
     has_w = wdt is not None
     wdt = wdt or F32
@@ -99,9 +109,7 @@ def _rms_func(n: int, dt: str, wdt: str | None, eps: float, mode: str, offset: f
     return func
 
 
-
-
-def rms_norm(info: OpInfo) -> Kernel | None:
+def rms_norm(info: OpInfo, config=None) -> Kernel | None:
     x = info.inputs[0]
     n = last_dim(x)
     if n is None or x.dtype not in FLOATS or list(info.attrs.get("normalized_shape", [n])) != [n]:
@@ -113,13 +121,13 @@ def rms_norm(info: OpInfo) -> Kernel | None:
     eps = float(info.attrs["eps"])
     name = name_of("rms_norm", f"h{n}", short(x.dtype), f"e{eps:g}", mode, f"o{offset:g}" if offset else "",
                    f"w{short(w.dtype)}" if w is not None else "nw")
-    func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=False)
+    func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=False, v=_lanes(n, config))
     keep = (0, 2, 3) if w is not None else (0, 3)
     ins = (0, 1) if w is not None else (0,)
     return Kernel(name, _drop(func, keep), ins, (0,), (ROWS, *(AS_IS,) * (len(ins) - 1), ROWS))
 
 
-def fused_add_rms_norm(info: OpInfo) -> Kernel | None:
+def fused_add_rms_norm(info: OpInfo, config=None) -> Kernel | None:
     x = info.inputs[0]
     n = last_dim(x)
     if n is None or x.dtype not in FLOATS:
@@ -132,14 +140,13 @@ def fused_add_rms_norm(info: OpInfo) -> Kernel | None:
     eps = float(info.attrs["eps"])
     name = name_of("fused_add_rms_norm", f"h{n}", short(x.dtype), f"e{eps:g}", mode, f"o{offset:g}" if offset else "",
                    f"w{short(w.dtype)}" if w is not None else "nw")
-    func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=True)
+    func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=True, v=_lanes(n, config))
     keep = (0, 1, 2, 3, 4) if w is not None else (0, 1, 3, 4)
     ins = (0, 1, 2) if w is not None else (0, 1)
     return Kernel(name, _drop(func, keep), ins, (0, 1), (ROWS, ROWS, *(AS_IS,) * (len(ins) - 2), ROWS, ROWS))
 
 
-def _layer_norm_func(n: int, dt: str, wdt: str, bdt: str, eps: float, has_w: bool, has_b: bool):
-    v = vec_width(n)
+def _layer_norm_func(n: int, dt: str, wdt: str, bdt: str, eps: float, has_w: bool, has_b: bool, v: int):
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -186,7 +193,7 @@ def _layer_norm_func(n: int, dt: str, wdt: str, bdt: str, eps: float, has_w: boo
     return func
 
 
-def layer_norm(info: OpInfo) -> Kernel | None:
+def layer_norm(info: OpInfo, config=None) -> Kernel | None:
     x = info.inputs[0]
     n = last_dim(x)
     if n is None or x.dtype not in FLOATS or list(info.attrs["normalized_shape"]) != [n]:
@@ -200,7 +207,7 @@ def layer_norm(info: OpInfo) -> Kernel | None:
     eps = float(info.attrs["eps"])
     name = name_of("layer_norm", f"h{n}", short(x.dtype), f"e{eps:g}", f"w{short(w.dtype)}" if w else "nw",
                    f"b{short(b.dtype)}" if b else "nb")
-    func = _layer_norm_func(n, x.dtype, w.dtype if w else F32, b.dtype if b else F32, eps, w is not None, b is not None)
+    func = _layer_norm_func(n, x.dtype, w.dtype if w else F32, b.dtype if b else F32, eps, w is not None, b is not None, _lanes(n, config))
     keep = (0, *((1,) if w else ()), *((2,) if b else ()), 3)
     ins = tuple(range(1 + (w is not None) + (b is not None)))
     return Kernel(name, _drop(func, keep), ins, (0,), (ROWS, *(AS_IS,) * (len(ins) - 1), ROWS))
