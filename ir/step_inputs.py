@@ -64,6 +64,10 @@ STEP_INPUTS: dict[str, StepInput] = {
 PAGED_INPUTS = (SLOT_MAPPING, BLOCK_TABLES, SEQ_LENS)
 """The metadata of attention over the paged KV cache."""
 
+DEFAULT_BLOCK_SIZE = 16
+"""Tokens per KV-cache block (BS) unless the engine is told otherwise; the cpu target compiles
+its paged-attention kernel for this block size."""
+
 CACHE_SHAPE = ("NB", "BS")
 """Leading dims of a layer's K or V cache: [NB, BS, Hkv, D]."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.ir.step_inputs import LOGITS_INDICES, token_buckets
+from kiln.ir.step_inputs import DEFAULT_BLOCK_SIZE, LOGITS_INDICES, token_buckets
 from kiln.ir.types import torch_dtype
 from kiln.runtime.artifact import read_manifest
 from kiln.runtime.block_pool import BlockPool
@@ -93,7 +93,7 @@ class LLMEngine:
         *,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         enable_prefix_caching: bool = True,
         kv_cache_memory_bytes: int | None = None,
         num_kv_blocks: int | None = None,
@@ -109,6 +109,7 @@ class LLMEngine:
             cuda = read_manifest(model).get("target") == "cuda" and torch.cuda.is_available()
             device = "cuda" if cuda else "cpu"
         self.model = CompiledModel(model, device=device, verify=verify)  # verify: check content hashes
+        self.model.check_block_size(block_size)
         self.tokenizer = Tokenizer(model, verify=verify)
         self.device = torch.device(device)
         if async_scheduling is None:

@@ -8,6 +8,8 @@ from kiln.ir.cost import NOMINAL, kernel_coverage
 from kiln.ir.serialize import loads
 from kiln.runtime.artifact import GRAPH, read_json, read_manifest, verify_hashes
 from kiln.runtime.kernel_binaries import BUILD_INFO
+from kiln.runtime.tvm_library import BUILD_INFO as CPU_BUILD_INFO
+from kiln.runtime.tvm_library import fixed_symbols
 
 
 def _human(n: float) -> str:
@@ -19,8 +21,14 @@ def _human(n: float) -> str:
 
 
 def _kernels(root: Path, m: dict) -> list[str]:
-    """The compiled kernels' line of a cuda artifact: what they were built for, or that they
-    are missing."""
+    """The compiled kernels' line of a cuda or cpu artifact: what they were built for, or that
+    they are missing."""
+    if m["target"] == "cpu" and CPU_BUILD_INFO in m["files"]:
+        b = read_json(root, CPU_BUILD_INFO)
+        fixed = fixed_symbols(b, str(root))
+        blocks = f"; KV blocks of {fixed['BS']} tokens only" if "BS" in fixed else ""
+        return [f"kernels    {len(b['kernels'])} TVM functions for {b.get('mcpu')} ({b.get('triple')}), "
+                f"TVM {b.get('tvm')}{blocks}"]
     if m["target"] != "cuda":
         return []
     if BUILD_INFO not in m["files"]:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from kiln.ir.step_inputs import (
+    DEFAULT_BLOCK_SIZE,
     INPUT_IDS,
     LOGITS_INDICES,
     POSITION_IDS,
@@ -22,7 +23,6 @@ from kiln.runtime.kernel_binaries import install as install_kernels
 from kiln.runtime.plan import load_plan
 from kiln.runtime.weights import load_weights
 
-DEBUG_BLOCK_SIZE = 16
 CUDA_TARGET = "cuda"
 CPU_TARGET = "cpu"
 
@@ -41,12 +41,14 @@ class CompiledModel:
         artifact = Artifact(self.path, target, verify=verify)
         self.manifest = artifact.manifest
         self.plan = load_plan(artifact)
+        self.fixed_symbols: dict[str, int] = {}
+        """Symbols the compiled kernels serve at one value only ({"BS": 16} on the cpu target)."""
         if self.manifest.get("target") == CUDA_TARGET:
             install_kernels(artifact, torch.device(device))
         elif self.manifest.get("target") == CPU_TARGET:
             from kiln.runtime.tvm_library import install as install_library
 
-            install_library(artifact)
+            self.fixed_symbols = install_library(artifact)
         weights = load_weights(artifact, set(self.plan.params), device)
         self.executor = PlanExecutor(self.plan, weights, device, limits)
         self.config: dict[str, Any] = artifact.read_json("config.json")
@@ -57,6 +59,19 @@ class CompiledModel:
     def cache_types(self) -> dict[str, TensorType]:
         """The per-layer KV-cache inputs of the plan ([NB, BS, Hkv, D] each)."""
         return {k: t for k, t in self.executor.input_types.items() if is_cache_input(k)}
+
+    @property
+    def block_size(self) -> int | None:
+        """The KV block size the kernels were compiled for, or None when any block size runs."""
+        return self.fixed_symbols.get("BS")
+
+    def check_block_size(self, block_size: int) -> None:
+        """ValueError unless the artifact's kernels run caches of `block_size`-token blocks."""
+        if self.block_size is not None and block_size != self.block_size:
+            raise ValueError(
+                f"'{self.path}' runs paged attention with blocks of {self.block_size} tokens (its "
+                f"{self.manifest.get('target')} kernels are compiled for that size); got block_size={block_size}: "
+                f"leave block_size at {self.block_size}, or use a reference-target artifact")
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -89,7 +104,8 @@ class CompiledModel:
             raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
         # Whole sequences; a throwaway paged cache holding just this batch.
         inputs = {INPUT_IDS.name: input_ids, POSITION_IDS.name: position_ids,
-                  **whole_sequence_inputs(lens.tolist(), self.plan.inputs, self.cache_types, DEBUG_BLOCK_SIZE)}
+                  **whole_sequence_inputs(lens.tolist(), self.plan.inputs, self.cache_types,
+                                          self.block_size or DEFAULT_BLOCK_SIZE)}
         if LOGITS_INDICES.name in self.plan.inputs:
             inputs[LOGITS_INDICES.name] = (
                 torch.arange(total) if logits_indices is None else logits_indices.to(torch.int64)

@@ -55,9 +55,10 @@ def check(built: dict[str, Any], here: dict[str, Any], where: str) -> None:
         )
 
 
-def install(artifact: Artifact) -> None:
+def install(artifact: Artifact) -> dict[str, int]:
     """Load the artifact's kernel library and serve its functions as `tvm:<name>`; ArtifactError
-    when it has none or it was built for another processor."""
+    when it has none or it was built for another processor. Returns the symbols its kernels
+    serve at one value only (`{"BS": 16}`: paged attention built for that block size)."""
     from kiln.kernels import tvm_provider
 
     where = artifact.root
@@ -78,6 +79,19 @@ def install(artifact: Artifact) -> None:
         os.unlink(path)  # the loader has mapped it
     tvm_provider.register({name: module[name] for name in built["kernels"]}, built["kernels"])
     _loaded.append(module)
+    return fixed_symbols(built, str(where))
+
+
+def fixed_symbols(built: dict[str, Any], where: str) -> dict[str, int]:
+    """The symbols build.json's kernel records fix ("fixed"), merged; ArtifactError when two
+    kernels fix one symbol at different values (no step could run both)."""
+    out: dict[str, int] = {}
+    for name, record in built["kernels"].items():
+        for sym, value in record.get("fixed", {}).items():
+            if out.setdefault(sym, int(value)) != int(value):
+                raise ArtifactError(f"'{where}': kernel {name} is built for {sym}={value}, another for "
+                                    f"{sym}={out[sym]}; recompile the model")
+    return out
 
 
 _loaded: list[Any] = []

@@ -2,27 +2,49 @@
 compiled by LLVM for the host processor into one shared library in the artifact (build.py);
 paged attention too when kiln.kernels.tvm_kernels.attention is present. Any other op runs its
 torch reference (`torch:<op>`), recorded as a fallback (`kiln inspect` lists them).
+
+Paged attention needs a constant block size (its key loop steps through a block in vectors), so
+its kernel is built for the engine's default, DEFAULT_BLOCK_SIZE; the kernel's build.json record
+says so (`"fixed": {"BS": 16}`) and the runtime refuses another block size for the artifact.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from kiln.codegen.lowering import LoweredModule, build_plan
 from kiln.errors import UnsupportedOpError
 from kiln.ir.graph import Graph, Node
+from kiln.ir.step_inputs import DEFAULT_BLOCK_SIZE
 from kiln.ir.types import TensorType
 from kiln.kernels import torch_provider, tvm_kernels, tvm_provider
 from kiln.kernels.tvm_kernels import Kernel, OpInfo
 
 TARGET = "cpu"
 
+SPECIALIZE: dict[str, dict[str, int]] = {"paged_attention": {"BS": DEFAULT_BLOCK_SIZE}}
+"""Per op, the symbolic dims its kernel is built for at one value (the rest stay symbolic)."""
+
+
+def _fix(t: TensorType, values: dict[str, int]) -> TensorType:
+    return dataclasses.replace(t, shape=tuple(values.get(d, d) if isinstance(d, str) else d for d in t.shape))
+
 
 def op_info(node: Node) -> OpInfo:
     """What a kernel builder sees of `node`: tensor input types (None for a scalar constant),
-    result types and attributes."""
+    result types and attributes; the dims SPECIALIZE fixes for its op replaced by their values
+    (and listed in OpInfo.fixed when a type had them)."""
     inputs = tuple(
         x.type if isinstance(x.type, TensorType) and not x.is_scalar_const else None for x in node.inputs
     )
-    return OpInfo(node.op, inputs, tuple(node.type.types), dict(node.attrs))
+    outputs = tuple(node.type.types)
+    values = SPECIALIZE.get(node.op, {})
+    used = {d for t in (*inputs, *outputs) if t is not None for d in t.shape if isinstance(d, str) and d in values}
+    if not used:
+        return OpInfo(node.op, inputs, outputs, dict(node.attrs))
+    inputs = tuple(t if t is None else _fix(t, values) for t in inputs)
+    outputs = tuple(_fix(t, values) for t in outputs)
+    return OpInfo(node.op, inputs, outputs, dict(node.attrs), fixed={d: values[d] for d in sorted(used)})
 
 
 def lower(graph: Graph) -> LoweredModule:

@@ -62,6 +62,9 @@ class OpInfo:
     """Result types (one per result of a multi-result op)."""
     attrs: Mapping[str, Any] = field(default_factory=dict)
     """The node's attributes."""
+    fixed: Mapping[str, int] = field(default_factory=dict)
+    """Symbolic dims the lowering replaced by constants in these types (the block size "BS" for
+    paged attention): a kernel built from them serves only those values."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,14 @@ class Kernel:
     by_rows: tuple[tuple[int, str], ...] = ()
     """Shape buckets with a schedule of their own: (max rows, function name) pairs, the first that
     holds a call's row count wins, else this function runs (`kiln tune`'s decode bucket)."""
+    fixed: Mapping[str, int] = field(default_factory=dict)
+    """Symbols this kernel serves at one value only (OpInfo.fixed); the runtime refuses others."""
 
     def table(self) -> dict[str, Any]:
         """The launch record stored in the artifact's build.json."""
         record = {"inputs": list(self.inputs), "outputs": list(self.outputs), "present": list(self.present)}
-        return record | ({"by_rows": [list(b) for b in self.by_rows]} if self.by_rows else {})
+        record |= {"by_rows": [list(b) for b in self.by_rows]} if self.by_rows else {}
+        return record | ({"fixed": dict(self.fixed)} if self.fixed else {})
 
 
 Builder = Callable[..., Kernel | None]
@@ -117,7 +123,9 @@ def build(info: OpInfo, config: Mapping[str, Any] | None = None) -> Kernel | Non
     of an op with knobs (ValueError when it does not fit the node's shape)."""
     b = builders().get(info.op)
     kernel = (b(info, config) if config else b(info)) if b is not None else None
-    return dataclasses.replace(kernel, info=info) if kernel is not None else None
+    if kernel is None:
+        return None
+    return dataclasses.replace(kernel, info=info, **({"fixed": dict(info.fixed)} if info.fixed else {}))
 
 
 def knobs(op: str) -> dict[str, tuple]:

@@ -20,8 +20,8 @@ from kiln.runtime.tvm_library import BUILD_INFO, LIBRARY  # noqa: E402
 
 PROMPTS = [[5, 9, 33, 2, 71], list(range(3, 30)), [100] * 9]
 # llama: the plain decoder; qwen2: QKV bias; gemma2: soft-caps, sliding window, (1 + w) norms,
-# gelu tanh; phi: layer_norm, partial rotary, dense bias
-ARCHS = ["llama", "qwen2", "gemma2", "phi"]
+# gelu tanh; phi: layer_norm, partial rotary, dense bias; mistral: a window on every layer
+ARCHS = ["llama", "qwen2", "gemma2", "phi", "mistral"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def test_greedy_on_cpu_matches_the_reference_target(arch, cpu_artifact, artifact
     cpu = cpu_artifact(arch)
     manifest = json.loads((cpu / "manifest.json").read_text())
     assert any(k.startswith("tvm:linear_") for k in manifest["ops"])
+    assert any(k.startswith("tvm:paged_attention_") for k in manifest["ops"])
     assert _greedy(cpu) == _greedy(artifact(arch, "float32"))
 
 
@@ -55,12 +56,23 @@ def test_the_kernel_set_of_llama_runs_in_tvm(cpu_artifact):
     manifest = json.loads((cpu_artifact("llama") / "manifest.json").read_text())
     ops = {k.split(":", 1)[1].split("_f32")[0] if k.startswith("tvm:") else k for k in manifest["ops"]}
     for kind in ("embedding", "rms_norm", "fused_add_rms_norm", "rope", "kv_cache_write", "silu_and_mul",
-                 "gather_rows"):
+                 "gather_rows", "paged_attention"):
         assert any(o.startswith(kind) for o in ops), f"{kind} is not a TVM kernel: {sorted(ops)}"
-    assert not any(k.startswith("torch:") and k != "torch:paged_attention" for k in manifest["ops"])
+    assert not any(k.startswith("torch:") for k in manifest["ops"]) and not manifest["fallbacks"]
     built = json.loads((cpu_artifact("llama") / BUILD_INFO).read_text())
     assert built["tvm"] == tvm.__version__ and built["mcpu"] and built["kernels"]
     assert (cpu_artifact("llama") / LIBRARY).stat().st_size > 0
+
+
+def test_paged_attention_is_built_for_the_default_block_size_only(cpu_artifact):
+    from kiln.ir.step_inputs import DEFAULT_BLOCK_SIZE
+
+    built = json.loads((cpu_artifact("llama") / BUILD_INFO).read_text())
+    fixed = [r["fixed"] for name, r in built["kernels"].items() if name.startswith("paged_attention_")]
+    assert fixed == [{"BS": DEFAULT_BLOCK_SIZE}]
+    assert LLM(cpu_artifact("llama"), num_kv_blocks=8).engine.model.block_size == DEFAULT_BLOCK_SIZE
+    with pytest.raises(ValueError, match=f"blocks of {DEFAULT_BLOCK_SIZE} tokens.*block_size=32"):
+        LLM(cpu_artifact("llama"), block_size=32, num_kv_blocks=8)
 
 
 def test_loading_and_running_compile_nothing(cpu_artifact, monkeypatch):
