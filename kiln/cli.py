@@ -122,6 +122,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu or cuda[:N] (default: the GPU for a cuda-target artifact when there is one, else cpu)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: the cores this process may use; a cpu-target artifact gives "
+                   "them to its TVM kernels and one to torch)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -133,6 +136,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         kw["device"] = args.device
     if args.enforce_eager:
         kw["enforce_eager"] = True
+    if args.threads is not None:
+        kw["threads"] = args.threads
     return kw
 
 

@@ -39,6 +39,7 @@ from kiln.runtime.request import PLACEHOLDER, Request, Status
 from kiln.runtime.sampler import Sampler, SamplingState
 from kiln.runtime.sampling_params import Logprob, SamplingParams
 from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.threads import configure as configure_threads
 from kiln.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,15 @@ class LLMEngine:
         verify: bool = True,
         enforce_eager: bool = False,
         async_scheduling: bool | None = None,
+        threads: int | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        target = read_manifest(model).get("target")
         if device is None:  # where the artifact's kernels run: a cuda artifact on the GPU when there is one
-            cuda = read_manifest(model).get("target") == "cuda" and torch.cuda.is_available()
-            device = "cuda" if cuda else "cpu"
+            device = "cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"
+        # On the CPU: `threads` (default: this process's cores) split between torch and TVM.
+        self.threads = configure_threads(threads, target if torch.device(device).type == "cpu" else None)
         self.model = CompiledModel(model, device=device, verify=verify)  # verify: check content hashes
         self.model.check_block_size(block_size)
         self.tokenizer = Tokenizer(model, verify=verify)

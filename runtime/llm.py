@@ -19,7 +19,8 @@ class LLM:
     max_num_batched_tokens, max_num_seqs, block_size, enable_prefix_caching,
     kv_cache_memory_bytes, num_kv_blocks, max_model_len, device (default: the GPU for a cuda-target
     artifact when there is one, else the CPU), enforce_eager (no CUDA graphs), verify (False skips
-    checking the artifact's content hashes)."""
+    checking the artifact's content hashes), threads (CPU threads; default: the process's cores,
+    see kiln.runtime.threads)."""
 
     def __init__(self, model: str | Path, **engine_kwargs):
         self.engine = LLMEngine(model, **engine_kwargs)

@@ -6,7 +6,9 @@ the ops that fell back to torch."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 
 import pytest
 
@@ -86,6 +88,23 @@ def test_loading_and_running_compile_nothing(cpu_artifact, monkeypatch):
     model = CompiledModel(cpu_artifact("llama"))
     logits = model(torch.tensor([5, 9, 33]), torch.arange(3), [3])
     assert logits.shape[0] == 3 and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_weights_are_views_of_the_mapped_weight_files(cpu_artifact):
+    """No copy at load: every weight the plan reads lies in a mapping of a weight file."""
+    root = os.path.realpath(cpu_artifact("llama"))
+    model = CompiledModel(root)
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith(root) and parts[5].endswith(".safetensors"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                spans.append((lo, hi))
+    params = [model.executor._resident[i] for i in model.plan.params.values()]
+    assert spans and params
+    assert all(any(lo <= p.data_ptr() < hi for lo, hi in spans) for p in params)
 
 
 def test_a_library_for_another_processor_is_refused(cpu_artifact, tmp_path):

@@ -1,0 +1,51 @@
+"""Thread defaults of a CPU engine (kiln.runtime.threads): the cores go to TVM on the cpu target
+and to torch elsewhere; `threads=` and `--threads` override."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kiln.runtime import threads
+
+
+@pytest.fixture(autouse=True)
+def _restore(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv(threads.TVM_NUM_THREADS, raising=False)
+    monkeypatch.delenv(threads.TVM_SPIN, raising=False)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_cpu_target_gives_the_cores_to_tvm_and_one_thread_to_torch(monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: 6)
+    assert threads.configure(None, "cpu") == {"torch": 1, "tvm": 6}
+    assert torch.get_num_threads() == 1
+    assert os.environ[threads.TVM_NUM_THREADS] == "6" and os.environ[threads.TVM_SPIN] == "0"
+
+
+def test_an_explicit_count_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv(threads.TVM_NUM_THREADS, "5")
+    assert threads.configure(None, "cpu")["tvm"] == 5
+    assert threads.configure(3, "cpu")["tvm"] == 3
+
+
+def test_other_targets_give_the_threads_to_torch():
+    assert threads.configure(2, "reference") == {"torch": 2}
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        threads.configure(0, "reference")
+
+
+def test_the_commands_that_run_an_artifact_take_threads():
+    import argparse
+
+    from kiln.cli import _engine_args, _engine_kwargs
+
+    p = argparse.ArgumentParser()
+    _engine_args(p)
+    assert _engine_kwargs(p.parse_args(["--threads", "3"]))["threads"] == 3
+    assert "threads" not in _engine_kwargs(p.parse_args([]))
