@@ -205,6 +205,9 @@ def tune(artifact: str | Path, budget: float | None = None, kernels: int | None 
     all_kernels, calls = plan_kernels(art)
     tunable = sorted((k for k in all_kernels if tvm_kernels.knobs(k.info.op)),
                      key=lambda k: (-_cost(k) * calls[k.name], k.name))[:kernels]
+    # smallest search spaces first: the budget they leave flows to the big ones (each kernel's
+    # share is the budget left over the kernels left)
+    tunable.sort(key=lambda k: math.prod(len(v) for v in tvm_kernels.knobs(k.info.op).values()))
     earlier = _earlier(art, here)
     entries: dict[str, Any] = {}
     start = time.perf_counter()
