@@ -7,11 +7,14 @@ one's spinning workers steal the cores the other's next region needs; on a 2-cor
 another process loads too, two torch threads per process already fought (issue 12).
 
 So a cpu-target engine gives the cores to TVM (the kernels are nearly all the work) and one
-thread to torch; TVM's workers sleep at once after a kernel (TVM_THREAD_POOL_SPIN_COUNT=0):
-between two kernels the main thread runs Python for microseconds, and a spinning worker only
-delays whoever else wants the core. Other targets give the cores to torch. The count is the
-cores this process may run on (its affinity mask), not the machine's: TVM's own default is half
-the hardware threads (it assumes hyper-threading), one thread on a 2-core machine.
+thread to torch, whose pool then never spins. Other targets give the cores to torch. The count
+is the cores this process may run on (its affinity mask), not the machine's: TVM's own default
+is half the hardware threads (it assumes hyper-threading), one thread on a 2-core machine,
+where two measured about 1.5x faster batch-1 decode while the other core was free (llama-100m:
+55-62 vs 37 tok/s). TVM's workers keep their own spin count (TVM_THREAD_POOL_SPIN_COUNT,
+300000): sleeping at once after each kernel (0) measured no better on the loaded 2-core
+machine (batch-1 decode 21-30 vs 25-37 tok/s, interleaved runs while another process kept both
+cores busy), since a woken worker waits for a core too.
 
 TVM reads its settings from the environment when a thread first launches a parallel kernel, so
 `configure` sets them before that; a pool that already runs keeps its size (an explicit
@@ -25,9 +28,6 @@ import os
 import torch
 
 TVM_NUM_THREADS = "TVM_NUM_THREADS"
-TVM_SPIN = "TVM_THREAD_POOL_SPIN_COUNT"
-TVM_SPIN_DEFAULT = "0"
-"""Iterations a TVM worker spins for new work before it sleeps (TVM's own default: 300000)."""
 CPU_TARGET_TORCH_THREADS = 1
 """torch's intra-op threads beside TVM's pool on the cpu target."""
 
@@ -55,6 +55,5 @@ def configure(threads: int | None, target: str | None) -> dict[str, int]:
         os.environ[TVM_NUM_THREADS] = str(threads)
     else:
         os.environ.setdefault(TVM_NUM_THREADS, str(available_cores()))
-    os.environ.setdefault(TVM_SPIN, TVM_SPIN_DEFAULT)
     torch.set_num_threads(CPU_TARGET_TORCH_THREADS)
     return {"torch": CPU_TARGET_TORCH_THREADS, "tvm": int(os.environ[TVM_NUM_THREADS])}

@@ -15,7 +15,6 @@ from kiln.runtime import threads
 def _restore(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv(threads.TVM_NUM_THREADS, raising=False)
-    monkeypatch.delenv(threads.TVM_SPIN, raising=False)
     yield
     torch.set_num_threads(before)
 
@@ -24,7 +23,7 @@ def test_the_cpu_target_gives_the_cores_to_tvm_and_one_thread_to_torch(monkeypat
     monkeypatch.setattr(threads, "available_cores", lambda: 6)
     assert threads.configure(None, "cpu") == {"torch": 1, "tvm": 6}
     assert torch.get_num_threads() == 1
-    assert os.environ[threads.TVM_NUM_THREADS] == "6" and os.environ[threads.TVM_SPIN] == "0"
+    assert os.environ[threads.TVM_NUM_THREADS] == "6"
 
 
 def test_an_explicit_count_wins_over_the_environment(monkeypatch):
