@@ -44,7 +44,7 @@ def _copy(src, tmp_path):
     return shutil.copytree(src, tmp_path / "artifact")
 
 
-def _fake_measure(k, inputs):
+def _fake_measure(k, inputs, compiled):
     """Decode prefers one row per tile (mt=1), prefill eight (mt=8); the rest ties with the default."""
     import tvm_ffi
 
