@@ -21,7 +21,9 @@ from kiln.errors import KilnError
 from kiln.runtime.artifact import read_manifest
 
 
-def tune(artifact: str | Path, budget: float | None = None, kernels: int | None = None) -> dict[str, Any]:
+def tune(
+    artifact: str | Path, budget: float | None = None, kernels: int | None = None
+) -> dict[str, Any]:
     """Tune the artifact in place for this machine; returns what was done (printable JSON).
     `budget` (seconds of search) and `kernels` (how many of the hottest) bound the cpu search."""
     target = read_manifest(artifact).get("target")
@@ -33,13 +35,20 @@ def tune(artifact: str | Path, budget: float | None = None, kernels: int | None 
         import torch
 
         if not torch.cuda.is_available():
-            raise KilnError(f"'{artifact}' is a cuda artifact: tune it on the GPU that will serve it (no CUDA GPU here)")
+            raise KilnError(
+                f"'{artifact}' is a cuda artifact: tune it on the GPU that will serve it (no CUDA GPU here)"
+            )
         from kiln.codegen.cuda.build import build_kernels
 
         return {"target": target, "kernels": build_kernels(artifact)}
     if target == "reference":
-        return {"target": target, "note": "the reference target runs torch references: nothing to tune"}
-    raise KilnError(f"kiln tune does not support target '{target}' (it tunes cpu and cuda artifacts)")
+        return {
+            "target": target,
+            "note": "the reference target runs torch references: nothing to tune",
+        }
+    raise KilnError(
+        f"kiln tune does not support target '{target}' (it tunes cpu and cuda artifacts)"
+    )
 
 
 def main_text(artifact: str | Path, budget: float | None = None, kernels: int | None = None) -> str:
@@ -53,10 +62,20 @@ def main_text(artifact: str | Path, budget: float | None = None, kernels: int | 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`kiln tune`'s options (the artifact, --budget, --kernels)."""
     parser.add_argument("artifact")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                        help="seconds of search, shared by the kernels tuned (cpu; default 120)")
-    parser.add_argument("--kernels", type=int, default=None, metavar="N",
-                        help="tune only the N hottest kernels (cpu; default: every kernel with knobs)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds of search, shared by the kernels tuned (cpu; default 120)",
+    )
+    parser.add_argument(
+        "--kernels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tune only the N hottest kernels (cpu; default: every kernel with knobs)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

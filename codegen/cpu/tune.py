@@ -72,15 +72,19 @@ def plan_kernels(art: Artifact) -> tuple[list[Kernel], dict[str, int]]:
             kernels.setdefault(k.name, k)
     missing = sorted(set(calls) - set(kernels))
     if missing:
-        raise KilnError(f"'{art.root}': its plan calls TVM kernels that this kiln does not build ({', '.join(missing[:4])}):"
-                        " recompile the model with this kiln, then tune it")
+        raise KilnError(
+            f"'{art.root}': its plan calls TVM kernels that this kiln does not build ({', '.join(missing[:4])}):"
+            " recompile the model with this kiln, then tune it"
+        )
     return list(kernels.values()), calls
 
 
 def _cost(k: Kernel) -> int:
     """Elements a call reads per token row: what ranks kernels by heat (a weight counts whole)."""
     assert k.info is not None
-    return sum(math.prod(d for d in t.shape if isinstance(d, int)) for t in k.info.inputs if t is not None)
+    return sum(
+        math.prod(d for d in t.shape if isinstance(d, int)) for t in k.info.inputs if t is not None
+    )
 
 
 def _tensors(k: Kernel, rows: int, seed: int) -> tuple[list[Any], list[torch.Tensor]]:
@@ -91,7 +95,10 @@ def _tensors(k: Kernel, rows: int, seed: int) -> tuple[list[Any], list[torch.Ten
     def shape(t):
         return [rows if not isinstance(d, int) else d for d in t.shape]
 
-    args = [None if t is None else torch.randn(shape(t), generator=g).to(getattr(torch, t.dtype)) for t in k.info.inputs]
+    args = [
+        None if t is None else torch.randn(shape(t), generator=g).to(getattr(torch, t.dtype))
+        for t in k.info.inputs
+    ]
     return args, [torch.empty(shape(t), dtype=getattr(torch, t.dtype)) for t in k.info.outputs]
 
 
@@ -111,8 +118,9 @@ def _time_us(launch, outs, args) -> float:
     return statistics.median(samples) * 1e6
 
 
-def measure(k: Kernel, inputs: dict[str, tuple[list[Any], list[torch.Tensor]]],
-            compiled: dict[int, Any]) -> dict[str, float]:
+def measure(
+    k: Kernel, inputs: dict[str, tuple[list[Any], list[torch.Tensor]]], compiled: dict[int, Any]
+) -> dict[str, float]:
     """Time kernel k at every bucket: bucket -> µs per call; compiled alone the first time
     (`compiled`: launchers by the function's structural hash, kept for the confirming rounds)."""
     import tvm_ffi
@@ -128,7 +136,9 @@ def measure(k: Kernel, inputs: dict[str, tuple[list[Any], list[torch.Tensor]]],
     return {b: _time_us(launch, outs, args) for b, (args, outs) in inputs.items()}
 
 
-def candidates(op: str, seed: str, earlier: list[dict], best: dict[str, dict[str, dict]]) -> Iterator[dict]:
+def candidates(
+    op: str, seed: str, earlier: list[dict], best: dict[str, dict[str, dict]]
+) -> Iterator[dict]:
     """Configs to try in order (see the module docstring); `best[bucket][knob]` is filled by the
     caller with the best single-knob config seen so far."""
     space = tvm_kernels.knobs(op)
@@ -143,7 +153,9 @@ def candidates(op: str, seed: str, earlier: list[dict], best: dict[str, dict[str
             merged |= c
         yield merged
     keys = sorted(space)
-    rest = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(space[k] for k in keys))]
+    rest = [
+        dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(space[k] for k in keys))
+    ]
     random.Random(seed).shuffle(rest)
     yield from rest
 
@@ -167,7 +179,9 @@ def tune_kernel(k: Kernel, calls: int, seconds: float, earlier: list[dict]) -> d
             cand = tvm_kernels.build(k.info, config) if config else k
         except ValueError:  # a knob value that does not divide this shape
             continue
-        h = tvm_ffi.structural_hash(cand.func) if cand is not None else None  # knobs that change nothing here
+        h = (
+            tvm_ffi.structural_hash(cand.func) if cand is not None else None
+        )  # knobs that change nothing here
         if h is None or h in seen:
             continue
         seen.add(h)
@@ -182,20 +196,28 @@ def tune_kernel(k: Kernel, calls: int, seconds: float, earlier: list[dict]) -> d
                     best[b][knob] = config
     # the default and each bucket's winner timed again, in turns, so that a load that came and
     # went during the search favours none of them; a winner must beat the default by MARGIN
-    finalists = sorted({0} | {min(range(len(tried)), key=lambda i: tried[i][1][b]) for b in BUCKETS})
+    finalists = sorted(
+        {0} | {min(range(len(tried)), key=lambda i: tried[i][1][b]) for b in BUCKETS}
+    )
     rounds: dict[int, list[dict[str, float]]] = {i: [] for i in finalists}
     for _ in range(CONFIRM_ROUNDS if len(finalists) > 1 else 0):
         for i in finalists:
             rounds[i].append(measure(kernels[i], inputs, compiled))
-    final = {i: {b: statistics.median([r[b] for r in rs]) for b in BUCKETS} if rs else tried[i][1]
-             for i, rs in rounds.items()}
+    final = {
+        i: {b: statistics.median([r[b] for r in rs]) for b in BUCKETS} if rs else tried[i][1]
+        for i, rs in rounds.items()
+    }
     entry: dict[str, Any] = {"op": k.info.op, "calls": calls}
     for b in BUCKETS:
         win = min(finalists, key=lambda i: final[i][b])
         if final[win][b] > final[0][b] * (1 - MARGIN):  # within the noise: keep the default
             win = 0
-        entry[b] = {"config": tried[win][0], "default_us": round(final[0][b], 2), "tuned_us": round(final[win][b], 2),
-                    "tried": len(tried)}
+        entry[b] = {
+            "config": tried[win][0],
+            "default_us": round(final[0][b], 2),
+            "tuned_us": round(final[win][b], 2),
+            "tried": len(tried),
+        }
     return entry
 
 
@@ -212,8 +234,12 @@ def _earlier(art: Artifact, host: dict[str, Any]) -> dict[str, dict]:
     return old.get("kernels", {}) if same else {}
 
 
-def tune(artifact: str | Path, budget: float | None = None, kernels: int | None = None,
-         progress: bool | None = None) -> dict[str, Any]:
+def tune(
+    artifact: str | Path,
+    budget: float | None = None,
+    kernels: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """Tune a cpu artifact in place for this processor (see the module docstring): `budget`
     seconds of search over the `kernels` hottest kernels with knobs (default: all). Returns what
     was done, with the printable before/after table under "table"."""
@@ -229,8 +255,10 @@ def tune(artifact: str | Path, budget: float | None = None, kernels: int | None 
     if kernels is not None and kernels < 0:
         raise KilnError(f"--kernels must be 0 or more, not {kernels}")
     all_kernels, calls = plan_kernels(art)
-    tunable = sorted((k for k in all_kernels if tvm_kernels.knobs(k.info.op)),
-                     key=lambda k: (-_cost(k) * calls[k.name], k.name))[:kernels]
+    tunable = sorted(
+        (k for k in all_kernels if tvm_kernels.knobs(k.info.op)),
+        key=lambda k: (-_cost(k) * calls[k.name], k.name),
+    )[:kernels]
     # smallest search spaces first: the budget they leave flows to the big ones (each kernel's
     # share is the budget left over the kernels left)
     tunable.sort(key=lambda k: math.prod(len(v) for v in tvm_kernels.knobs(k.info.op).values()))
@@ -261,8 +289,14 @@ def tune(artifact: str | Path, budget: float | None = None, kernels: int | None 
     files[TUNING] = json.dumps(table, indent=1, sort_keys=True).encode()
     replace_files(art.root, files, prefixes=(str(Path(LIBRARY).parent), TUNING))
     assert BUILD_INFO in files
-    return {"target": "cpu", "mcpu": here["mcpu"], "tuned": len(entries), "kernels": len(all_kernels),
-            "search_s": table["search_s"], "table": format_table(table)}
+    return {
+        "target": "cpu",
+        "mcpu": here["mcpu"],
+        "tuned": len(entries),
+        "kernels": len(all_kernels),
+        "search_s": table["search_s"],
+        "table": format_table(table),
+    }
 
 
 def format_table(table: dict[str, Any]) -> str:
@@ -273,15 +307,38 @@ def format_table(table: dict[str, Any]) -> str:
     for name, e in table["kernels"].items():
         for b in BUCKETS:
             r = e[b]
-            rows.append((name, f"{b} (T={BUCKETS[b]['rows']})", str(e["calls"]), f"{r['default_us']:.1f}",
-                         f"{r['tuned_us']:.1f}", f"{r['default_us'] / max(r['tuned_us'], 1e-9):.2f}x",
-                         ",".join(f"{k}={v}" for k, v in sorted(r["config"].items())) or "default"))
+            rows.append(
+                (
+                    name,
+                    f"{b} (T={BUCKETS[b]['rows']})",
+                    str(e["calls"]),
+                    f"{r['default_us']:.1f}",
+                    f"{r['tuned_us']:.1f}",
+                    f"{r['default_us'] / max(r['tuned_us'], 1e-9):.2f}x",
+                    ",".join(f"{k}={v}" for k, v in sorted(r["config"].items())) or "default",
+                )
+            )
             total[b][0] += e["calls"] * r["default_us"]
             total[b][1] += e["calls"] * r["tuned_us"]
     for b, (d, t) in total.items():
-        rows.append(("all tuned calls of a step", b, "", f"{d:.1f}", f"{t:.1f}", f"{d / max(t, 1e-9):.2f}x", ""))
+        rows.append(
+            (
+                "all tuned calls of a step",
+                b,
+                "",
+                f"{d:.1f}",
+                f"{t:.1f}",
+                f"{d / max(t, 1e-9):.2f}x",
+                "",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 1, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i in (0, 1, 6) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)

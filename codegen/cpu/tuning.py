@@ -30,7 +30,10 @@ from kiln.kernels.tvm_kernels import Kernel
 FORMAT = 1
 """tuning.json's format version."""
 
-BUCKETS: dict[str, dict[str, int]] = {"decode": {"rows": 1, "max_rows": 16}, "prefill": {"rows": 512}}
+BUCKETS: dict[str, dict[str, int]] = {
+    "decode": {"rows": 1, "max_rows": 16},
+    "prefill": {"rows": 512},
+}
 """Shape buckets of the token count: decode steps (a batch of at most 16 sequences) and prefill."""
 
 DECODE_SUFFIX = "__decode"
@@ -41,7 +44,9 @@ def _rebuilt(kernel: Kernel, config: Mapping[str, Any]) -> Kernel:
         return kernel
     k = tvm_kernels.build(kernel.info, config)
     if k is None or k.name != kernel.name:
-        raise ValueError(f"tuning.json's config {dict(config)} does not rebuild kernel '{kernel.name}'")
+        raise ValueError(
+            f"tuning.json's config {dict(config)} does not rebuild kernel '{kernel.name}'"
+        )
     return k
 
 
@@ -62,5 +67,8 @@ def apply(kernels: Sequence[Kernel], table: Mapping[str, Any] | None) -> list[Ke
             out.append(main)
             continue
         small = dataclasses.replace(_rebuilt(k, decode), name=k.name + DECODE_SUFFIX)
-        out += [dataclasses.replace(main, by_rows=((BUCKETS["decode"]["max_rows"], small.name),)), small]
+        out += [
+            dataclasses.replace(main, by_rows=((BUCKETS["decode"]["max_rows"], small.name),)),
+            small,
+        ]
     return out

@@ -25,8 +25,12 @@ PROMPTS = [[5, 9, 33, 2, 71], list(range(3, 30))]  # 27 prompt rows: past the de
 
 @pytest.fixture(scope="module")
 def cpu_llama(checkpoint, tmp_path_factory):
-    return kiln.compile(checkpoint("llama"), tmp_path_factory.mktemp("cpu-tune") / "artifact", target="cpu",
-                        dtype="float32")
+    return kiln.compile(
+        checkpoint("llama"),
+        tmp_path_factory.mktemp("cpu-tune") / "artifact",
+        target="cpu",
+        dtype="float32",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,10 @@ def reference_tokens(artifact):
 def _greedy(artifact, n: int = 6) -> list[list[int]]:
     llm = LLM(artifact, max_num_seqs=2, num_kv_blocks=16)
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
+    return [
+        o.outputs[0].token_ids
+        for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    ]
 
 
 def _copy(src, tmp_path):
@@ -67,8 +74,9 @@ def _fake_measure(k, inputs, compiled):
 _HASHES: dict = {}
 
 
-def test_a_short_tune_stores_tuning_and_a_library_that_generates_like_the_reference(cpu_llama, reference_tokens,
-                                                                                    tmp_path, capsys):
+def test_a_short_tune_stores_tuning_and_a_library_that_generates_like_the_reference(
+    cpu_llama, reference_tokens, tmp_path, capsys
+):
     art = _copy(cpu_llama, tmp_path)
     text = tune_cli.main_text(art, budget=2, kernels=2)
     table = json.loads((art / "tuning.json").read_text())
@@ -82,8 +90,9 @@ def test_a_short_tune_stores_tuning_and_a_library_that_generates_like_the_refere
     assert _greedy(art) == reference_tokens
 
 
-def test_bucketed_configs_dispatch_by_rows_and_a_second_tune_is_idempotent(cpu_llama, reference_tokens,
-                                                                           tmp_path, monkeypatch):
+def test_bucketed_configs_dispatch_by_rows_and_a_second_tune_is_idempotent(
+    cpu_llama, reference_tokens, tmp_path, monkeypatch
+):
     import itertools
 
     search = cpu_tune.candidates
@@ -96,7 +105,9 @@ def test_bucketed_configs_dispatch_by_rows_and_a_second_tune_is_idempotent(cpu_l
     built = json.loads((art / BUILD_INFO).read_text())
     for name, entry in first["kernels"].items():
         assert entry["decode"]["config"] == {"mt": 1} and entry["prefill"]["config"] == {"mt": 8}
-        assert built["kernels"][name]["by_rows"] == [[BUCKETS["decode"]["max_rows"], name + DECODE_SUFFIX]]
+        assert built["kernels"][name]["by_rows"] == [
+            [BUCKETS["decode"]["max_rows"], name + DECODE_SUFFIX]
+        ]
         assert name + DECODE_SUFFIX in built["kernels"]
     assert verify_hashes(art) == []
     assert _greedy(art) == reference_tokens  # prefill rows run the mt=8 functions, decode rows mt=1
@@ -104,8 +115,9 @@ def test_bucketed_configs_dispatch_by_rows_and_a_second_tune_is_idempotent(cpu_l
     files = set(json.loads((art / "manifest.json").read_text())["files"])
     cpu_tune.tune(art, budget=60, kernels=2, progress=False)
     second = json.loads((art / "tuning.json").read_text())
-    assert {n: (e["decode"]["config"], e["prefill"]["config"]) for n, e in second["kernels"].items()} == {
-        n: (e["decode"]["config"], e["prefill"]["config"]) for n, e in first["kernels"].items()}
+    assert {
+        n: (e["decode"]["config"], e["prefill"]["config"]) for n, e in second["kernels"].items()
+    } == {n: (e["decode"]["config"], e["prefill"]["config"]) for n, e in first["kernels"].items()}
     assert json.loads((art / BUILD_INFO).read_text())["kernels"] == built["kernels"]
     assert set(json.loads((art / "manifest.json").read_text())["files"]) == files
     assert verify_hashes(art) == []
@@ -113,7 +125,9 @@ def test_bucketed_configs_dispatch_by_rows_and_a_second_tune_is_idempotent(cpu_l
 
 def test_a_reference_artifact_has_nothing_to_tune(artifact, capsys):
     assert "nothing to tune" in tune_cli.tune(artifact("llama", "float32"))["note"]
-    assert tune_cli.main([str(artifact("llama", "float32")), "--budget", "1", "--kernels", "1"]) == 0
+    assert (
+        tune_cli.main([str(artifact("llama", "float32")), "--budget", "1", "--kernels", "1"]) == 0
+    )
     assert "nothing to tune" in capsys.readouterr().out
 
 
@@ -124,7 +138,9 @@ def test_the_launcher_picks_the_decode_function_by_rows():
 
     called = []
     record = {"inputs": [0], "outputs": [0], "present": ["mat", "mat"]}
-    launch = make_launcher(lambda *a: called.append("main"), record, ((16, lambda *a: called.append("decode")),))
+    launch = make_launcher(
+        lambda *a: called.append("main"), record, ((16, lambda *a: called.append("decode")),)
+    )
     for rows in (1, 16, 17, 512):
         launch([torch.empty(rows, 8)], [torch.empty(rows, 8)], {})
     assert called == ["decode", "decode", "main", "main"]
