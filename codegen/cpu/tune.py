@@ -213,12 +213,28 @@ def tune_kernel(k: Kernel, calls: int, seconds: float, earlier: list[dict]) -> d
         if final[win][b] > final[0][b] * (1 - MARGIN):  # within the noise: keep the default
             win = 0
         entry[b] = {
-            "config": tried[win][0],
+            "config": _essential(kernels[win], tried[win][0]),
             "default_us": round(final[0][b], 2),
             "tuned_us": round(final[win][b], 2),
             "tried": len(tried),
         }
     return entry
+
+
+def _essential(k: Kernel, config: dict) -> dict:
+    """config without the knobs that change nothing in k's function (nv of an out_in linear, a
+    value equal to the default): what tuning.json and the table show."""
+    import tvm_ffi
+
+    h = tvm_ffi.structural_hash(k.func)
+    for key in sorted(config):
+        rest = {n: v for n, v in config.items() if n != key}
+        try:
+            same = tvm_ffi.structural_hash(tvm_kernels.build(k.info, rest).func) == h
+        except ValueError:
+            same = False
+        config = rest if same else config
+    return config
 
 
 def _time_of(tried: list[tuple[dict, dict[str, float]]], config: dict, bucket: str) -> float:
