@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kiln.codegen.targets import MODEL_DTYPES, TARGETS
+from kiln.codegen.tune import add_arguments as tune_arguments
 from kiln.errors import KilnError
 
 
@@ -46,7 +47,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from kiln.codegen.tune import main_text
 
-    print(main_text(args.artifact))
+    print(main_text(args.artifact, budget=args.budget, kernels=args.kernels))
     return 0
 
 
@@ -168,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also check every file's content hash; exit 1 on a mismatch")
     _common(i)
     i.set_defaults(fn=_inspect)
-    t = sub.add_parser("tune", help="fit an artifact's compiled kernels to this machine (cuda: build them on this GPU)")
-    t.add_argument("artifact")
+    t = sub.add_parser("tune", help="fit an artifact's kernels to this machine (cpu: search schedules; cuda: build on this GPU)")
+    tune_arguments(t)
     _common(t)
     t.set_defaults(fn=_tune)
     g = sub.add_parser("generate", help="complete a prompt with an artifact, streaming to the terminal")
