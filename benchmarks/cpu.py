@@ -14,6 +14,12 @@ model, whose context is 256), for
   (torch.onnx.export, dynamo), driven by a greedy decode loop; a failed export is reported.
 Greedy decoding, ignore EOS. Prints a table and writes JSON. Needs the `bench` extra
 (`pip install -e ".[bench]"`: onnx, onnxruntime, onnxscript).
+
+Also (benchmarks/cpu_floors.py): the machine's measured memory bandwidth and fp32 peak; per
+kernel of kiln's cpu target, its time in a batch-1 decode step and a 512-token prefill beside
+its floor; the cpu artifact's load time and resident memory. Every engine runs on --threads
+(default: the cores this process may use). Others may load the machine: each engine's row
+records the load average and the share of the cores that other processes used while it ran.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +41,10 @@ import kiln
 from kiln import LLM, SamplingParams
 from kiln.errors import KilnError
 from kiln.models.shapes import synthesize_checkpoint
+from kiln.runtime.threads import available_cores
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cpu_floors import format_floors, kernel_floors, load_stats, machine  # noqa: E402
 
 PROMPT, DECODE = 64, 33
 PREFILL = 512
@@ -59,12 +70,12 @@ def _rates(gen, vocab: int, reps: int) -> dict:
     return out
 
 
-def kiln_engine(ckpt: Path, target: str, work: Path, vocab: int, reps: int) -> dict:
+def kiln_engine(ckpt: Path, target: str, work: Path, vocab: int, reps: int, threads: int, limits: dict) -> dict:
     try:
         art = kiln.compile(ckpt, work / f"art-{target}", target=target, overwrite=True)
     except KilnError as e:
         return {"error": str(e)}
-    llm = LLM(art, max_num_seqs=8, max_num_batched_tokens=1024, enable_prefix_caching=False)
+    llm = LLM(art, max_num_seqs=8, max_num_batched_tokens=1024, enable_prefix_caching=False, threads=threads)
 
     def gen(ids: torch.Tensor, n: int) -> float:
         t = time.perf_counter()
@@ -72,28 +83,47 @@ def kiln_engine(ckpt: Path, target: str, work: Path, vocab: int, reps: int) -> d
                      SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - t
 
-    return _rates(gen, vocab, reps)
+    res = _rates(gen, vocab, reps)
+    res["threads"] = llm.engine.threads
+    if target == "cpu":
+        limits.update(machine(limits))
+        res["kernels"] = kernel_floors(art, limits, threads)
+        res["kernels"]["limits"] = dict(limits)
+        res["load"] = load_stats(art)
+    torch.set_num_threads(threads)  # the engine gave torch one thread beside TVM's pool
+    return res
 
 
 def hf_engine(ckpt: Path, vocab: int, reps: int, compiled: bool) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, StaticCache
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    caches: dict[int, StaticCache] = {}
     if compiled:
-        model.generation_config.cache_implementation = "static"
+        # One static cache per batch size, of one length, reused: its shapes never change, so
+        # the compiled forward recompiles only for new input lengths (a fresh cache per
+        # generate call sized to the request recompiled past dynamo's limit).
+        torch._dynamo.config.recompile_limit = 64
         model.forward = torch.compile(model.forward, fullgraph=True)
 
     def gen(ids: torch.Tensor, n: int) -> float:
+        kw = {}
+        if compiled:
+            if ids.shape[0] not in caches:
+                caches[ids.shape[0]] = StaticCache(config=model.config, max_cache_len=PREFILL + DECODE + 8)
+            kw["past_key_values"] = caches[ids.shape[0]]
+            kw["past_key_values"].reset()
         t = time.perf_counter()
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
+                           do_sample=False, pad_token_id=0, **kw)
         return time.perf_counter() - t
 
     t = time.perf_counter()
     if compiled:  # compile every shape the measurement uses before timing
         for b, length in ((1, 8), (1, PROMPT), (8, PROMPT), (1, PREFILL)):
-            gen(_ids(b, length, vocab, 98), 3)
+            for n in (1, 3):  # a 1-token generate passes the forward other arguments
+                gen(_ids(b, length, vocab, 98), n)
     res = _rates(gen, vocab, reps)
     if compiled:
         res["warmup_s"] = time.perf_counter() - t
@@ -156,9 +186,35 @@ def ort_engine(ckpt: Path, work: Path, vocab: int, reps: int) -> dict:
 ENGINES = ("kiln cpu", "kiln reference", "transformers eager", "torch.compile", "onnxruntime")
 
 
-def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int) -> dict:
+def _cpu_busy() -> tuple[float, float]:
+    """(seconds all cores were busy, seconds this process and its children ran) so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = (sum(fields) - fields[3] - fields[4]) / ticks  # all but idle and iowait
+    t = os.times()
+    return busy, t.user + t.system + t.children_user + t.children_system
+
+
+def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threads: int, limits: dict) -> dict:
+    """One engine's row (or its error), with the machine's load while it ran: the 1-minute load
+    average at its end and the share of all cores that other processes used."""
+    busy0, ours0 = _cpu_busy()
+    t = time.perf_counter()
+    try:
+        res = _run_engine(engine, ckpt, work, vocab, reps, threads, limits)
+    except Exception as e:  # noqa: BLE001 - a peer that fails is a result to report, not the end of the run
+        res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    torch.set_num_threads(threads)
+    busy1, ours1 = _cpu_busy()
+    wall = time.perf_counter() - t
+    res["machine_load"] = {"loadavg_1m": os.getloadavg()[0], "wall_s": wall,
+                           "others_core_share": max(busy1 - busy0 - (ours1 - ours0), 0) / (wall * (os.cpu_count() or 1))}
+    return res
+
+
+def _run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threads: int, limits: dict) -> dict:
     if engine.startswith("kiln "):
-        return kiln_engine(ckpt, engine.removeprefix("kiln "), work, vocab, reps)
+        return kiln_engine(ckpt, engine.removeprefix("kiln "), work, vocab, reps, threads, limits)
     if engine == "onnxruntime":
         return ort_engine(ckpt, work, vocab, reps)
     if engine in ("transformers eager", "torch.compile"):
@@ -170,14 +226,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,llama-100m")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=available_cores())
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--out", default="benchmarks/results/cpu.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     engines = a.engines.split(",")
-    report: dict = {"cpu": platform.processor() or platform.machine(), "threads": a.threads, "torch": torch.__version__,
-                    "models": {}}
+    limits = machine()
+    print("machine", json.dumps(limits), flush=True)
+    report: dict = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": a.threads, "torch": torch.__version__,
+                    "machine": limits, "command": "python " + " ".join(sys.argv), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):
             work = Path(tmp) / name
@@ -188,12 +246,27 @@ def main() -> None:
             PREFILL = min(512, cfg["max_position_embeddings"] - DECODE)  # the demo model's context is 256
             row: dict = {}
             for engine in engines:
-                row[engine] = run_engine(engine, ckpt, work, vocab, a.reps)
-                print(name, engine, json.dumps(row[engine]), flush=True)
-            report["models"][name] = row
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1))
+                row[engine] = run_engine(engine, ckpt, work, vocab, a.reps, a.threads, limits)
+                brief = {k: v for k, v in row[engine].items() if k != "kernels"}
+                print(name, engine, json.dumps(brief), flush=True)
+                if "kernels" in row[engine]:
+                    print(format_floors(name, row[engine]["kernels"]), flush=True)
+                report["models"][name] = row
+                _write(a.out, report)  # after every engine: a later failure keeps what was measured
+    _write(a.out, report)
     print(_table(report))
+
+
+def _write(out: str, report: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1))
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _table(report: dict) -> str:
@@ -202,7 +275,9 @@ def _table(report: dict) -> str:
     for model, row in report["models"].items():
         for engine, r in row.items():
             cells = [f"{r[m]:18.1f}" if m in r else f"{'-':>18}" for m in metrics]
-            lines.append(f"{model:11} {engine:19} " + " ".join(cells) + (f"  {r['error'][:60]}" if "error" in r else ""))
+            load = r.get("machine_load", {}).get("others_core_share")
+            note = f"  (others used {load:.0%} of the cores)" if load is not None else ""
+            lines.append(f"{model:11} {engine:19} " + " ".join(cells) + (f"  {r['error'][:60]}" if "error" in r else note))
     return "\n".join(lines)
 
 
