@@ -9,12 +9,13 @@ another process loads too, two torch threads per process already fought (issue 1
 So a cpu-target engine gives the cores to TVM (the kernels are nearly all the work) and one
 thread to torch, whose pool then never spins. Other targets give the cores to torch. The count
 is the cores this process may run on (its affinity mask), not the machine's: TVM's own default
-is half the hardware threads (it assumes hyper-threading), one thread on a 2-core machine,
-where two measured about 1.5x faster batch-1 decode while the other core was free (llama-100m:
-55-62 vs 37 tok/s). TVM's workers keep their own spin count (TVM_THREAD_POOL_SPIN_COUNT,
-300000): sleeping at once after each kernel (0) measured no better on the loaded 2-core
-machine (batch-1 decode 21-30 vs 25-37 tok/s, interleaved runs while another process kept both
-cores busy), since a woken worker waits for a core too.
+is half the hardware threads (it assumes hyper-threading), one thread on a 2-core machine.
+Measured there (llama-100m, batch-1 decode, interleaved fresh processes, machine quiet):
+TVM 2 threads 67-74 tok/s vs 1 thread 39-41; torch 1 thread beside them 67-74 vs 2 threads
+70-72 (no cost; torch only samples here); TVM workers sleeping at once after each kernel
+(TVM_THREAD_POOL_SPIN_COUNT=0) 60-65, so they keep TVM's spin count (300000). With another
+process busy on both cores every setting fell to 20-40 tok/s and the differences drowned in
+the noise (sleeping at once measured no better there either).
 
 TVM reads its settings from the environment when a thread first launches a parallel kernel, so
 `configure` sets them before that; a pool that already runs keeps its size (an explicit
