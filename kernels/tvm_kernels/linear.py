@@ -1,16 +1,27 @@
 """linear: y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] ("out_in") or [K, N] ("in_out").
 
-Schedule (both layouts): one parallel loop over blocks of output columns, so each core streams
-its own slice of the weight once per row tile (batch-1 decode is a GEMV bound by reading W);
-rows go in tiles of `mt` with a one-row tail, so every T is served by one function.
+Schedule (both layouts): one parallel loop over blocks of nv * jt output columns; each task
+serves every row of its columns, by one of two paths chosen by the row count M:
 
-    out_in: an (mt x nb) tile of dot products; each accumulates v float32 lanes along K
-            (vectorized loads of x and W rows), summed across lanes by a tree at the end
-    in_out: an (mt x nv) tile of y; each step broadcasts x[m, k] against the contiguous
-            W[k, n0:n0+nv] row slice (no horizontal sums)
+    wide (M >= pm, prefill): the task's columns of W packed once into jt contiguous panels
+        P[jb] [K, nv] float32 (in_out: row slices copied; out_in: transposed, gathering 8 rows
+        at a time so the rows' lines do not fight over one L1 set), then register tiles:
 
-The schedule's knobs (`KNOBS`, searched by `kiln tune`) are those tile sizes and `ku`, the
-unroll of the K loop; `config=None` is the default schedule (`default_config`).
+            for each (mr x nv) tile of y:          acc[mr, nv] in registers (mr * nv / 16 zmm)
+              for k in 0..K:                       one panel row P[jb, k, :] (nv / 16 loads)
+                acc[i, :] += x[m0 + i, k] * P[jb, k, :]      (mr broadcasts, mr * nv / 16 FMAs)
+
+        the panel (K * nv * 4 bytes) stays in L2 while every row tile passes over it.
+    narrow (M < pm: decode steps, and the M % mr rows the wide path leaves): W read as it is,
+        rows in tiles of mt then one at a time
+        out_in: an (mt x nb) tile of dot products; each accumulates v float32 lanes along K
+                (vectorized loads of x and W rows), summed across lanes by a tree at the end
+        in_out: an (mt x nv) tile of y; each step broadcasts x[m, k] against the contiguous
+                W[k, n0:n0+nv] row slice (no horizontal sums)
+
+So every M is served by one function. The knobs (`KNOBS`, searched by `kiln tune`) are the tile
+sizes, pm and `ku`, the unroll of the K loop; `config=None` is the default schedule
+(`default_config`).
 """
 
 from __future__ import annotations
@@ -34,10 +45,12 @@ from kiln.kernels.tvm_kernels import (
 F32 = "float32"
 
 KNOBS = {"linear": {"mt": (1, 2, 4, 8), "nb": (1, 2, 4, 8), "nv": (8, 16, 32, 64), "v": (4, 8, 16, 32),
-                    "ku": (1, 2, 4)}}
-"""The search space: rows per tile (mt); output columns per task, out_in (nb) or in_out (nv);
-float32 lanes along K, out_in (v); unroll of the K loop (ku). A value that does not divide the
-shape is not a schedule of it (`resolve` says which configs are)."""
+                    "ku": (1, 2, 4), "mr": (4, 6, 8, 12), "jt": (1, 2, 4), "pm": (16, 32, 64, 128)}}
+"""The search space. Narrow path: rows per tile (mt); out_in's columns per tile (nb) and lanes
+along K (v). Wide path: rows per register tile (mr), the fewest rows that take it (pm). Both:
+float32 columns per tile (nv; out_in's narrow path splits them in nb), tiles per task (jt: a
+task owns nv * jt output columns), unroll of the K loop (ku). A value that does not divide the shape is not a schedule of it
+(`resolve` says which configs are)."""
 
 
 def _block(n: int, widest: int) -> int:
@@ -48,10 +61,14 @@ def _block(n: int, widest: int) -> int:
 
 
 def default_config(layout: str, k: int, n: int) -> dict[str, int]:
-    """The schedule built without tuning: MT x NB (or NV) accumulators stay in registers."""
+    """The schedule built without tuning: 8 x 32 float32 of y per wide tile (16 AVX-512
+    registers of accumulators); pm where the wide path's packing starts to pay on a 2-core Zen 5
+    (out_in's transposing pack costs about what 60 rows of its narrow path do at K=768, N=4096;
+    in_out's copy is cheap, but at 16 rows the narrow path still ties). Decode steps of at most
+    16 rows keep the narrow path of before."""
     if layout == "out_in":
-        return {"mt": 4, "nb": _block(n, 4), "v": vec_width(k), "ku": 1}
-    return {"mt": 4, "nv": _block(n, 32), "ku": 1}
+        return {"mt": 4, "nb": _block(n, 4), "v": vec_width(k), "nv": _block(n, 32), "ku": 1, "mr": 8, "jt": 1, "pm": 64}
+    return {"mt": 4, "nv": _block(n, 32), "ku": 1, "mr": 8, "jt": 1, "pm": 32}
 
 
 def resolve(layout: str, k: int, n: int, config: Mapping[str, int] | None) -> dict[str, int] | None:
@@ -60,14 +77,40 @@ def resolve(layout: str, k: int, n: int, config: Mapping[str, int] | None) -> di
     c = default_config(layout, k, n)
     c.update({key: int(v) for key, v in (config or {}).items() if key in c})
     if layout == "out_in":
-        ok = n % c["nb"] == 0 and k % (c["v"] * c["ku"]) == 0
+        ok = (n % (c["nv"] * c["jt"]) == 0 and (c["nv"] * c["jt"]) % c["nb"] == 0 and k % (c["v"] * c["ku"]) == 0
+              and c["nv"] % min(c["nv"], 8) == 0)  # the transposing pack gathers 8 rows at a time
     else:
-        ok = n % c["nv"] == 0 and k % c["ku"] == 0
+        ok = n % (c["nv"] * c["jt"]) == 0 and k % c["ku"] == 0
     return c if ok and min(c.values()) >= 1 else None
 
 
-def _out_in(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool, c: Mapping[str, int]):
-    mt, nb, v, ku = c["mt"], c["nb"], c["v"], c["ku"]
+@T.macro
+def _lane_sum(acc, i, j, v):
+    """acc[i, j, 0] = the sum of acc[i, j, :v], a tree of vector adds (a scalar chain costs as
+    much as the dot product)."""
+    if v >= 32:
+        for q in T.vectorized(16):
+            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 16]
+    if v >= 16:
+        for q in T.vectorized(8):
+            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 8]
+    if v >= 8:
+        for q in T.vectorized(4):
+            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 4]
+    if v >= 4:
+        for q in T.vectorized(2):
+            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 2]
+    if v >= 2:
+        acc[i, j, 0] = acc[i, j, 0] + acc[i, j, 1]
+
+
+def _func(layout: str, k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool, c: Mapping[str, int]):
+    out_in = layout == "out_in"
+    mr, nv, jt, pm, mt, ku = c["mr"], c["nv"], c["jt"], c["pm"], c["mt"], c["ku"]
+    nb, v = c.get("nb", 1), c.get("v", 1)  # out_in's narrow path
+    wshape = (n, k) if out_in else (k, n)
+    cols = nv * jt  # output columns per task
+    qp = min(nv, 8)
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -75,119 +118,116 @@ def _out_in(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool, c: Mapping
         M = T.int64()
         sx0, sy0 = T.int64(), T.int64()
         X = T.match_buffer(x_h, (M, k), dt, strides=(sx0, 1), offset_factor=1)
-        W = T.match_buffer(w_h, (n, k), wdt, offset_factor=1)
+        W = T.match_buffer(w_h, wshape, wdt, offset_factor=1)
         Bias = T.match_buffer(b_h, (n,), bdt, offset_factor=1)
         Y = T.match_buffer(y_h, (M, n), dt, strides=(sy0, 1), offset_factor=1)
-        for jb in T.parallel(n // nb):
-            for mb in range(M // mt):
-                acc = T.alloc_buffer((mt, nb, v), F32, scope="local")
-                for i, j in T.grid(mt, nb):
-                    for q in T.vectorized(v):
-                        acc[i, j, q] = T.float32(0)
-                for k0 in range(k // (v * ku)):
-                    for u in T.unroll(ku):
-                        for i in T.unroll(mt):
+        for t in T.parallel(n // cols):
+            if M >= pm:
+                # wide: the task's columns of W packed once, P[jb, k, q] = W^T[k, (t*jt + jb)*nv + q]
+                P = T.alloc_buffer((jt, k, nv), F32)
+                if out_in:
+                    for jb, qb, kk in T.grid(jt, nv // qp, k):
+                        for q in T.vectorized(qp):
+                            P[jb, kk, qb * qp + q] = T.Cast(F32, W[t * cols + jb * nv + qb * qp + q, kk])
+                else:
+                    for jb, kk in T.grid(jt, k):
+                        for q in T.vectorized(nv):
+                            P[jb, kk, q] = T.Cast(F32, W[kk, t * cols + jb * nv + q])
+                # then (mr x nv) tiles of y in registers, each k broadcasting x[m, k] against the
+                # panel's contiguous row P[jb, k, :]
+                for mb, jb in T.grid(M // mr, jt):
+                    acc = T.alloc_buffer((mr, nv), F32, scope="local")
+                    for i in T.unroll(mr):
+                        for q in T.vectorized(nv):
+                            acc[i, q] = T.float32(0)
+                    for k0 in range(k // ku):
+                        for u in T.unroll(ku):
+                            for i in T.unroll(mr):
+                                for q in T.vectorized(nv):
+                                    acc[i, q] = acc[i, q] + T.Cast(F32, X[mb * mr + i, k0 * ku + u]) * P[jb, k0 * ku + u, q]
+                    for i in T.unroll(mr):
+                        for q in T.vectorized(nv):
+                            if has_b:
+                                Y[mb * mr + i, t * cols + jb * nv + q] = T.Cast(
+                                    dt, acc[i, q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
+                            else:
+                                Y[mb * mr + i, t * cols + jb * nv + q] = T.Cast(dt, acc[i, q])
+            # narrow (decode steps, and the rows the wide path leaves): W read as it is, rows
+            # in tiles of mt, then one at a time
+            r0 = T.if_then_else(M >= pm, M // mr * mr, T.int64(0))
+            r1 = r0 + (M - r0) // mt * mt
+            if out_in:
+                # (mt x nb) dot products, each accumulating v lanes along K, summed at the end
+                for mb, jb in T.grid((M - r0) // mt, cols // nb):
+                    acc1 = T.alloc_buffer((mt, nb, v), F32, scope="local")
+                    for i, j in T.grid(mt, nb):
+                        for q in T.vectorized(v):
+                            acc1[i, j, q] = T.float32(0)
+                    for k0 in range(k // (v * ku)):
+                        for u in T.unroll(ku):
+                            for i in T.unroll(mt):
+                                for j in T.unroll(nb):
+                                    for q in T.vectorized(v):
+                                        acc1[i, j, q] = acc1[i, j, q] + T.Cast(F32, X[r0 + mb * mt + i, (k0 * ku + u) * v + q]) * T.Cast(
+                                            F32, W[t * cols + jb * nb + j, (k0 * ku + u) * v + q])
+                    for i, j in T.grid(mt, nb):
+                        _lane_sum(acc1, i, j, v)
+                        if has_b:
+                            Y[r0 + mb * mt + i, t * cols + jb * nb + j] = T.Cast(
+                                dt, acc1[i, j, 0] + T.Cast(F32, Bias[t * cols + jb * nb + j]))
+                        else:
+                            Y[r0 + mb * mt + i, t * cols + jb * nb + j] = T.Cast(dt, acc1[i, j, 0])
+                for m, jb in T.grid(M - r1, cols // nb):
+                    acc2 = T.alloc_buffer((1, nb, v), F32, scope="local")
+                    for j in T.unroll(nb):
+                        for q in T.vectorized(v):
+                            acc2[0, j, q] = T.float32(0)
+                    for k0 in range(k // (v * ku)):
+                        for u in T.unroll(ku):
                             for j in T.unroll(nb):
                                 for q in T.vectorized(v):
-                                    acc[i, j, q] = acc[i, j, q] + T.Cast(F32, X[mb * mt + i, (k0 * ku + u) * v + q]) * T.Cast(
-                                        F32, W[jb * nb + j, (k0 * ku + u) * v + q])
-                for i, j in T.grid(mt, nb):
-                    # lanes summed as a tree of vector adds (a scalar chain costs as much as the dot)
-                    if v >= 32:
-                        for q in T.vectorized(16):
-                            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 16]
-                    if v >= 16:
-                        for q in T.vectorized(8):
-                            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 8]
-                    if v >= 8:
-                        for q in T.vectorized(4):
-                            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 4]
-                    if v >= 4:
-                        for q in T.vectorized(2):
-                            acc[i, j, q] = acc[i, j, q] + acc[i, j, q + 2]
-                    if v >= 2:
-                        acc[i, j, 0] = acc[i, j, 0] + acc[i, j, 1]
-                    if has_b:
-                        Y[mb * mt + i, jb * nb + j] = T.Cast(dt, acc[i, j, 0] + T.Cast(F32, Bias[jb * nb + j]))
-                    else:
-                        Y[mb * mt + i, jb * nb + j] = T.Cast(dt, acc[i, j, 0])
-            for m in range(M // mt * mt, M):
-                acc1 = T.alloc_buffer((nb, v), F32, scope="local")
-                for j in T.unroll(nb):
-                    for q in T.vectorized(v):
-                        acc1[j, q] = T.float32(0)
-                for k0 in range(k // (v * ku)):
-                    for u in T.unroll(ku):
-                        for j in T.unroll(nb):
-                            for q in T.vectorized(v):
-                                acc1[j, q] = acc1[j, q] + T.Cast(F32, X[m, (k0 * ku + u) * v + q]) * T.Cast(
-                                    F32, W[jb * nb + j, (k0 * ku + u) * v + q])
-                for j in range(nb):
-                    if v >= 32:
-                        for q in T.vectorized(16):
-                            acc1[j, q] = acc1[j, q] + acc1[j, q + 16]
-                    if v >= 16:
-                        for q in T.vectorized(8):
-                            acc1[j, q] = acc1[j, q] + acc1[j, q + 8]
-                    if v >= 8:
-                        for q in T.vectorized(4):
-                            acc1[j, q] = acc1[j, q] + acc1[j, q + 4]
-                    if v >= 4:
-                        for q in T.vectorized(2):
-                            acc1[j, q] = acc1[j, q] + acc1[j, q + 2]
-                    if v >= 2:
-                        acc1[j, 0] = acc1[j, 0] + acc1[j, 1]
-                    if has_b:
-                        Y[m, jb * nb + j] = T.Cast(dt, acc1[j, 0] + T.Cast(F32, Bias[jb * nb + j]))
-                    else:
-                        Y[m, jb * nb + j] = T.Cast(dt, acc1[j, 0])
-
-    return func
-
-
-def _in_out(k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool, c: Mapping[str, int]):
-    mt, nv, ku = c["mt"], c["nv"], c["ku"]
-
-    @T.prim_func(private=True)
-    def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})  # y never overlaps x, W or bias: x loads stay hoisted
-        M = T.int64()
-        sx0, sy0 = T.int64(), T.int64()
-        X = T.match_buffer(x_h, (M, k), dt, strides=(sx0, 1), offset_factor=1)
-        W = T.match_buffer(w_h, (k, n), wdt, offset_factor=1)
-        Bias = T.match_buffer(b_h, (n,), bdt, offset_factor=1)
-        Y = T.match_buffer(y_h, (M, n), dt, strides=(sy0, 1), offset_factor=1)
-        for jb in T.parallel(n // nv):
-            for mb in range(M // mt):
-                acc = T.alloc_buffer((mt, nv), F32, scope="local")
-                for i in T.unroll(mt):
+                                    acc2[0, j, q] = acc2[0, j, q] + T.Cast(F32, X[r1 + m, (k0 * ku + u) * v + q]) * T.Cast(
+                                        F32, W[t * cols + jb * nb + j, (k0 * ku + u) * v + q])
+                    for j in range(nb):
+                        _lane_sum(acc2, 0, j, v)
+                        if has_b:
+                            Y[r1 + m, t * cols + jb * nb + j] = T.Cast(dt, acc2[0, j, 0] + T.Cast(F32, Bias[t * cols + jb * nb + j]))
+                        else:
+                            Y[r1 + m, t * cols + jb * nb + j] = T.Cast(dt, acc2[0, j, 0])
+            else:
+                # (mt x nv) tiles of y, each k broadcasting x[m, k] against W[k, nv columns]
+                for mb, jb in T.grid((M - r0) // mt, jt):
+                    acc1 = T.alloc_buffer((mt, nv), F32, scope="local")
+                    for i in T.unroll(mt):
+                        for q in T.vectorized(nv):
+                            acc1[i, q] = T.float32(0)
+                    for k0 in range(k // ku):
+                        for u in T.unroll(ku):
+                            for i in T.unroll(mt):
+                                for q in T.vectorized(nv):
+                                    acc1[i, q] = acc1[i, q] + T.Cast(F32, X[r0 + mb * mt + i, k0 * ku + u]) * T.Cast(
+                                        F32, W[k0 * ku + u, t * cols + jb * nv + q])
+                    for i in T.unroll(mt):
+                        for q in T.vectorized(nv):
+                            if has_b:
+                                Y[r0 + mb * mt + i, t * cols + jb * nv + q] = T.Cast(
+                                    dt, acc1[i, q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
+                            else:
+                                Y[r0 + mb * mt + i, t * cols + jb * nv + q] = T.Cast(dt, acc1[i, q])
+                for m, jb in T.grid(M - r1, jt):
+                    acc2 = T.alloc_buffer((nv,), F32, scope="local")
                     for q in T.vectorized(nv):
-                        acc[i, q] = T.float32(0)
-                for k0 in range(k // ku):
-                    for u in T.unroll(ku):
-                        for i in T.unroll(mt):
+                        acc2[q] = T.float32(0)
+                    for k0 in range(k // ku):
+                        for u in T.unroll(ku):
                             for q in T.vectorized(nv):
-                                acc[i, q] = acc[i, q] + T.Cast(F32, X[mb * mt + i, k0 * ku + u]) * T.Cast(
-                                    F32, W[k0 * ku + u, jb * nv + q])
-                for i in T.unroll(mt):
+                                acc2[q] = acc2[q] + T.Cast(F32, X[r1 + m, k0 * ku + u]) * T.Cast(
+                                    F32, W[k0 * ku + u, t * cols + jb * nv + q])
                     for q in T.vectorized(nv):
                         if has_b:
-                            Y[mb * mt + i, jb * nv + q] = T.Cast(dt, acc[i, q] + T.Cast(F32, Bias[jb * nv + q]))
+                            Y[r1 + m, t * cols + jb * nv + q] = T.Cast(dt, acc2[q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
                         else:
-                            Y[mb * mt + i, jb * nv + q] = T.Cast(dt, acc[i, q])
-            for m in range(M // mt * mt, M):
-                acc1 = T.alloc_buffer((nv,), F32, scope="local")
-                for q in T.vectorized(nv):
-                    acc1[q] = T.float32(0)
-                for k0 in range(k // ku):
-                    for u in T.unroll(ku):
-                        for q in T.vectorized(nv):
-                            acc1[q] = acc1[q] + T.Cast(F32, X[m, k0 * ku + u]) * T.Cast(F32, W[k0 * ku + u, jb * nv + q])
-                for q in T.vectorized(nv):
-                    if has_b:
-                        Y[m, jb * nv + q] = T.Cast(dt, acc1[q] + T.Cast(F32, Bias[jb * nv + q]))
-                    else:
-                        Y[m, jb * nv + q] = T.Cast(dt, acc1[q])
+                            Y[r1 + m, t * cols + jb * nv + q] = T.Cast(dt, acc2[q])
 
     return func
 
@@ -208,8 +248,7 @@ def linear(info: OpInfo, config: Mapping[str, int] | None = None) -> Kernel | No
     c = resolve(layout, k, n, config)
     if c is None:
         raise ValueError(f"linear {layout} k={k} n={n}: config {dict(config or {})} does not divide the shape")
-    make = _out_in if layout == "out_in" else _in_out
-    func = make(k, n, x.dtype, w.dtype, b.dtype if b is not None else F32, b is not None, c)
+    func = _func(layout, k, n, x.dtype, w.dtype, b.dtype if b is not None else F32, b is not None, c)
     name = name_of("linear", layout, f"k{k}n{n}", short(x.dtype), f"w{short(w.dtype)}",
                    f"b{short(b.dtype)}" if b is not None else "")
     keep = (0, 1, 2, 3) if b is not None else (0, 1, 3)

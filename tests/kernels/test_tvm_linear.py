@@ -1,17 +1,19 @@
 """TVM linear against the op's torch reference: both weight layouts, with and without bias,
-batch-1 GEMV and odd token counts (full row tiles plus a tail), strided inputs, widths that no
+batch-1 GEMV and odd token counts (the narrow path's row tiles plus a tail; at 70 rows the
+packed wide path too, leaving rows to the narrow one), strided inputs, widths that no
 vector or block size divides."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("tvm")
 
 from test_tvm_norms import _merged, _randn, check  # noqa: E402
 
 
-@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("t", [1, 7, 33, 70])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(layout, bias, t):
@@ -28,3 +30,27 @@ def test_linear_odd_widths_and_rank3_input(layout):
     attrs = {} if layout == "out_in" else {"weight_layout": layout}
     check("linear", [_randn(5, k), w, _randn(n, seed=2)], attrs, static=(1, 2))
     check("linear", [_randn(2, 3, k), w], attrs, static=(1,))
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("config", [{"mr": 6, "pm": 8, "ku": 2}, {"mr": 4, "nv": 16, "jt": 2, "pm": 4, "mt": 2, "nb": 8}])
+def test_linear_wide_path_configs(layout, config):
+    """Tuned schedules: other register tiles, panels per task and row thresholds, each row count
+    split differently between the wide tiles, the narrow tiles and the one-row tail."""
+    from kiln.codegen.cpu.build import compile_kernels
+    from kiln.ir.ops import OPS
+    from kiln.ir.types import TensorType
+    from kiln.kernels.tvm_kernels import OpInfo, build
+    from kiln.kernels.tvm_provider import make_launcher
+
+    k, n = 64, 96
+    w = _randn(n, k, seed=1) if layout == "out_in" else _randn(k, n, seed=1)
+    info = OpInfo("linear", (TensorType("float32", ("T", k)), TensorType("float32", tuple(w.shape))),
+                  (TensorType("float32", ("T", n)),), {"weight_layout": layout})
+    kernel = build(info, config)
+    launch = make_launcher(compile_kernels([kernel])[kernel.name], kernel.table())
+    for t in (1, 3, 7, 29):
+        x = _merged(t, k)
+        y = torch.full((t, n), float("nan"))
+        launch([y], [x, w], {})
+        torch.testing.assert_close(y, OPS["linear"].impl(x, w, weight_layout=layout), atol=1e-5, rtol=1e-5)
