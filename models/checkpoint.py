@@ -138,3 +138,19 @@ def load_reference_model(
         model_dir, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
     )
     return model.eval()
+
+
+def reference_greedy(
+    model_dir: str | os.PathLike[str], prompts: list[list[int]], max_new_tokens: int, device: str = "cpu"
+) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt alone (no EOS stop): what kiln's greedy
+    generation is compared with."""
+    model = load_reference_model(model_dir).to(device)
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+            outs.append(gen[0, len(p):].tolist())
+    return outs

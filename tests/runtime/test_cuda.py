@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kiln import LLM, SamplingParams
-from kiln.models.checkpoint import load_reference_model
+from kiln.models.checkpoint import load_reference_model, reference_greedy
 
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 9, 33, 2, 71], list(range(3, 40)), [100] * 9]
@@ -17,11 +17,7 @@ def test_greedy_on_cuda_matches_transformers(checkpoint, artifact):
     llm = LLM(artifact("llama", "float32"), device="cuda", max_num_seqs=4, num_kv_blocks=64)
     got = [o.outputs[0].token_ids for o in llm.generate(
         [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))]
-    model = load_reference_model(checkpoint("llama")).cuda()
-    with torch.no_grad():
-        want = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=10, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
-    assert got == want
+    assert got == reference_greedy(checkpoint("llama"), PROMPTS, 10, device="cuda")
 
 
 def test_seeded_sampling_on_cuda_does_not_depend_on_the_batch(artifact):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kiln import LLM, SamplingParams
-from kiln.models.checkpoint import load_reference_model
+from kiln.models.checkpoint import reference_greedy
 from kiln.models.tiny_configs import TINY_CONFIGS
 
 MAX_TOKENS = 12
@@ -21,18 +21,6 @@ def _prompts(shared_prefix: int = 0) -> list[list[int]]:
     return [prefix + torch.randint(3, 256, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def _reference(checkpoint, arch: str, prompts: list[list[int]]) -> list[list[int]]:
-    model = load_reference_model(checkpoint(arch))
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
-
-
 SCENARIOS = {
     "ample": {},
     "preempt": {"num_kv_blocks": 12, "block_size": 4},  # 48 slots: the longest request fits alone
@@ -43,7 +31,7 @@ SCENARIOS = {
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_greedy_matches_transformers(checkpoint, artifact, arch):
     prompts = _prompts()
-    want = _reference(checkpoint, arch, prompts)
+    want = reference_greedy(checkpoint(arch), prompts, MAX_TOKENS)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     for name, kwargs in SCENARIOS.items():
         llm = LLM(artifact(arch), **kwargs)
@@ -59,7 +47,7 @@ def test_greedy_matches_transformers(checkpoint, artifact, arch):
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_shared_prefix_hits_cache(checkpoint, artifact, arch):
     prompts = _prompts(shared_prefix=40)
-    want = _reference(checkpoint, arch, prompts)
+    want = reference_greedy(checkpoint(arch), prompts, MAX_TOKENS)
     llm = LLM(artifact(arch), max_num_seqs=1, block_size=4)  # one at a time: later ones hit
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

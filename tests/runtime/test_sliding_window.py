@@ -14,7 +14,7 @@ import torch
 import kiln
 from kiln import LLM, SamplingParams
 from kiln.ir.ops.attention import paged_attention
-from kiln.models.checkpoint import load_reference_model
+from kiln.models.checkpoint import reference_greedy
 from kiln.runtime.block_pool import BlockPool
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.request import Request
@@ -142,22 +142,10 @@ def _prompts() -> list[list[int]]:
 MAX_TOKENS = 60
 
 
-def _reference(model_dir, prompts: list[list[int]]) -> list[list[int]]:
-    model = load_reference_model(model_dir)
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
-
-
 @pytest.mark.parametrize("arch", sorted(SLIDING))
 def test_long_generation_in_a_pool_smaller_than_the_sequences_matches_transformers(windowed, arch):
     ckpt, art = windowed(arch)
-    want = _reference(ckpt, _prompts())
+    want = reference_greedy(ckpt, _prompts(), MAX_TOKENS)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     # 8 blocks of 4 = 32 slots: no sequence (up to 81 tokens) fits whole; 4 at once preempt.
     llm = LLM(art, num_kv_blocks=8, block_size=BS, max_num_seqs=4, max_num_batched_tokens=16)
@@ -208,7 +196,7 @@ def test_prefix_hits_after_release_match_transformers(windowed):
     g = torch.Generator().manual_seed(5)
     shared = torch.randint(3, 256, (40,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
-    want = _reference(ckpt, prompts)
+    want = reference_greedy(ckpt, prompts, MAX_TOKENS)
     llm = LLM(art, num_kv_blocks=40, block_size=BS, max_num_seqs=1)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
