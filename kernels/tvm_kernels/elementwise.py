@@ -8,8 +8,7 @@ import math
 from tvm.script import tirx as T
 
 from kiln.kernels.tvm_kernels import AS_IS, FLOATS, ROWS, Kernel, OpInfo, last_dim, name_of, short
-
-F32 = "float32"
+from kiln.kernels.tvm_kernels.tir import F32, rounded_to
 
 
 def _gate(kind: str):
@@ -24,7 +23,7 @@ def _gate(kind: str):
 
 def _gated_func(i_dim: int, dt: str, kind: str):
     act = _gate(kind)
-    rnd = (lambda v: v) if dt == F32 else (lambda v: T.Cast(F32, T.Cast(dt, v)))
+    rnd = rounded_to(dt)
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, y_h: T.handle):
@@ -58,7 +57,7 @@ def _gated(kind_of):
 
 
 def _softcap_func(n: int, dt: str, cap: float):
-    rnd = (lambda v: v) if dt == F32 else (lambda v: T.Cast(F32, T.Cast(dt, v)))
+    rnd = rounded_to(dt)
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, y_h: T.handle):

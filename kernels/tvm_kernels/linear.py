@@ -41,8 +41,7 @@ from kiln.kernels.tvm_kernels import (
     short,
     vec_width,
 )
-
-F32 = "float32"
+from kiln.kernels.tvm_kernels.tir import F32
 
 KNOBS = {"linear": {"mt": (1, 2, 4, 8), "nb": (1, 2, 4, 8), "nv": (8, 16, 32, 64), "v": (4, 8, 16, 32),
                     "ku": (1, 2, 4), "mr": (4, 6, 8, 12), "jt": (1, 2, 4), "pm": (16, 32, 64, 128)}}

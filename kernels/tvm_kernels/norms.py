@@ -22,8 +22,7 @@ from kiln.kernels.tvm_kernels import (
     vec_width,
 )
 from kiln.kernels.tvm_kernels import keep_params as _drop
-
-F32 = "float32"
+from kiln.kernels.tvm_kernels.tir import F32, rounded_to
 
 KNOBS = {op: {"v": (4, 8, 16, 32, 64)} for op in ("rms_norm", "fused_add_rms_norm", "layer_norm")}
 """float32 lanes of the row statistics; a width that does not divide N is no schedule of it."""
@@ -36,13 +35,6 @@ def _lanes(n: int, config) -> int:
     return v
 
 
-def _rounder(dtype: str):
-    """v (float32) rounded to dtype and back: where torch rounds a 16-bit intermediate."""
-    if dtype == F32:
-        return lambda v: v
-    return lambda v: T.Cast(F32, T.Cast(dtype, v))
-
-
 def _rms_variant(attrs) -> tuple[str, float]:
     """(mode, offset): "plain" (F.rms_norm), "cast_mul" (Llama: w * y.to(dtype)), "fp32_mul"
     (Gemma/OLMo2: (y * (w + offset)).to(dtype))."""
@@ -52,10 +44,10 @@ def _rms_variant(attrs) -> tuple[str, float]:
 
 
 def _rms_func(n: int, dt: str, wdt: str | None, eps: float, mode: str, offset: float, fused: bool, v: int):
-    rnd = _rounder(dt)
+    rnd = rounded_to(dt)
     has_w = wdt is not None
     wdt = wdt or F32
-    rw = _rounder(wdt)
+    rw = rounded_to(wdt)
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, r_h: T.handle, w_h: T.handle, y_h: T.handle, h_h: T.handle):

@@ -15,13 +15,12 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from kiln.kernels.tvm_kernels import AS_IS, FLOATS, Kernel, OpInfo, last_dim, name_of, short
-
-F32 = "float32"
+from kiln.kernels.tvm_kernels.tir import F32, rounded_to
 
 
 def _rope_func(d: int, r: int, dt: str, tdt: str, pdt: str, odt: str, style: str):
     # torch computes x*cos and rotate(x)*sin in the promoted dtype, rounding each product there
-    rnd = (lambda v: v) if odt == F32 else (lambda v: T.Cast(F32, T.Cast(odt, v)))
+    rnd = rounded_to(odt)
     h2 = r // 2
 
     @T.prim_func(private=True)
@@ -114,7 +113,7 @@ def kv_cache_write(info: OpInfo) -> Kernel | None:
 
 def _rope_write_func(d: int, r: int, hq: int, hkv: int, dv: int, dt: str, tdt: str, pdt: str, odt: str,
                      cdt: str, sdt: str, style: str):
-    rnd = (lambda v: v) if odt == F32 else (lambda v: T.Cast(F32, T.Cast(odt, v)))
+    rnd = rounded_to(odt)
     h2 = r // 2
     neox = style == "neox"
 
