@@ -210,11 +210,7 @@ class ModelRunner:
                  CU_SEQLENS.name: padded_seqs + 1, SEQ_LENS.name: padded_seqs, TOTAL_LENS.name: padded_seqs,
                  BLOCK_TABLES.name: padded_seqs,
                  LOGITS_INDICES.name: len(logits_rows)}
-        inputs = {}
-        for name in STEP_INPUTS:
-            inputs[name] = self._dev[name][: sizes[name]]
-            if self._dev is not self._host:
-                inputs[name].copy_(self._host[name][: sizes[name]], non_blocking=True)
+        inputs = self._on_device(sizes, non_blocking=True)
         if fill:
             self._fill(inputs[INPUT_IDS.name], feed, fill)
         if self._dev is not self._host:
@@ -243,9 +239,14 @@ class ModelRunner:
         h[LOGITS_INDICES.name][:num_seqs] = np.arange(num_seqs)
         h[BLOCK_TABLES.name][:num_seqs] = BLOCK_TABLES.pad
         sizes = {n: num_seqs for n in STEP_INPUTS} | {CU_SEQLENS.name: num_seqs + 1}
+        return self._on_device(sizes, non_blocking=False)
+
+    def _on_device(self, sizes: dict[str, int], non_blocking: bool) -> dict[str, torch.Tensor]:
+        """Each step input as the first sizes[name] rows of its device buffer, copied from the
+        host buffer (the same tensor on the CPU)."""
         inputs = {}
         for name in STEP_INPUTS:
             inputs[name] = self._dev[name][: sizes[name]]
             if self._dev is not self._host:
-                inputs[name].copy_(self._host[name][: sizes[name]])
+                inputs[name].copy_(self._host[name][: sizes[name]], non_blocking=non_blocking)
         return inputs
