@@ -1,6 +1,7 @@
 """The generation engine: scheduler + paged KV cache + compiled model + sampler + detokenizer.
 
-Async scheduling (on by default on CUDA) hides the host's work of a step behind the device's:
+Async scheduling (`async_scheduling=True`; off by default until measured on a GPU, see
+ASYNC_SCHEDULING_ON_CUDA) hides the host's work of a step behind the device's:
 
     host:    schedule n+1 | prepare n+1 | launch n+1 | read tokens of n, append, stop, detok | ...
     device:  ... forward n, sample n  |       forward n+1, sample n+1            | ...
