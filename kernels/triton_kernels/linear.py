@@ -1,0 +1,186 @@
+"""Dense linear layers of the cuda target: cuBLAS through torch, or a Triton GEMM, chosen per
+weight shape and token-count bucket by `kiln tune` (tuning.json's "linear" table).
+
+    x [M, K] (rows may be strided)   w [N, K] ("out_in") or [K, N] ("in_out")   bias [N]
+    y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
+
+The Triton kernel tiles y into BLOCK_M x BLOCK_N programs that loop over K in BLOCK_K steps with
+tl.dot (tensor cores; rows past M load as 0, so a decode step of a few tokens is a tile of 16
+rows of which most are padding, which costs nothing when the weight read is the bound). Program
+ids are grouped GROUP_M row-tiles at a time so that tiles sharing weight columns run together.
+
+A table entry (`LinearChoice`) names, for weights of shape (K, N), the bucket bounds on M and the
+provider with its config in each; shapes and buckets not in the table go to cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels import Launcher
+from kiln.kernels.torch_provider import launcher as torch_launcher
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """The knobs of the Triton GEMM."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+KNOBS: dict[str, tuple[Any, ...]] = {
+    "block_m": (16, 32, 64, 128),
+    "block_n": (16, 32, 64, 128, 256),
+    "block_k": (64, 128, 256),
+    "num_warps": (2, 4, 8),
+    "num_stages": (2, 3, 4, 5),
+}
+"""The search space of each GemmConfig knob, for the autotuner."""
+
+BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+"""Upper bounds on M of the token-count buckets that `kiln tune` times (M above the last: the
+last bucket's choice)."""
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pm = first_m + (pid % per_group) % group
+    pn = (pid % per_group) // group
+
+    offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k
+        a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:  # float32: no TF32, for parity with the reference
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(b.dtype), b, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemm(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, config: GemmConfig, weight_layout: str = "out_in") -> None:
+    """y = x @ w^T (+ bias) by the Triton kernel (w [N, K], or [K, N] when weight_layout is
+    "in_out"); x and y are 2-D."""
+    m, k = x.shape
+    n = w.shape[0] if weight_layout == "out_in" else w.shape[1]
+    swn, swk = w.stride() if weight_layout == "out_in" else w.stride()[::-1]
+    c = config
+    grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
+    _gemm_kernel[grid](
+        x, w, bias if bias is not None else w, y, m, n, k,
+        *x.stride(), swn, swk, *y.stride(),
+        HAS_BIAS=bias is not None, IEEE=w.dtype == torch.float32,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+
+
+@dataclass(frozen=True)
+class LinearChoice:
+    """What runs a weight shape's calls of at most `max_m` rows: "torch" (cuBLAS) or "triton"
+    with `config`."""
+
+    max_m: int
+    provider: str
+    config: GemmConfig | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"max_m": self.max_m, "provider": self.provider}
+        if self.config is not None:
+            out["config"] = asdict(self.config)
+        return out
+
+
+def parse_table(table: Mapping[str, Any]) -> dict[tuple[int, int], tuple[LinearChoice, ...]]:
+    """tuning.json's "linear" entries ({"KxN": [{"max_m", "provider", "config"}, ...]}) as
+    choices sorted by max_m; ValueError naming what is malformed."""
+    out: dict[tuple[int, int], tuple[LinearChoice, ...]] = {}
+    for key, rows in table.items():
+        try:
+            k, n = (int(v) for v in key.split("x"))
+            choices = tuple(sorted((LinearChoice(int(r["max_m"]), r["provider"],
+                                                 GemmConfig(**r["config"]) if r.get("config") else None)
+                                    for r in rows), key=lambda c: c.max_m))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"tuning.json: linear entry {key!r} is malformed ({e})") from e
+        for c in choices:
+            if c.provider not in ("torch", "triton") or (c.provider == "triton") != (c.config is not None):
+                raise ValueError(f"tuning.json: linear entry {key!r} has a bad choice {c.to_json()}")
+        out[(k, n)] = choices
+    return out
+
+
+def make_launcher(table: Mapping[str, Any] | None = None) -> Launcher:
+    """The `linear` launcher: cuBLAS through torch, except where `table` (tuning.json's
+    "linear") chose the Triton GEMM for a weight shape and bucket of M."""
+    choices = parse_table(table or {})
+    vendor = torch_launcher("linear")
+
+    @functools.lru_cache(maxsize=4096)
+    def choose(k: int, n: int, m: int) -> GemmConfig | None:
+        for c in choices.get((k, n), ()):
+            if m <= c.max_m:
+                return c.config
+        rows = choices.get((k, n))
+        return rows[-1].config if rows else None
+
+    def launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
+        x, w, *bias = args
+        layout = attrs.get("weight_layout", "out_in")
+        if x.dim() == 2 and choices:
+            k, n = x.shape[1], outs[0].shape[1]
+            config = choose(k, n, x.shape[0])
+            if config is not None:
+                gemm(outs[0], x, w, bias[0] if bias else None, config, layout)
+                return
+        vendor(outs, args, attrs)
+
+    return launch
+
+
+def from_tuning(entry: Mapping[str, Any]) -> Launcher:
+    """The launcher that tuning.json's linear entry chose (see `parse_table`)."""
+    return make_launcher(entry)
+
+
+LAUNCHERS: dict[str, Launcher] = {"linear": make_launcher()}
+
+__all__ = ["BUCKETS", "KNOBS", "LAUNCHERS", "GemmConfig", "LinearChoice", "from_tuning", "gemm", "make_launcher", "parse_table"]
