@@ -27,6 +27,7 @@ from kiln.errors import ArtifactError, KilnError
 from kiln.ir.ops import OPS
 from kiln.ir.types import PACKED, TensorType, torch_dtype
 from kiln.kernels import Launcher
+from kiln.runtime import tvm_library
 from kiln.runtime.plan import Buffer, ExecutionPlan, evaluate, validate
 from kiln.runtime.providers import resolve
 
@@ -55,6 +56,9 @@ class _Binding:
     """Per view of an input, its attributes with forms evaluated."""
     input_shapes: list[tuple[int, ...]]
     """Expected shape of each input, in `PlanExecutor.input_order`."""
+    direct: list[tvm_library.DirectCall | None]
+    """Per step, its TVM kernel's call with the arguments bound (cpu target), or None: the
+    launcher serves it."""
 
 
 class PlanExecutor:
@@ -78,6 +82,7 @@ class PlanExecutor:
         self._arena_ids = [i for i, b in enumerate(plan.buffers) if b.kind == "arena"]
         self._input_views = [i for i, b in enumerate(plan.buffers) if b.kind == "view" and self._root(i).kind == "input"]
         self._input_view_set = set(self._input_views)
+        self._per_call = self._input_view_set | {i for _, i, _ in self.input_order}
         self._view_fns = {i: _view_fn(b.op) for i, b in enumerate(plan.buffers) if b.kind == "view"}
         n = len(plan.buffers)
         self._resident: list[Any] = [None] * n
@@ -166,11 +171,23 @@ class PlanExecutor:
             attrs=[{**s.attrs, **_resolve(s.dim_attrs, bindings)} if s.dim_attrs else s.attrs for s in plan.steps],
             view_attrs=view_attrs,
             input_shapes=[tuple(evaluate(d, bindings) for d in plan.buffers[i].shape) for _, i, _ in self.input_order],
+            direct=[self._direct_call(s, values) for s in range(len(plan.steps))],
         )
         self._cache[key] = entry
         if len(self._cache) > CACHED_BINDINGS:
             self._cache.popitem(last=False)
         return entry
+
+    def _direct_call(self, s: int, values: list[Any]) -> tvm_library.DirectCall | None:
+        """Step s's call bound to this binding's tensors when a loaded TVM library serves it: a
+        batch-1 decode step of a small model is mostly launch overhead (the launcher shapes
+        and exchanges every argument per call)."""
+        provider, _, name = self.plan.steps[s].kernel.partition(":")
+        if provider != "tvm":
+            return None
+        _, ins, outs = self._steps[s]
+        per_call = [[i if i in self._per_call else None for i in ids] for ids in (ins, outs)]
+        return tvm_library.direct_call(name, [values[o] for o in outs], [values[a] for a in ins], *per_call)
 
     def _apply_view(self, i: int, base: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
         try:
@@ -222,8 +239,12 @@ class PlanExecutor:
             values[i] = t
         for i in self._input_views:
             values[i] = self._apply_view(i, values[self.plan.buffers[i].base], entry.view_attrs[i])
-        for (fn, ins, outs), attrs in zip(self._steps, entry.attrs, strict=True):
-            fn([values[o] for o in outs], [values[a] for a in ins], attrs)
+        # A bound TVM call runs unless the step's launcher was replaced (benchmarks/cpu_floors.py
+        # times each step by wrapping it) or an input needs the launcher's copy.
+        for (fn, ins, outs), attrs, direct, launcher in zip(self._steps, entry.attrs, entry.direct, self.launchers,
+                                                          strict=True):
+            if direct is None or fn is not launcher or not direct(values):
+                fn([values[o] for o in outs], [values[a] for a in ins], attrs)
         return [values[o] for o in self.plan.outputs]
 
 
