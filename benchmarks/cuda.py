@@ -8,8 +8,10 @@ first token); decode tok/s at batch 1 / 32 / 256 (128-token prompts; (B * (N - 1
 the time between a 1-token and an N-token generation, median of --reps) and batch 1's ratio to
 the weight-read limit (weight + KV bytes per step over the copy bandwidth measured in this run);
 time to first token of a 2048-token prompt; offline throughput of --offline-requests requests
-(prompt and output lengths uniform in 100..1024, ignore EOS) on the shapes named by --offline.
-Peers: transformers eager (batch 1 and 32 decode, 2048-token prefill) and static cache +
+(prompt and output lengths uniform in 100..1024, ignore EOS) on the shapes named by --offline,
+served with up to --offline-max-seqs sequences and --offline-batched-tokens tokens per step.
+Each artifact is tuned on this GPU first (`kiln tune`, --tune-budget seconds of search; its
+before/after table is printed and kept in the JSON). Peers: transformers eager (batch 1 and 32 decode, 2048-token prefill) and static cache +
 torch.compile(mode="reduce-overhead") batch 1 (--peers). Prints a table and writes JSON.
 """
 
@@ -31,25 +33,12 @@ import kiln
 from kiln import LLM, SamplingParams
 from kiln.models.shapes import synthesize_checkpoint
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_kernels import copy_bandwidth  # noqa: E402
+
 PROMPT = 128
 DECODE = 129
 BATCHES = (1, 32, 256)
-
-
-def copy_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Bytes read + written per second by a device-to-device copy (median of 10)."""
-    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return nbytes / statistics.median(times[2:])
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
@@ -111,7 +100,12 @@ def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int
     res["ttft_2048_ms"] = 1e3 * statistics.median(ttft[2:])
     if a.profile_dir:
         profile(llm, vocab, Path(a.profile_dir) / a.shape)
+    del llm
+    _free()
     if a.offline_requests and a.shape in a.offline:
+        # vLLM's offline defaults on an H200 class GPU schedule more sequences and tokens per step
+        llm = LLM(art, device="cuda", max_model_len=4096, max_num_seqs=a.offline_max_seqs,
+                  max_num_batched_tokens=a.offline_batched_tokens, enable_prefix_caching=False)
         g = torch.Generator().manual_seed(7)
         lens = torch.randint(100, 1025, (a.offline_requests, 2), generator=g).tolist()
         prompts = [{"prompt_token_ids": torch.randint(10, vocab, (p,), generator=g).tolist()} for p, _ in lens]
@@ -121,16 +115,31 @@ def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int
         dt = time.perf_counter() - t
         toks = sum(len(o.outputs[0].token_ids) for o in outs)
         res["offline"] = {"requests": a.offline_requests, "output_tokens": toks, "seconds": dt,
-                          "output_tok_s": toks / dt}
+                          "output_tok_s": toks / dt, "max_num_seqs": a.offline_max_seqs,
+                          "max_num_batched_tokens": a.offline_batched_tokens}
     return res
 
 
 def profile(llm: LLM, vocab: int, out: Path) -> None:
-    """Per-kernel GPU time of 32 batch-1 decode steps and of one 2048-token prefill (tables)."""
+    """Per-kernel GPU time of 32 batch-1 decode steps and of one 2048-token prefill (tables), and
+    the host's Python profile of that prefill's generate call (where time to first token goes
+    besides the GPU's)."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     out.mkdir(parents=True, exist_ok=True)
+    prof = cProfile.Profile()
+    prompts = _prompts(1, 2048, vocab, 7)
+    prof.enable()
+    _timed(llm, prompts, 1)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+    (out / "prefill_2048_host.txt").write_text(text.getvalue())
     for name, prompts, n in (("decode_b1", _prompts(1, PROMPT, vocab, 5), 33), ("prefill_2048", _prompts(1, 2048, vocab, 6), 1)):
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             _timed(llm, prompts, n)
@@ -182,6 +191,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--offline", default="llama-3.1-8b", help="shapes that run the offline throughput workload")
     ap.add_argument("--offline-requests", type=int, default=1000)
+    ap.add_argument("--offline-max-seqs", type=int, default=512)
+    ap.add_argument("--offline-batched-tokens", type=int, default=8192)
+    ap.add_argument("--tune-budget", type=float, default=120.0,
+                    help="seconds of `kiln tune` search on each artifact before measuring (0: untuned)")
     ap.add_argument("--peers", default="eager,compile", help="transformers peers: eager, compile, or none")
     ap.add_argument("--out", default="results/cuda.json")
     ap.add_argument("--profile-dir", help="write per-kernel profiler tables here")
@@ -199,6 +212,14 @@ def main() -> None:
         t = time.perf_counter()
         kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True)
         row: dict = {"compile_s": time.perf_counter() - t}
+        if a.tune_budget > 0:
+            from kiln.codegen.cuda.tune import tune
+
+            t = time.perf_counter()
+            tuned = tune(art, budget=a.tune_budget)
+            row["tune_s"] = time.perf_counter() - t
+            row["tune_table"] = tuned["table"]
+            print(tuned["table"], flush=True)
         manifest = json.loads((art / "manifest.json").read_text())
         cfg = json.loads((ckpt / "config.json").read_text())
         vocab = cfg["vocab_size"]
@@ -240,6 +261,7 @@ def _table(report: dict) -> str:
             ("offline output tok/s", k.get("offline", {}).get("output_tok_s"), None, None),
             ("cold start to first token s", k["cold_start"].get("load_to_first_token_s"), None, None),
             ("compile s", row["compile_s"], None, None),
+            ("kiln tune s", row.get("tune_s"), None, None),
         ]
         for name, *vals in rows:
             cells = [f"{v:10.1f}" if isinstance(v, float | int) else f"{'-':>10}" for v in vals]

@@ -4,10 +4,10 @@ the machine it runs on.
 cpu: searches the schedule knobs of the hottest TVM kernels (every linear, the norms) on this
 processor, at a decode and a prefill shape bucket, prints a before/after table, and stores the
 winners in the artifact: tuning.json and the kernel library rebuilt with them
-(kiln.codegen.cpu.tune). cuda: builds the artifact's Triton kernels on this GPU
-(kiln.codegen.cuda.build) and stores them in it, replacing kernels built for another GPU or
-Triton version; the search over kernel configs per shape bucket is not built yet. reference:
-nothing to tune. `python -m kiln.codegen.tune` takes the same arguments as `kiln tune`.
+(kiln.codegen.cpu.tune). cuda: searches the paged-attention configs (prefill and decode
+buckets) and, per weight shape and token-count bucket, cuBLAS against the Triton GEMM on this
+GPU, prints a before/after table, writes tuning.json and rebuilds the artifact's kernel
+binaries for this GPU and Triton version (kiln.codegen.cuda.tune). reference: nothing to tune. `python -m kiln.codegen.tune` takes the same arguments as `kiln tune`.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def tune(
             raise KilnError(
                 f"'{artifact}' is a cuda artifact: tune it on the GPU that will serve it (no CUDA GPU here)"
             )
-        from kiln.codegen.cuda.build import build_kernels
+        from kiln.codegen.cuda.tune import tune as tune_cuda
 
-        return {"target": target, "kernels": build_kernels(artifact)}
+        return tune_cuda(artifact, budget=budget)
     if target == "reference":
         return {
             "target": target,
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="seconds of search, shared by the kernels tuned (cpu; default 120)",
+        help="seconds of search, shared by the kernels tuned (default: cpu 120, cuda 240)",
     )
     parser.add_argument(
         "--kernels",

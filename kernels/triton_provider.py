@@ -1,17 +1,28 @@
 """The `triton` provider: the cuda target's Triton kernels (kiln.kernels.triton_kernels), one
-launcher per IR op, with the op's inputs, attributes and destination buffers."""
+launcher per IR op, with the op's inputs, attributes and destination buffers.
+
+An artifact's tuning.json (written by `kiln tune`) configures the kernels that have knobs: its
+"kernels" table maps an op name to what that op's module's `make_launcher` takes
+(`paged_attention`: the prefill and decode AttentionConfig; `linear`: the provider and GEMM
+config per weight shape and bucket)."""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import json
+from collections.abc import Mapping
+from typing import Any
 
 from kiln.kernels import Launcher
 
 PREFIX = "triton"
 
-MODULES = ("attention", "norms", "rope", "elementwise")
+MODULES = ("attention", "norms", "rope", "elementwise", "linear")
 """The kernel modules of kiln.kernels.triton_kernels, each exposing LAUNCHERS."""
+
+TUNED = {"paged_attention": "attention", "linear": "linear"}
+"""Ops whose launcher a tuning.json entry configures, and their modules (`from_tuning(entry)`)."""
 
 
 @functools.cache
@@ -24,6 +35,16 @@ def launchers() -> dict[str, Launcher]:
     return table
 
 
-def launcher(name: str) -> Launcher | None:
-    """The launcher of IR op `name`, or None when no Triton kernel computes it."""
+@functools.cache
+def _tuned(name: str, entry: str) -> Launcher:
+    module = importlib.import_module(f"kiln.kernels.triton_kernels.{TUNED[name]}")
+    return module.from_tuning(json.loads(entry))
+
+
+def launcher(name: str, tuning: Mapping[str, Any] | None = None) -> Launcher | None:
+    """The launcher of IR op `name` (configured by `tuning`'s entry for it, if any), or None
+    when no Triton kernel computes it. ValueError when the entry is malformed."""
+    entry = ((tuning or {}).get("kernels") or {}).get(name)
+    if entry and name in TUNED:
+        return _tuned(name, json.dumps(entry, sort_keys=True))
     return launchers().get(name)

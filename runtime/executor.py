@@ -65,15 +65,17 @@ class PlanExecutor:
     """Holds a plan, its weights, constants and arena on one device, and runs it on inputs."""
 
     def __init__(self, plan: ExecutionPlan, weights: Mapping[str, torch.Tensor],
-                 device: str | torch.device = "cpu", limits: Mapping[str, int] | None = None):
+                 device: str | torch.device = "cpu", limits: Mapping[str, int] | None = None,
+                 tuning: Mapping[str, Any] | None = None):
         """`limits`: the largest value of each symbol a call will have (T = max tokens per step,
-        S and R = max sequences, NB, BS, MB); symbols left out are sized by the first call."""
+        S and R = max sequences, NB, BS, MB); symbols left out are sized by the first call.
+        `tuning`: the artifact's tuning.json, which configures the kernels that read it."""
         self.plan = plan
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # compare equal to tensors' devices
             self.device = torch.device("cuda", torch.cuda.current_device())
         validate(plan)
-        self.launchers: list[Launcher] = [resolve(s.kernel) for s in plan.steps]
+        self.launchers: list[Launcher] = [resolve(s.kernel, tuning) for s in plan.steps]
         self.input_types: dict[str, TensorType] = plan.input_types
         self.input_order = [(b.name, i, torch_dtype(b.dtype)) for i, b in enumerate(plan.buffers) if b.kind == "input"]
         written = {o for s in plan.steps for o in s.outputs}

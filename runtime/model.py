@@ -17,7 +17,7 @@ from kiln.ir.step_inputs import (
     whole_sequence_inputs,
 )
 from kiln.ir.types import TensorType
-from kiln.runtime.artifact import GRAPH, TOKENIZER_DIR, Artifact
+from kiln.runtime.artifact import GRAPH, TOKENIZER_DIR, TUNING, Artifact
 from kiln.runtime.executor import PlanExecutor
 from kiln.runtime.kernel_binaries import install as install_kernels
 from kiln.runtime.plan import load_plan
@@ -43,14 +43,17 @@ class CompiledModel:
         self.plan = load_plan(artifact)
         self.fixed_symbols: dict[str, int] = {}
         """Symbols the compiled kernels serve at one value only ({"BS": 16} on the cpu target)."""
+        self.tuning: dict[str, Any] | None = None
+        """The artifact's tuning.json (cuda: read by the kernels that take configs)."""
         if self.manifest.get("target") == CUDA_TARGET:
             install_kernels(artifact, torch.device(device))
+            self.tuning = artifact.read_json(TUNING) if artifact.has(TUNING) else None
         elif self.manifest.get("target") == CPU_TARGET:
             from kiln.runtime.tvm_library import install as install_library
 
             self.fixed_symbols = install_library(artifact)
         weights = load_weights(artifact, set(self.plan.params), device)
-        self.executor = PlanExecutor(self.plan, weights, device, limits)
+        self.executor = PlanExecutor(self.plan, weights, device, limits, tuning=self.tuning)
         self.config: dict[str, Any] = artifact.read_json("config.json")
         artifact.verify_rest(skip_prefix=(TOKENIZER_DIR + "/",))
         self.vocab_size: int = self.manifest["model"]["vocab_size"]

@@ -11,8 +11,11 @@ from the provider's module in `kiln.kernels`.
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from kiln.errors import ArtifactError
 from kiln.kernels import Launcher
@@ -49,8 +52,9 @@ def _module(p: Provider, kernel: str) -> ModuleType:
     return importlib.import_module(p.module)
 
 
-def resolve(kernel: str) -> Launcher:
-    """The launcher of kernel id "provider:name"; ArtifactError naming the kernel when the
+def resolve(kernel: str, tuning: Mapping[str, Any] | None = None) -> Launcher:
+    """The launcher of kernel id "provider:name", configured by the artifact's `tuning` where its
+    provider reads one (`launcher(name, tuning)`); ArtifactError naming the kernel when the
     provider is unknown or unavailable, or has no such kernel."""
     prefix, sep, name = kernel.partition(":")
     p = PROVIDERS.get(prefix)
@@ -60,7 +64,13 @@ def resolve(kernel: str) -> Launcher:
             "; recompile the artifact with this kiln"
         )
     module = _module(p, kernel)
-    fn = module.launcher(name)
+    if tuning and "tuning" in inspect.signature(module.launcher).parameters:
+        try:
+            fn = module.launcher(name, tuning=tuning)
+        except ValueError as e:
+            raise ArtifactError(f"{e}; run `kiln tune` again") from e
+    else:
+        fn = module.launcher(name)
     if fn is None and hasattr(module, "missing"):
         raise ArtifactError(module.missing(kernel))
     if fn is None:

@@ -1,6 +1,8 @@
-"""The cuda target: kernel ops run as Triton kernels (`triton:<op>`), dense GEMMs and the
-embedding gather go to the vendor library through torch (`torch:linear`, cuBLAS), and any other
-op runs its torch reference on the GPU, recorded as a fallback (`kiln inspect` lists them).
+"""The cuda target: kernel ops run as Triton kernels (`triton:<op>`); dense GEMMs are
+`triton:linear`, which calls cuBLAS through torch unless the artifact's tuning.json chose the
+Triton GEMM for a weight shape and bucket (`kiln tune`); the embedding gather goes to torch, and
+any other op runs its torch reference on the GPU, recorded as a fallback (`kiln inspect` lists
+them).
 
 The compiled binaries are not built here: lowering needs no GPU. `build.py` builds them on the
 GPU the artifact will serve on (compile-model does it when one is present; `kiln tune` does it
@@ -16,7 +18,7 @@ from kiln.kernels import torch_provider, triton_provider
 
 TARGET = "cuda"
 
-VENDOR = frozenset({"linear", "matmul", "embedding"})
+VENDOR = frozenset({"matmul", "embedding"})
 """Ops that go to cuBLAS / torch's gather through torch by design, not as fallbacks."""
 
 

@@ -28,7 +28,8 @@ merges them (sinks join there), writing every row of out (padded rows 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -114,6 +115,29 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _softmax_step(qk, allowed, acc, m_i, l_i, v_ptr, v_off, v_cols, dv_ok, k_ok, scale, softcap,
+                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax: raw scores qk [BLOCK_M, BLOCK_N] (where `allowed`,
+    when MASKED) into (acc, running max m_i, running sum l_i), base 2; V rows outside k_ok load
+    as 0."""
+    if SOFTCAP:  # tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both infinities
+        th = 1.0 - 2.0 / (tl.exp(qk * (2.0 * scale / softcap)) + 1.0)
+        sc = th * (softcap * 1.4426950408889634)
+    else:
+        sc = qk * (scale * 1.4426950408889634)
+    if MASKED:
+        sc = tl.where(allowed, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet
+    p = tl.exp2(sc - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + v_off[:, None] + v_cols[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=["T", "S"])
 def _attention_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, cu_ptr, sinks_ptr,
@@ -130,7 +154,7 @@ def _attention_kernel(
     CAUSAL: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # the last tiles (the longest, causal) start first
     kvh = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     qi = rows // GP  # token of the row within the tile
@@ -192,8 +216,23 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
 
     offs_n = tl.arange(0, BLOCK_N)
+    v_cols = offs_dv * stride_vd
     bt_row = bt_ptr + s.to(tl.int64) * stride_bs
-    for j in range(start, end, BLOCK_N):
+    # Whole key tiles that every row of the tile attends (keys before its first query's
+    # position, when no window bounds them from below) need no masks: [start, full_end).
+    full_end = start
+    if CAUSAL and not SLIDING and not SPLIT:
+        full_end = start + ((tl.minimum(ctx - q_len + tile * BLOCK_Q + 1, end) - start) // BLOCK_N) * BLOCK_N
+    for j in range(start, full_end, BLOCK_N):
+        kpos = j + offs_n
+        blk = tl.load(bt_row + (kpos // BS) * stride_bm).to(tl.int64)
+        slot = kpos % BS
+        k = tl.load(k_ptr + (blk * stride_kb + slot * stride_ks + kvh * stride_kh)[None, :]
+                    + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
+        qk = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        acc, m_i, l_i = _softmax_step(qk, qk, acc, m_i, l_i, v_ptr, blk * stride_vb + slot * stride_vs + kvh * stride_vh,
+                                      v_cols, dv_ok, offs_n >= 0, scale, softcap, False, SOFTCAP, IEEE)
+    for j in range(full_end, end, BLOCK_N):
         kpos = j + offs_n
         k_ok = (kpos >= lo) & (kpos < end)
         blk = tl.load(bt_row + (kpos // BS) * stride_bm, mask=k_ok, other=0).to(tl.int64)
@@ -202,28 +241,14 @@ def _attention_kernel(
         k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
         qk = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-        if SOFTCAP:  # tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both infinities
-            th = 1.0 - 2.0 / (tl.exp(qk * (2.0 * scale / softcap)) + 1.0)
-            sc = th * (softcap * 1.4426950408889634)
-        else:
-            sc = qk * (scale * 1.4426950408889634)
         allowed = k_ok[None, :]
         if CAUSAL:
             allowed = allowed & (kpos[None, :] <= qpos[:, None])
         if SLIDING:
             allowed = allowed & (qpos[:, None] - kpos[None, :] < window)
-        sc = tl.where(allowed, sc, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet
-        p = tl.exp2(sc - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = blk * stride_vb + slot * stride_vs + kvh * stride_vh
-        v = tl.load(v_ptr + v_off[:, None] + offs_dv[None, :] * stride_vd,
-                    mask=k_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, DV_PAD]
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(qk, allowed, acc, m_i, l_i, v_ptr,
+                                      blk * stride_vb + slot * stride_vs + kvh * stride_vh,
+                                      v_cols, dv_ok, k_ok, scale, softcap, True, SOFTCAP, IEEE)
 
     t = q_start + tok
     if SPLIT:
@@ -301,16 +326,18 @@ def _pow2(n: int) -> int:
 DEFAULT_CONFIG = AttentionConfig()
 
 
-def make_launcher(config: AttentionConfig = DEFAULT_CONFIG) -> Launcher:
+def make_launcher(config: AttentionConfig = DEFAULT_CONFIG, decode: AttentionConfig | None = None) -> Launcher:
     """The `paged_attention` launcher with these knobs (inputs as the op: q, k_cache, v_cache,
-    block_tables, seq_lens, cu_seqlens[, sinks]; attrs scale, causal, sliding_window, softcap)."""
-    for knob in ("block_m", "decode_block_m", "block_n", "num_splits"):
-        value = getattr(config, knob)
-        if value < 1 or value & (value - 1) or (knob != "num_splits" and value < 16):
-            raise ValueError(f"AttentionConfig.{knob} must be a power of two (>= 16 for tile sizes), "
-                             f"got {value}")
-    if config.path not in ("auto", "unified", "split"):
-        raise ValueError(f"AttentionConfig.path must be auto, unified or split, got {config.path!r}")
+    block_tables, seq_lens, cu_seqlens[, sinks]; attrs scale, causal, sliding_window, softcap);
+    `decode`, when given, configures decode-sized steps (T <= S) instead of `config`."""
+    for c in (config, decode or config):
+        for knob in ("block_m", "decode_block_m", "block_n", "num_splits"):
+            value = getattr(c, knob)
+            if value < 1 or value & (value - 1) or (knob != "num_splits" and value < 16):
+                raise ValueError(f"AttentionConfig.{knob} must be a power of two (>= 16 for tile sizes), "
+                                 f"got {value}")
+        if c.path not in ("auto", "unified", "split"):
+            raise ValueError(f"AttentionConfig.path must be auto, unified or split, got {c.path!r}")
 
     def launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens, *rest = args
@@ -328,11 +355,12 @@ def make_launcher(config: AttentionConfig = DEFAULT_CONFIG) -> Launcher:
             return
         g = hq // hkv
         gp = triton.next_power_of_2(g)
-        path = choose_path(config, t, s, hkv, block_tables.shape[1] * bs)
-        block_m = max(config.decode_block_m if path == "split" or t <= s else config.block_m, gp)
+        c = decode if decode is not None and t <= s else config
+        path = choose_path(c, t, s, hkv, block_tables.shape[1] * bs)
+        block_m = max(c.decode_block_m if path == "split" or t <= s else c.block_m, gp)
         block_q = block_m // gp
         split = path == "split"
-        num_splits = config.num_splits if split else 1
+        num_splits = c.num_splits if split else 1
         dv_pad = _pow2(dv)
         if split:
             part_acc = torch.empty(t, hq, num_splits, dv_pad, dtype=torch.float32, device=q.device)
@@ -348,24 +376,40 @@ def make_launcher(config: AttentionConfig = DEFAULT_CONFIG) -> Launcher:
             sinks if sinks is not None else q, part_acc, part_m, part_l,
             t, s, float(attrs["scale"]), softcap, window,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
-            HQ=hq, G=g, GP=gp, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n, BS=bs,
+            HQ=hq, G=g, GP=gp, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=c.block_n, BS=bs,
             D=d, DV=dv, D_PAD=_pow2(d), DV_PAD=dv_pad,
             CAUSAL=bool(attrs["causal"]), SLIDING=window > 0, SOFTCAP=softcap > 0.0,
             HAS_SINKS=sinks is not None and not split, SPLIT=split, NUM_SPLITS=num_splits,
             IEEE=k_cache.dtype == torch.float32,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=c.num_warps, num_stages=c.num_stages,
         )
         if split:
             _reduce_kernel[(t, hq)](
                 out, part_acc, part_m, part_l, cu_seqlens, sinks if sinks is not None else q,
                 t, s, *out.stride(),
                 HQ=hq, DV=dv, DV_PAD=dv_pad, NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None,
-                num_warps=config.num_warps,
+                num_warps=c.num_warps,
             )
 
     return launch
 
 
+def config_from(values: Mapping[str, Any]) -> AttentionConfig:
+    """DEFAULT_CONFIG with `values` (knob -> value) replaced; ValueError naming an unknown knob."""
+    unknown = sorted(set(values) - {f.name for f in fields(AttentionConfig)})
+    if unknown:
+        raise ValueError(f"tuning.json: paged_attention has unknown knobs {unknown}")
+    return replace(DEFAULT_CONFIG, **values)
+
+
+def from_tuning(entry: Mapping[str, Any]) -> Launcher:
+    """The launcher that tuning.json's paged_attention entry chose: {"prefill": {"config": {...}},
+    "decode": {"config": {...}}}, each config the knobs that differ from DEFAULT_CONFIG."""
+    return make_launcher(config_from(entry.get("prefill", {}).get("config", {})),
+                         config_from(entry.get("decode", {}).get("config", {})))
+
+
 LAUNCHERS: dict[str, Launcher] = {"paged_attention": make_launcher(DEFAULT_CONFIG)}
 
-__all__ = ["DEFAULT_CONFIG", "KNOBS", "LAUNCHERS", "AttentionConfig", "choose_path", "make_launcher"]
+__all__ = ["DEFAULT_CONFIG", "KNOBS", "LAUNCHERS", "AttentionConfig", "choose_path", "config_from", "from_tuning",
+           "make_launcher"]

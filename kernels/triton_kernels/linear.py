@@ -56,7 +56,7 @@ BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 last bucket's choice)."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one binary for every token count
 def _gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,

@@ -38,6 +38,8 @@ MODE_GREEDY, MODE_DRAW, MODE_FILTERED = 0, 1, 2
 
 BLOCK = 1024
 """Vocabulary chunk each program loads per iteration."""
+NUM_WARPS = 4
+"""Warps of each row's program of `_sample_kernel`."""
 
 
 # the layout's twins that jit code may read
@@ -275,12 +277,12 @@ def penalize_(x: torch.Tensor, counts: torch.Tensor | None, seen: torch.Tensor |
 
 
 def sample_rows(x: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, stream_hash: int = 0,
-                block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                block: int = BLOCK, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of float32 logits x [B, V] (penalized): the token [B] int64 of greedy and drawn
     rows (filtered rows' entries are left unset), every row's uniform [B] float32, and the
     logsumexp of x / T [B] of drawn rows and of filtered rows without top-k (else unset).
     stream_hash is `_hash32(stream)` of `uniforms` (0 for stream 0); block: the vocabulary chunk,
-    a power of two."""
+    a power of two; num_warps: the warps of each row's program."""
     _check_rows(x, fp, ip)
     b, v = x.shape
     tokens = torch.empty(b, dtype=torch.int64, device=x.device)
@@ -288,7 +290,7 @@ def sample_rows(x: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, stream_hash
     lse = torch.empty(b, dtype=torch.float32, device=x.device)
     # no fp contraction: the float ops round as torch's separate kernels do
     _sample_kernel[(b,)](x, x.stride(0), tokens, u, lse, fp, ip, ip.shape[1], v, stream_hash, BLOCK=block,
-                         enable_fp_fusion=False)
+                         enable_fp_fusion=False, num_warps=num_warps)
     return tokens, u, lse
 
 

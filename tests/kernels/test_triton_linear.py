@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from kiln.ir.ops import OPS
-from kiln.kernels.triton_kernels.linear import LAUNCHERS, GemmConfig, gemm, make_launcher, parse_table
+from kiln.kernels.triton_kernels.linear import (
+    LAUNCHERS,
+    GemmConfig,
+    gemm,
+    make_launcher,
+    parse_table,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}

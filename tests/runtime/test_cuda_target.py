@@ -81,6 +81,10 @@ def test_greedy_on_cuda_matches_the_reference_target(arch, cuda_artifact):
     kw = dict(device="cuda", max_num_seqs=4, num_kv_blocks=128)
     got = _greedy(LLM(cuda, **kw), PROMPTS, 16)
     want = _greedy(LLM(ref, enforce_eager=True, **kw), PROMPTS, 16)
+    _check_parity(arch, ref, got, want)
+
+
+def _check_parity(arch: str, ref, got: list[list[int]], want: list[list[int]]) -> None:
     for p, g, w in zip(PROMPTS, got, want, strict=True):
         if g == w:
             continue
@@ -112,6 +116,42 @@ def test_loading_and_serving_compile_nothing(cuda_artifact):
     art = cuda_artifact("llama")
     built = json.loads((art / "kernels" / "triton.json").read_text())
     assert built["variants"] > 0 and built["arch"].startswith("sm_")
+    out = subprocess.run([sys.executable, "-c", _SERVE, str(art)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.gpu
+def test_tune_measures_choices_and_serving_the_tuned_artifact_compiles_nothing(cuda_artifact, tmp_path, capsys):
+    import shutil
+
+    from kiln.cli import main
+    from kiln.codegen.artifact_writer import replace_files
+    from kiln.codegen.cuda.build import build_kernels
+    from kiln.kernels.triton_kernels.linear import BUCKETS
+
+    art = shutil.copytree(cuda_artifact("llama"), tmp_path / "tuned")
+    assert main(["tune", str(art), "--budget", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert "paged_attention" in printed and "linear " in printed and "speedup" in printed
+    tuning = json.loads((art / "tuning.json").read_text())
+    assert set(tuning["kernels"]["paged_attention"]) == {"prefill", "decode"}
+    for key, choices in tuning["kernels"]["linear"].items():  # every bucket has a measured choice
+        assert choices[-1]["max_m"] == 2048 and {c["provider"] for c in choices} <= {"torch", "triton"}
+        assert set(tuning["linear_times"][key]) == {str(b) for b in BUCKETS}
+    # every linear on the Triton GEMM, decode and prefill configs apart: still the reference's tokens,
+    # and nothing compiles at load or while serving
+    small = {"block_m": 16, "block_n": 32, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
+    large = {"block_m": 64, "block_n": 64, "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 3}
+    tuning["kernels"]["linear"] = {key: [{"max_m": 16, "provider": "triton", "config": small},
+                                         {"max_m": 2048, "provider": "triton", "config": large}]
+                                   for key in tuning["kernels"]["linear"]}
+    replace_files(art, {"tuning.json": json.dumps(tuning).encode()}, ("tuning.json",))
+    build_kernels(art)
+    kw = dict(device="cuda", max_num_seqs=4, num_kv_blocks=128)
+    ref = cuda_artifact("llama", "reference")
+    _check_parity("llama", ref, _greedy(LLM(art, **kw), PROMPTS, 16),
+                  _greedy(LLM(ref, enforce_eager=True, **kw), PROMPTS, 16))
     out = subprocess.run([sys.executable, "-c", _SERVE, str(art)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

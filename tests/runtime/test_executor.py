@@ -233,7 +233,7 @@ def _broken(plan: ExecutionPlan, **changes) -> ExecutionPlan:
     [
         ({"steps.0.kernel": "cuda:linear"}, "unknown provider 'cuda'"),
         ({"steps.0.kernel": "tvm:linear"}, r"provider 'tvm' \(target 'cpu'\).*--target reference"),
-        ({"steps.0.kernel": "triton:linear"}, "'triton:linear', which provider 'triton' does not have"),
+        ({"steps.0.kernel": "triton:linear_q4"}, "'triton:linear_q4', which provider 'triton' does not have"),
         ({"steps.0.kernel": "torch:no_such_op"}, "'torch:no_such_op', which provider 'torch' does not have"),
         ({"steps.0.outputs": [99]}, "names buffer 99"),
         ({"steps.0.outputs": [1]}, "writes param buffer"),
