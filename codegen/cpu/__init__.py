@@ -31,20 +31,23 @@ def _fix(t: TensorType, values: dict[str, int]) -> TensorType:
 
 
 def op_info(node: Node) -> OpInfo:
-    """What a kernel builder sees of `node`: tensor input types (None for a scalar constant),
-    result types and attributes; the dims SPECIALIZE fixes for its op replaced by their values
+    """What a kernel builder sees of `node`: tensor input types (None for a scalar constant, whose
+    value OpInfo.consts holds), result types and attributes; the dims SPECIALIZE fixes for its op replaced by their values
     (and listed in OpInfo.fixed when a type had them)."""
     inputs = tuple(
         x.type if isinstance(x.type, TensorType) and not x.is_scalar_const else None for x in node.inputs
     )
+    consts = tuple(x.attrs["value"] if x.is_scalar_const else None for x in node.inputs)
+    consts = consts if any(c is not None for c in consts) else ()
     outputs = tuple(node.type.types)
     values = SPECIALIZE.get(node.op, {})
     used = {d for t in (*inputs, *outputs) if t is not None for d in t.shape if isinstance(d, str) and d in values}
     if not used:
-        return OpInfo(node.op, inputs, outputs, dict(node.attrs))
+        return OpInfo(node.op, inputs, outputs, dict(node.attrs), consts=consts)
     inputs = tuple(t if t is None else _fix(t, values) for t in inputs)
     outputs = tuple(_fix(t, values) for t in outputs)
-    return OpInfo(node.op, inputs, outputs, dict(node.attrs), fixed={d: values[d] for d in sorted(used)})
+    return OpInfo(node.op, inputs, outputs, dict(node.attrs), fixed={d: values[d] for d in sorted(used)},
+                  consts=consts)
 
 
 def lower(graph: Graph) -> LoweredModule:

@@ -65,6 +65,9 @@ class OpInfo:
     fixed: Mapping[str, int] = field(default_factory=dict)
     """Symbolic dims the lowering replaced by constants in these types (the block size "BS" for
     paged attention): a kernel built from them serves only those values."""
+    consts: tuple[Any, ...] = ()
+    """Per input, the value of a scalar constant (None where the input is a tensor; empty when
+    the node has none): a kernel may build it in."""
 
 
 @dataclass(frozen=True)
@@ -120,12 +123,34 @@ def builders() -> dict[str, Builder]:
 
 def build(info: OpInfo, config: Mapping[str, Any] | None = None) -> Kernel | None:
     """The kernel for an op node, or None when no builder covers it; `config` picks a schedule
-    of an op with knobs (ValueError when it does not fit the node's shape)."""
+    of an op with knobs (ValueError when it does not fit the node's shape).
+
+    A builder is a pure function of (info, config), and parsing its TVMScript costs ~0.2 s, so
+    results are memoized by that content: a graph's 32 layers, and every model compiled in one
+    process, build each distinct kernel once."""
+    key = _key(info, config)
+    if key not in _built:
+        _built[key] = _build(info, config)
+    kernel = _built[key]
+    return kernel if kernel is None else dataclasses.replace(kernel, info=info)
+
+
+def _key(info: OpInfo, config: Mapping[str, Any] | None) -> str:
+    """The content of a build request, attributes and config in a canonical order."""
+    return repr((info.op, info.inputs, info.outputs, sorted(info.attrs.items()), sorted(info.fixed.items()),
+                 info.consts, sorted((config or {}).items())))
+
+
+def _build(info: OpInfo, config: Mapping[str, Any] | None) -> Kernel | None:
     b = builders().get(info.op)
     kernel = (b(info, config) if config else b(info)) if b is not None else None
     if kernel is None:
         return None
     return dataclasses.replace(kernel, info=info, **({"fixed": dict(info.fixed)} if info.fixed else {}))
+
+
+_built: dict[str, Kernel | None] = {}
+"""`build`'s memo: request content -> kernel (None: no builder covers it)."""
 
 
 def knobs(op: str) -> dict[str, tuple]:

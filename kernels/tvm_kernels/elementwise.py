@@ -1,5 +1,8 @@
 """Elementwise and gather kernels: silu_and_mul, gelu_and_mul (erf and tanh), softcap,
-gather_rows and embedding. Rows run in parallel, the inner axis vectorized."""
+gather_rows and embedding; the elementwise glue a pass left generic: unary activations (gelu,
+relu, tanh, sigmoid, silu, neg, exp) and binary add, sub, mul, div, pow whose operands are each
+a tensor of the result's shape, a one-element tensor (broadcast) or a scalar constant (built in).
+Rows run in parallel, the inner axis vectorized."""
 
 from __future__ import annotations
 
@@ -7,7 +10,18 @@ import math
 
 from tvm.script import tirx as T
 
-from kiln.kernels.tvm_kernels import AS_IS, FLOATS, ROWS, Kernel, OpInfo, last_dim, name_of, short
+from kiln.kernels.tvm_kernels import (
+    AS_IS,
+    FLOATS,
+    ROWS,
+    Kernel,
+    OpInfo,
+    keep_params,
+    last_dim,
+    name_of,
+    short,
+    vec_width,
+)
 from kiln.kernels.tvm_kernels.tir import F32, rounded_to
 
 
@@ -120,7 +134,134 @@ def embedding(info: OpInfo) -> Kernel | None:
     return Kernel(name, _rows_func(n, w.dtype, ids.dtype), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
 
 
+# -- generic elementwise glue -----------------------------------------------------------------
+
+INTS = ("int64", "int32")
+FULL, ONE = "t", "s"
+"""Operand kinds besides a constant: a tensor of the result's shape; a one-element tensor."""
+
+
+def _unary(op: str, attrs):
+    """op(x) on float32 as torch computes it, or None for an op not covered."""
+    if op == "gelu":
+        return _gate(attrs.get("approximate", "none")) if attrs.get("approximate", "none") in ("none", "tanh") else None
+    return {
+        "silu": _gate("silu"),
+        "relu": lambda x: T.max(x, T.float32(0)),
+        "tanh": T.tanh,
+        "sigmoid": lambda x: T.float32(1) / (T.float32(1) + T.exp(-x)),
+        "neg": lambda x: -x,
+        "exp": T.exp,
+    }.get(op)
+
+
+def _binary(op: str, b_const):
+    """op(a, b) as torch computes it in the compute dtype, or None for an op not covered; pow
+    only with a constant exponent (torch's x*x, x*x*x and sqrt for 2, 3 and 0.5)."""
+    if op == "pow":
+        if b_const is None:
+            return None
+        e = float(b_const)
+        if e == 2:
+            return lambda a, b: a * a
+        if e == 3:
+            return lambda a, b: a * a * a
+        if e == 0.5:
+            return lambda a, b: T.sqrt(a)
+        return lambda a, b: T.pow(a, b)
+    return {
+        "add": lambda a, b: a + b,
+        "sub": lambda a, b: a - b,
+        "mul": lambda a, b: a * b,
+        "div": lambda a, b: a / b,
+    }.get(op)
+
+
+def _ewise_func(n: int | None, dt: str, kinds: tuple, fn):
+    """y = fn(*operands) over [A, B, n] rows (n None: a symbolic inner dim, not vectorized);
+    kinds per operand: FULL, ONE, or a constant's value."""
+    cdt = dt if dt in INTS else F32
+    v = vec_width(n) if n is not None else 1
+    k0, k1 = (kinds + (0, 0))[:2]
+    one = (T.int64(1), T.int64(1), T.int64(1))
+    unit = 1 if n is not None else T.int64(1)  # (the inner stride's type follows the inner dim's)
+
+    def load(kind, X, a, b, k):
+        if kind == FULL:
+            return T.Cast(cdt, X[a, b, k])
+        if kind == ONE:
+            return T.Cast(cdt, X[0, 0, 0])
+        return T.int64(kind) if cdt == "int64" else T.int32(kind) if cdt == "int32" else T.float32(kind)
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, z_h: T.handle, y_h: T.handle):
+        A = T.int64()
+        B = T.int64()
+        W = T.int64()
+        sx0, sx1, sz0, sz1, sy0, sy1 = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        X = T.match_buffer(x_h, (A, B, W if n is None else n) if k0 == FULL else one, dt,
+                           strides=(sx0, sx1, unit) if k0 == FULL else None, offset_factor=1)
+        Z = T.match_buffer(z_h, (A, B, W if n is None else n) if k1 == FULL else one, dt,
+                           strides=(sz0, sz1, unit) if k1 == FULL else None, offset_factor=1)
+        Y = T.match_buffer(y_h, (A, B, W if n is None else n), dt, strides=(sy0, sy1, unit), offset_factor=1)
+        for row in T.parallel(A * B):
+            if n is None:
+                for k in range(W):
+                    Y[row // B, row % B, k] = T.Cast(dt, fn(load(k0, X, row // B, row % B, k),
+                                                            load(k1, Z, row // B, row % B, k)))
+            else:
+                for j in range(n // v):
+                    for i in T.vectorized(v):
+                        Y[row // B, row % B, j * v + i] = T.Cast(dt, fn(load(k0, X, row // B, row % B, j * v + i),
+                                                                        load(k1, Z, row // B, row % B, j * v + i)))
+
+    return func
+
+
+def _operand(t, const, out) -> object | None:
+    """An operand's kind: FULL, ONE, the constant's value, or None when not covered."""
+    if t is None:
+        return const if isinstance(const, int | float) else None
+    if t.dtype != out.dtype:
+        return None
+    if tuple(t.shape) == tuple(out.shape):
+        return FULL
+    return ONE if all(d == 1 for d in t.shape) else None
+
+
+def elementwise(info: OpInfo) -> Kernel | None:
+    out = info.outputs[0]
+    if out.dtype not in FLOATS + INTS or not out.shape or len(info.inputs) not in (1, 2):
+        return None
+    consts = info.consts or (None,) * len(info.inputs)
+    kinds = tuple(_operand(t, c, out) for t, c in zip(info.inputs, consts, strict=True))
+    if any(k is None for k in kinds) or FULL not in kinds:
+        return None
+    if len(kinds) == 1:
+        f1 = _unary(info.op, info.attrs) if out.dtype in FLOATS else ({"neg": lambda x: -x}.get(info.op))
+        fn = None if f1 is None else (lambda a, b: f1(a))
+    elif info.op == "div" and (out.dtype in INTS or info.attrs.get("rounding_mode") is not None):
+        fn = None
+    else:
+        fn = _binary(info.op, kinds[1] if kinds[1] not in (FULL, ONE) else None)
+        if info.op == "pow" and kinds[0] != FULL:
+            fn = None
+    if fn is None:
+        return None
+    n = last_dim(out)
+    tensors = tuple(i for i, k in enumerate(kinds) if k in (FULL, ONE))
+    tag = "".join(k if k in (FULL, ONE) else f"c{float(k)!r}" if out.dtype in FLOATS else f"c{int(k)}" for k in kinds)
+    extra = info.attrs.get("approximate", "") if info.op == "gelu" else ""
+    name = name_of(info.op, f"n{n}" if n is not None else "nT", short(out.dtype), tag, extra)
+    func = _ewise_func(n, out.dtype, kinds, fn)
+    keep = (*(i for i in tensors), 2)
+    return Kernel(name, keep_params(func, keep), tensors, (0,), (ROWS,) * (len(tensors) + 1))
+
+
+ELEMENTWISE = ("gelu", "relu", "tanh", "sigmoid", "silu", "neg", "exp", "add", "sub", "mul", "div", "pow")
+
 BUILDERS = {
+    **dict.fromkeys(ELEMENTWISE, elementwise),
     "silu_and_mul": _gated(lambda attrs: "silu"),
     "gelu_and_mul": _gated(lambda attrs: attrs.get("approximate", "none")),
     "softcap": softcap,

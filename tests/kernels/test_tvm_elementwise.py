@@ -39,3 +39,52 @@ def test_gather_rows(t):
 def test_embedding(t):
     ids = torch.randint(0, 50, (t,), generator=torch.Generator().manual_seed(t))
     check("embedding", [_randn(50, 72), ids], {})
+
+
+def _check_ewise(op: str, args: list, attrs: dict | None = None) -> None:
+    """Like test_tvm_norms.check, with scalar operands built into the kernel (OpInfo.consts)
+    and every tensor of the result's shape symbolic in its first dim."""
+    from test_tvm_norms import _type
+
+    from kiln.codegen.cpu.build import launcher_of
+    from kiln.ir.ops import OPS
+    from kiln.kernels.tvm_kernels import OpInfo, build
+
+    attrs = attrs or {}
+    want = OPS[op].impl(*args, **attrs)
+    static = [a.dim() == 0 or a.numel() == 1 for a in args if isinstance(a, torch.Tensor)]
+    tensors = iter(static)
+    info = OpInfo(op, tuple(_type(a, next(tensors)) if isinstance(a, torch.Tensor) else None for a in args),
+                  (_type(want),), attrs, consts=tuple(None if isinstance(a, torch.Tensor) else a for a in args))
+    kernel = build(info)
+    assert kernel is not None, f"no TVM kernel for {op} {info}"
+    out = torch.full_like(want, -7)
+    launcher_of(kernel)([out], args, attrs)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 33])
+@pytest.mark.parametrize("op,attrs", [("gelu", {"approximate": "none"}), ("gelu", {"approximate": "tanh"}),
+                                      ("relu", {}), ("tanh", {}), ("sigmoid", {}), ("silu", {}), ("neg", {})])
+def test_unary(op, attrs, t):
+    _check_ewise(op, [_merged(t, 40) * 3], attrs)
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+def test_binary_tensor_tensor_and_broadcast_scalar(op):
+    a, b = _merged(7, 64), _randn(7, 64, seed=5) + 4
+    _check_ewise(op, [a, b])
+    _check_ewise(op, [a, torch.tensor(8.0)])  # a one-element tensor (Gemma's embedding normalizer)
+
+
+@pytest.mark.parametrize("op,args", [("mul", [None, 0.044715]), ("add", [None, 1.0]), ("sub", [1.0, None]),
+                                     ("div", [None, 3.0]), ("pow", [None, 3.0]), ("pow", [None, 2]),
+                                     ("pow", [None, 0.5]), ("add", [None, 2])])
+def test_binary_with_a_constant(op, args):
+    x = _merged(9, 48).abs() if op == "pow" else _merged(9, 48)
+    _check_ewise(op, [x if a is None else a for a in args])
+
+
+def test_integer_add_of_a_token_vector():
+    """OPT's position offset: i64[T] + 2, a symbolic inner dim."""
+    _check_ewise("add", [torch.arange(11), 2])
