@@ -34,10 +34,11 @@ def test_linear_odd_widths_and_rank3_input(layout):
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("config", [{"mr": 6, "pm": 8, "ku": 2}, {"mr": 4, "nv": 16, "jt": 2, "pm": 4, "mt": 2, "nb": 8},
-                                    {"nb1": 16, "nv": 16, "jt": 2, "ku": 2}])
+                                    {"nb1": 16, "nv": 16, "jt": 2, "ku": 2}, {"nv": 8, "par": 4, "pm": 4}])
 def test_linear_wide_path_configs(layout, config):
     """Tuned schedules: other register tiles, panels per task and row thresholds, each row count
-    split differently between the wide tiles, the narrow tiles and the one-row tail."""
+    split differently between the wide tiles, the narrow tiles and the one-row tail; 12 tasks
+    merged in pairs into 6 parallel iterations (par=4)."""
     from kiln.codegen.cpu.build import compile_kernels
     from kiln.ir.ops import OPS
     from kiln.ir.types import TensorType
