@@ -1,7 +1,8 @@
 """Elementwise and gather kernels: silu_and_mul, gelu_and_mul (erf and tanh), softcap,
 gather_rows and embedding; the elementwise glue a pass left generic: unary activations (gelu,
-relu, tanh, sigmoid, silu, neg, exp) and binary add, sub, mul, div, pow whose operands are each
-a tensor of the result's shape, a one-element tensor (broadcast) or a scalar constant (built in).
+relu, tanh, sigmoid, silu, neg, exp, clamp) and binary add, sub, mul, div, pow whose operands
+are each a tensor of the result's shape, a one-element tensor or one value per row (broadcast),
+or a scalar constant (built in).
 Rows run in parallel, the inner axis vectorized."""
 
 from __future__ import annotations
@@ -137,14 +138,22 @@ def embedding(info: OpInfo) -> Kernel | None:
 # -- generic elementwise glue -----------------------------------------------------------------
 
 INTS = ("int64", "int32")
-FULL, ONE = "t", "s"
-"""Operand kinds besides a constant: a tensor of the result's shape; a one-element tensor."""
+FULL, ONE, ROW = "t", "s", "r"
+"""Operand kinds besides a constant: a tensor of the result's shape; a one-element tensor; one
+value per row (the result's shape with a last dim of 1: MoE routing weights, x / x.sum(-1))."""
+TENSOR = (FULL, ONE, ROW)
 
 
 def _unary(op: str, attrs):
     """op(x) on float32 as torch computes it, or None for an op not covered."""
     if op == "gelu":
         return _gate(attrs.get("approximate", "none")) if attrs.get("approximate", "none") in ("none", "tanh") else None
+    if op == "clamp":
+        lo, hi = attrs.get("min"), attrs.get("max")
+        if not all(b is None or isinstance(b, int | float) for b in (lo, hi)):
+            return None
+        up = (lambda x: x) if lo is None else (lambda x: T.max(x, T.float32(lo)))
+        return up if hi is None else (lambda x: T.min(up(x), T.float32(hi)))
     return {
         "silu": _gate("silu"),
         "relu": lambda x: T.max(x, T.float32(0)),
@@ -179,7 +188,7 @@ def _binary(op: str, b_const):
 
 def _ewise_func(n: int | None, dt: str, kinds: tuple, fn):
     """y = fn(*operands) over [A, B, n] rows (n None: a symbolic inner dim, not vectorized);
-    kinds per operand: FULL, ONE, or a constant's value."""
+    kinds per operand: FULL, ONE, ROW, or a constant's value."""
     cdt = dt if dt in INTS else F32
     v = vec_width(n) if n is not None else 1
     k0, k1 = (kinds + (0, 0))[:2]
@@ -191,6 +200,8 @@ def _ewise_func(n: int | None, dt: str, kinds: tuple, fn):
             return T.Cast(cdt, X[a, b, k])
         if kind == ONE:
             return T.Cast(cdt, X[0, 0, 0])
+        if kind == ROW:
+            return T.Cast(cdt, X[a, b, 0])
         return T.int64(kind) if cdt == "int64" else T.int32(kind) if cdt == "int32" else T.float32(kind)
 
     @T.prim_func(private=True)
@@ -198,11 +209,15 @@ def _ewise_func(n: int | None, dt: str, kinds: tuple, fn):
         A = T.int64()
         B = T.int64()
         W = T.int64()
-        sx0, sx1, sz0, sz1, sy0, sy1 = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        X = T.match_buffer(x_h, (A, B, W if n is None else n) if k0 == FULL else one, dt,
-                           strides=(sx0, sx1, unit) if k0 == FULL else None, offset_factor=1)
-        Z = T.match_buffer(z_h, (A, B, W if n is None else n) if k1 == FULL else one, dt,
-                           strides=(sz0, sz1, unit) if k1 == FULL else None, offset_factor=1)
+        sx0, sx1, sx2, sz0, sz1, sz2, sy0, sy1 = (T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(),
+                                                  T.int64(), T.int64())
+        # a ROW operand's inner stride is free (its one column is all that is read)
+        X = T.match_buffer(x_h, (A, B, W if n is None else n) if k0 == FULL else (A, B, T.int64(1)) if k0 == ROW
+                           else one, dt, strides=(sx0, sx1, unit) if k0 == FULL else (sx0, sx1, sx2) if k0 == ROW
+                           else None, offset_factor=1)
+        Z = T.match_buffer(z_h, (A, B, W if n is None else n) if k1 == FULL else (A, B, T.int64(1)) if k1 == ROW
+                           else one, dt, strides=(sz0, sz1, unit) if k1 == FULL else (sz0, sz1, sz2) if k1 == ROW
+                           else None, offset_factor=1)
         Y = T.match_buffer(y_h, (A, B, W if n is None else n), dt, strides=(sy0, sy1, unit), offset_factor=1)
         for row in T.parallel(A * B):
             if n is None:
@@ -219,14 +234,16 @@ def _ewise_func(n: int | None, dt: str, kinds: tuple, fn):
 
 
 def _operand(t, const, out) -> object | None:
-    """An operand's kind: FULL, ONE, the constant's value, or None when not covered."""
+    """An operand's kind: FULL, ONE, ROW, the constant's value, or None when not covered."""
     if t is None:
         return const if isinstance(const, int | float) else None
     if t.dtype != out.dtype:
         return None
     if tuple(t.shape) == tuple(out.shape):
         return FULL
-    return ONE if all(d == 1 for d in t.shape) else None
+    if all(d == 1 for d in t.shape):
+        return ONE
+    return ROW if t.rank == out.rank and t.shape[:-1] == out.shape[:-1] and t.shape[-1] == 1 else None
 
 
 def elementwise(info: OpInfo) -> Kernel | None:
@@ -243,22 +260,24 @@ def elementwise(info: OpInfo) -> Kernel | None:
     elif info.op == "div" and (out.dtype in INTS or info.attrs.get("rounding_mode") is not None):
         fn = None
     else:
-        fn = _binary(info.op, kinds[1] if kinds[1] not in (FULL, ONE) else None)
+        fn = _binary(info.op, kinds[1] if kinds[1] not in TENSOR else None)
         if info.op == "pow" and kinds[0] != FULL:
             fn = None
     if fn is None:
         return None
     n = last_dim(out)
-    tensors = tuple(i for i, k in enumerate(kinds) if k in (FULL, ONE))
-    tag = "".join(k if k in (FULL, ONE) else f"c{float(k)!r}" if out.dtype in FLOATS else f"c{int(k)}" for k in kinds)
+    tensors = tuple(i for i, k in enumerate(kinds) if k in TENSOR)
+    tag = "".join(k if k in TENSOR else f"c{float(k)!r}" if out.dtype in FLOATS else f"c{int(k)}" for k in kinds)
     extra = info.attrs.get("approximate", "") if info.op == "gelu" else ""
+    if info.op == "clamp":
+        extra = "_".join(f"{b}{float(info.attrs[b])!r}" for b in ("min", "max") if info.attrs.get(b) is not None)
     name = name_of(info.op, f"n{n}" if n is not None else "nT", short(out.dtype), tag, extra)
     func = _ewise_func(n, out.dtype, kinds, fn)
     keep = (*(i for i in tensors), 2)
     return Kernel(name, keep_params(func, keep), tensors, (0,), (ROWS,) * (len(tensors) + 1))
 
 
-ELEMENTWISE = ("gelu", "relu", "tanh", "sigmoid", "silu", "neg", "exp", "add", "sub", "mul", "div", "pow")
+ELEMENTWISE = ("gelu", "relu", "tanh", "sigmoid", "silu", "neg", "exp", "clamp", "add", "sub", "mul", "div", "pow")
 
 BUILDERS = {
     **dict.fromkeys(ELEMENTWISE, elementwise),

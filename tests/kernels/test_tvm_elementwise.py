@@ -65,7 +65,8 @@ def _check_ewise(op: str, args: list, attrs: dict | None = None) -> None:
 
 @pytest.mark.parametrize("t", [1, 33])
 @pytest.mark.parametrize("op,attrs", [("gelu", {"approximate": "none"}), ("gelu", {"approximate": "tanh"}),
-                                      ("relu", {}), ("tanh", {}), ("sigmoid", {}), ("silu", {}), ("neg", {})])
+                                      ("relu", {}), ("tanh", {}), ("sigmoid", {}), ("silu", {}), ("neg", {}),
+                                      ("clamp", {"min": -1.5, "max": 2.0}), ("clamp", {"max": 7.0})])
 def test_unary(op, attrs, t):
     _check_ewise(op, [_merged(t, 40) * 3], attrs)
 
@@ -75,6 +76,14 @@ def test_binary_tensor_tensor_and_broadcast_scalar(op):
     a, b = _merged(7, 64), _randn(7, 64, seed=5) + 4
     _check_ewise(op, [a, b])
     _check_ewise(op, [a, torch.tensor(8.0)])  # a one-element tensor (Gemma's embedding normalizer)
+    _check_ewise(op, [a, b[:, :1]])  # one value per row (MoE routing weights), a strided column
+
+
+def test_binary_per_row_broadcast_over_heads():
+    """[T, K, D] * [T, K, 1] (Mixtral's weighted expert outputs) and [T, K] / [T, 1]."""
+    w = torch.softmax(_randn(5, 2, seed=2), -1)
+    _check_ewise("mul", [_randn(5, 2, 64), w.unsqueeze(-1)])
+    _check_ewise("div", [w, w.sum(-1, keepdim=True)])
 
 
 @pytest.mark.parametrize("op,args", [("mul", [None, 0.044715]), ("add", [None, 1.0]), ("sub", [1.0, None]),
