@@ -164,9 +164,10 @@ def _unary(op: str, attrs):
     }.get(op)
 
 
-def _binary(op: str, b_const):
+def _binary(op: str, b_const, dt: str):
     """op(a, b) as torch computes it in the compute dtype, or None for an op not covered; pow
-    only with a constant exponent (torch's x*x, x*x*x and sqrt for 2, 3 and 0.5)."""
+    only with a constant exponent (torch's x*x, x*x*x and sqrt for 2, 3 and 0.5; a 16-bit x*x*x
+    rounds after each product)."""
     if op == "pow":
         if b_const is None:
             return None
@@ -174,7 +175,8 @@ def _binary(op: str, b_const):
         if e == 2:
             return lambda a, b: a * a
         if e == 3:
-            return lambda a, b: a * a * a
+            rnd = rounded_to(dt) if dt in FLOATS else (lambda v: v)
+            return lambda a, b: rnd(a * a) * a
         if e == 0.5:
             return lambda a, b: T.sqrt(a)
         return lambda a, b: T.pow(a, b)
@@ -260,7 +262,7 @@ def elementwise(info: OpInfo) -> Kernel | None:
     elif info.op == "div" and (out.dtype in INTS or info.attrs.get("rounding_mode") is not None):
         fn = None
     else:
-        fn = _binary(info.op, kinds[1] if kinds[1] not in TENSOR else None)
+        fn = _binary(info.op, kinds[1] if kinds[1] not in TENSOR else None, out.dtype)
         if info.op == "pow" and kinds[0] != FULL:
             fn = None
     if fn is None:
