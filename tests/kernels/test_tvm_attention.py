@@ -18,7 +18,7 @@ tvm = pytest.importorskip("tvm")
 from kiln.ir.ops import OPS  # noqa: E402
 from kiln.ir.types import TensorType  # noqa: E402
 from kiln.kernels.tvm_kernels import OpInfo  # noqa: E402
-from kiln.kernels.tvm_kernels.attention import BUILDERS, build  # noqa: E402
+from kiln.kernels.tvm_kernels.attention import BUILDERS, build, make_prim_func  # noqa: E402
 
 HOST = {"kind": "llvm", "num-cores": 2, "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
 """What the cpu target builds for (runtime/tvm_library.py); GENERIC is LLVM's baseline x86-64."""
@@ -28,10 +28,17 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _COMPILED: dict[tuple[str, str], object] = {}
 
 
-def _types(dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, sinks: bool) -> list[TensorType]:
-    types = [TensorType(dtype, ("T", hq, d)), TensorType(dtype, ("NB", bs, hkv, d)),
-             TensorType(dtype, ("NB", bs, hkv, dv)), TensorType("int32", ("S", "MB")),
-             TensorType("int32", ("S",)), TensorType("int32", ("S+1",))]
+def _types(
+    dtype: str, hq: int, hkv: int, d: int, dv: int, bs: int, sinks: bool
+) -> list[TensorType]:
+    types = [
+        TensorType(dtype, ("T", hq, d)),
+        TensorType(dtype, ("NB", bs, hkv, d)),
+        TensorType(dtype, ("NB", bs, hkv, dv)),
+        TensorType("int32", ("S", "MB")),
+        TensorType("int32", ("S",)),
+        TensorType("int32", ("S+1",)),
+    ]
     return types + [TensorType(dtype, (hq,))] if sinks else types
 
 
@@ -58,7 +65,7 @@ def _batch(seqs, *, hq, hkv, d, dv, bs, dtype, window=0, pad_seqs=0, pad_rows=0,
     tables = torch.zeros(len(seqs) + pad_seqs, mb, dtype=torch.int32)
     used = 0
     for s, ((ctx, qlen), n) in enumerate(zip(seqs, nblocks, strict=True)):
-        tables[s, :n] = order[used: used + n].to(torch.int32)
+        tables[s, :n] = order[used : used + n].to(torch.int32)
         used += n
         # From the block of the first query's window start (the reference reads all of it).
         first = max(ctx - qlen - window + 1, 0) // bs * bs if window else 0
@@ -68,22 +75,62 @@ def _batch(seqs, *, hq, hkv, d, dv, bs, dtype, window=0, pad_seqs=0, pad_rows=0,
             v[blk, slot] = torch.randn(hkv, dv, generator=g)
     seq_lens = torch.tensor([ctx for ctx, _ in seqs] + [0] * pad_seqs, dtype=torch.int32)
     cu = torch.zeros(len(seqs) + pad_seqs + 1, dtype=torch.int32)
-    cu[1: len(seqs) + 1] = torch.tensor([q for _, q in seqs]).cumsum(0)
-    cu[len(seqs) + 1:] = cu[len(seqs)]
+    cu[1 : len(seqs) + 1] = torch.tensor([q for _, q in seqs]).cumsum(0)
+    cu[len(seqs) + 1 :] = cu[len(seqs)]
     q = torch.randn(int(cu[-1]) + pad_rows, hq, d, generator=g)
     dt = DTYPES[dtype]
     return q.to(dt), k.to(dt), v.to(dt), tables, seq_lens, cu
 
 
-def _check(seqs, *, hq=8, hkv=2, d=64, dv=None, bs=16, dtype="float32", causal=True, window=0,
-           softcap=0.0, sinks=False, scale=None, pad_seqs=0, pad_rows=0, seed=0, views=False,
-           target=HOST, sinks_dtype=None):
+def _check(
+    seqs,
+    *,
+    hq=8,
+    hkv=2,
+    d=64,
+    dv=None,
+    bs=16,
+    dtype="float32",
+    causal=True,
+    window=0,
+    softcap=0.0,
+    sinks=False,
+    scale=None,
+    pad_seqs=0,
+    pad_rows=0,
+    seed=0,
+    views=False,
+    target=HOST,
+    sinks_dtype=None,
+):
     dv = dv or d
-    attrs = {"scale": scale or d**-0.5, "causal": causal, "sliding_window": window, "softcap": softcap}
-    args = list(_batch(seqs, hq=hq, hkv=hkv, d=d, dv=dv, bs=bs, dtype=dtype, window=window,
-                       pad_seqs=pad_seqs, pad_rows=pad_rows, seed=seed))
+    attrs = {
+        "scale": scale or d**-0.5,
+        "causal": causal,
+        "sliding_window": window,
+        "softcap": softcap,
+    }
+    args = list(
+        _batch(
+            seqs,
+            hq=hq,
+            hkv=hkv,
+            d=d,
+            dv=dv,
+            bs=bs,
+            dtype=dtype,
+            window=window,
+            pad_seqs=pad_seqs,
+            pad_rows=pad_rows,
+            seed=seed,
+        )
+    )
     if sinks:
-        args.append((torch.randn(hq, generator=torch.Generator().manual_seed(seed + 1)) * 2).to(DTYPES[sinks_dtype or dtype]))
+        args.append(
+            (torch.randn(hq, generator=torch.Generator().manual_seed(seed + 1)) * 2).to(
+                DTYPES[sinks_dtype or dtype]
+            )
+        )
     types = _types(dtype, hq, hkv, d, dv, bs, sinks)
     if sinks_dtype:
         types[6] = TensorType(sinks_dtype, (hq,))
@@ -91,8 +138,8 @@ def _check(seqs, *, hq=8, hkv=2, d=64, dv=None, bs=16, dtype="float32", causal=T
     out = torch.full((args[0].shape[0], hq, dv), 7.0, dtype=args[0].dtype)  # every row is written
     if views:  # q a slice of a merged QKV projection, out a slice of a wider buffer
         qkv = torch.zeros(args[0].shape[0], hq + 2 * hkv, d, dtype=args[0].dtype)
-        qkv[:, hkv: hkv + hq] = args[0]
-        args[0] = qkv[:, hkv: hkv + hq]
+        qkv[:, hkv : hkv + hq] = args[0]
+        args[0] = qkv[:, hkv : hkv + hq]
         out = torch.full((args[0].shape[0], hq + 1, dv), 7.0, dtype=args[0].dtype)[:, 1:]
     fn(*args, out)
     expected = OPS["paged_attention"].impl(*args, **attrs)
@@ -155,12 +202,64 @@ def test_half_precision(dtype: str) -> None:
 
 def test_generic_target() -> None:
     _check(MIXED, pad_seqs=1, pad_rows=2, target=GENERIC)
-    _check([(60, 3), (33, 33)], dtype="bfloat16", sinks=True, window=16, softcap=20.0, target=GENERIC)
+    _check(
+        [(60, 3), (33, 33)], dtype="bfloat16", sinks=True, window=16, softcap=20.0, target=GENERIC
+    )
+
+
+TILED = [(37, 37), (300, 1), (0, 0), (64, 23), (90, 8), (11, 2), (1, 1), (16, 5)]
+"""Prompts and chunks of several tiles whose lengths are not multiples of the tile (whose last
+rows go row by row when too few), beside decodes, a 2-row chunk and an empty sequence."""
+
+
+@pytest.mark.parametrize("hq,hkv", [(12, 4), (8, 8), (8, 4), (16, 2)], ids=["g3", "g1", "g2", "g8"])
+def test_tiles_gqa_groups(hq: int, hkv: int) -> None:
+    _check(TILED, hq=hq, hkv=hkv, pad_seqs=1, pad_rows=2)
+
+
+@pytest.mark.parametrize("window", [3, 40])
+def test_tiles_sliding_window(window: int) -> None:
+    # Rows of one tile start their windows at different keys: blocks before the first row's
+    # window are never read (NaN there), each row masks its own keys.
+    _check([(200, 150), (90, 33), (45, 1), (29, 7)], hq=12, hkv=4, window=window, bs=8, pad_rows=1)
+
+
+def test_tiled_and_row_paths_agree() -> None:
+    """Every row through the tiled path (tile_min=1: decodes too) and none (a huge tile_min)
+    give the reference's result, with a window, a soft-cap and sinks together."""
+    seqs = [(70, 70), (50, 1), (33, 6), (21, 2)]
+    attrs = {"scale": 0.125, "causal": True, "sliding_window": 20, "softcap": 30.0}
+    args = list(
+        _batch(seqs, hq=12, hkv=4, d=64, dv=64, bs=16, dtype="float32", window=20, pad_rows=1)
+    )
+    args.append(torch.randn(12, generator=torch.Generator().manual_seed(3)))
+    expected = OPS["paged_attention"].impl(*args, **attrs)
+    for tile_min in (1, 1 << 30):
+        func = make_prim_func(
+            "float32",
+            12,
+            4,
+            64,
+            64,
+            16,
+            scale=0.125,
+            causal=True,
+            window=20,
+            softcap=30.0,
+            sinks=True,
+            tile_min=tile_min,
+        ).with_attr("global_symbol", "k")
+        fn = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(HOST))["k"]
+        out = torch.full((args[0].shape[0], 12, 64), 7.0)
+        fn(*args, out)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_empty_step() -> None:
-    fn = _kernel(_types("float32", 8, 2, 64, 64, 16, False),
-                 {"scale": 0.125, "causal": True, "sliding_window": 0, "softcap": 0.0})
+    fn = _kernel(
+        _types("float32", 8, 2, 64, 64, 16, False),
+        {"scale": 0.125, "causal": True, "sliding_window": 0, "softcap": 0.0},
+    )
     q, k, v, tables, lens, cu = _batch([(9, 9)], hq=8, hkv=2, d=64, dv=64, bs=16, dtype="float32")
     out = torch.full((4, 8, 64), 7.0)  # every row padding: no sequences at all
     fn(q[:4], k, v, tables[:0], lens[:0], cu[:1], out)
