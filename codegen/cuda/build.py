@@ -5,7 +5,7 @@ CUDA graphs a server would), then serves a warm-up set of requests: prompts of l
 exercise every launch path (decode buckets, short and long prefills, chunked prefill mixed with
 decodes) under each kind of sampling. Triton's cache manager in the child records every kernel
 variant it looks up (compiling into the machine's Triton cache what is not there yet, so a
-rebuild is fast); the parent stores exactly those cache entries under kernels/triton/ with
+rebuild is fast) and reports its progress, which the parent shows as a bar; the parent stores exactly those cache entries under kernels/triton/ with
 kernels/triton.json (the GPU and versions they are for), listed and hashed in the manifest.
 
     python -m kiln.codegen.cuda.build ARTIFACT [--max-num-seqs N] [--max-num-batched-tokens N]
@@ -19,9 +19,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from triton.runtime.cache import FileCacheManager
 
 import kiln
@@ -29,6 +31,8 @@ from kiln.codegen.artifact_writer import replace_files
 from kiln.errors import KilnError
 from kiln.runtime.kernel_binaries import BINARIES, BUILD_INFO
 
+PROGRESS = "KILN_BUILD_PROGRESS"
+"""The child's stderr lines that report progress ("KILN_BUILD_PROGRESS done total")."""
 SKIP = ("lock",)
 """Cache files that are Triton's bookkeeping, not kernels."""
 RECORD_ENV = "KILN_KERNEL_RECORD"
@@ -57,10 +61,10 @@ def build_kernels(artifact: str | Path, max_num_seqs: int = 256, max_num_batched
         cmd = [sys.executable, "-m", MODULE, str(root), "--max-num-seqs", str(max_num_seqs),
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--child"]
         # From a neutral folder: a checkout's own kiln/ in the working directory must not shadow the installed one.
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
-        if done.returncode != 0:
-            raise KilnError(f"building the cuda kernels of '{root}' failed:\n{done.stderr[-4000:]}")
-        record = json.loads(done.stdout.strip().splitlines()[-1])
+        stdout, stderr, code = _run_child(cmd, env)
+        if code != 0:
+            raise KilnError(f"building the cuda kernels of '{root}' failed:\n{stderr[-4000:]}")
+        record = json.loads(stdout.strip().splitlines()[-1])
         keys = sorted(set(Path(record_file.name).read_text().split()))
     cache = Path(record.pop("cache_dir"))
     files: dict[str, bytes] = {}
@@ -74,6 +78,32 @@ def build_kernels(artifact: str | Path, max_num_seqs: int = 256, max_num_batched
     return record
 
 
+def _run_child(cmd: list[str], env: dict[str, str]) -> tuple[str, str, int]:
+    """Run the warm-up child, showing its progress lines (PROGRESS done total) as a bar; returns
+    (stdout, the rest of stderr, exit code)."""
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=tempfile.gettempdir()) as child, \
+            tqdm(desc="build cuda kernels", unit="step", disable=None) as bar:
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.append(child.stdout.read()), daemon=True)
+        reader.start()
+        err: list[str] = []
+        for line in child.stderr:
+            if line.startswith(PROGRESS):
+                done, total = map(int, line.split()[1:3])
+                bar.total = total
+                bar.update(done - bar.n)
+            else:
+                err.append(line)
+        child.wait()
+        reader.join()
+    return "".join(out), "".join(err), child.returncode
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"{PROGRESS} {done} {total}", file=sys.stderr, flush=True)
+
+
 def _warm_up(artifact: str, max_num_seqs: int, max_num_batched_tokens: int) -> dict:
     import torch
 
@@ -84,7 +114,7 @@ def _warm_up(artifact: str, max_num_seqs: int, max_num_batched_tokens: int) -> d
     kernel_binaries.BUILDING = True
     device = torch.device("cuda")
     engine = LLMEngine(artifact, device="cuda", max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=max_num_batched_tokens)
+                       max_num_batched_tokens=max_num_batched_tokens)  # compiles and captures the decode graphs
     vocab = engine.model.vocab_size
     kinds = [
         SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
@@ -96,12 +126,17 @@ def _warm_up(artifact: str, max_num_seqs: int, max_num_batched_tokens: int) -> d
     longest = min(engine.max_model_len - 8, max_num_batched_tokens + 100)  # a chunked prefill where it fits
     lengths = sorted({n for n in (1, 7, 33, 300) if n < longest} | {longest})
     ids = iter(range(10**6))
+    total = 2 + len(kinds) * len(lengths)
+    _progress(1, total)
     for params in kinds:
         for n in lengths:
             engine.add_request(f"warm-{next(ids)}", {"prompt_token_ids": [(7 * i + 3) % vocab for i in range(n)]}, params)
+    finished = 1
     while engine.has_unfinished_requests():
-        engine.step()
+        finished += sum(o.finished for o in engine.step())
+        _progress(finished, total)
     _warm_tuned_gemms(engine.model.plan, engine.model.tuning)
+    _progress(total, total)
     torch.cuda.synchronize()
     from triton import knobs
 

@@ -3,7 +3,11 @@ in one to three launches, one program per row looping over the vocabulary in chu
 
     _penalize_kernel   repetition penalty (prompt + output), frequency/presence (output), then
                        the min_tokens mask (-inf at banned ids), in place on float32 logits
-    _sample_kernel     greedy rows: argmax (first index of the max, as torch.argmax);
+    _argmax_part_kernel greedy rows of a large vocabulary: the max and its first index of each
+                       ARGMAX_CHUNK-token part, one program per (row, part), so one row's
+                       argmax reads the vocabulary at the whole GPU's bandwidth
+    _sample_kernel     greedy rows: argmax (first index of the max, as torch.argmax), over the
+                       parts' results when there are parts, else over the row;
                        drawn rows: online max and sum of exp(x/T - max), then a CDF walk to
                        u * sum that stops at the chunk holding the token;
                        filtered rows without top-k: the logsumexp of x/T;
@@ -40,6 +44,9 @@ BLOCK = 1024
 """Vocabulary chunk each program loads per iteration."""
 NUM_WARPS = 4
 """Warps of each row's program of `_sample_kernel`."""
+ARGMAX_CHUNK = 4096
+"""Vocabulary tokens per program of `_argmax_part_kernel` (vocabularies of at least two chunks
+take that path)."""
 
 
 # the layout's twins that jit code may read
@@ -112,9 +119,37 @@ def _penalize_kernel(x_ptr, x_stride, counts_ptr, seen_ptr, c_stride, fp_ptr, ip
         tl.store(x_row + tok, float("-inf"))
 
 
+@triton.jit
+def _first_max(x_row, lo, hi, BLOCK: tl.constexpr):
+    """(max, first index of the max) of x_row[lo:hi]; (-inf, 0) when nothing beats -inf."""
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK], tl.int32)
+    for start in range(lo, hi, BLOCK):
+        offs = start + lanes
+        x = tl.load(x_row + offs, mask=offs < hi, other=float("-inf"))
+        up = x > best  # strict: each lane keeps its first index of its max
+        best = tl.where(up, x, best)
+        best_i = tl.where(up, offs, best_i)
+    top = tl.max(best, axis=0)
+    return top, tl.min(tl.where(best == top, best_i, hi), axis=0)
+
+
+@triton.jit(do_not_specialize=["ip_stride"])
+def _argmax_part_kernel(x_ptr, x_stride, pm_ptr, pi_ptr, ip_ptr, ip_stride, V, CHUNK: tl.constexpr,
+                        NPART: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    if tl.load(ip_ptr + row * ip_stride + _I_MODE) == _MODE_GREEDY:
+        lo = part * CHUNK
+        top, idx = _first_max(x_ptr + row.to(tl.int64) * x_stride, lo, tl.minimum(lo + CHUNK, V), BLOCK)
+        tl.store(pm_ptr + row * NPART + part, top)
+        tl.store(pi_ptr + row * NPART + part, idx)
+
+
 @triton.jit(do_not_specialize=["ip_stride"])
 def _sample_kernel(x_ptr, x_stride, tok_ptr, u_ptr, lse_ptr, fp_ptr, ip_ptr, ip_stride, V, stream_hash,
-                   BLOCK: tl.constexpr):
+                   pm_ptr, pi_ptr, BLOCK: tl.constexpr, NPART: tl.constexpr, NPART_PAD: tl.constexpr):
     row = tl.program_id(0)
     ip = ip_ptr + row * ip_stride
     mode = tl.load(ip + _I_MODE)
@@ -129,16 +164,16 @@ def _sample_kernel(x_ptr, x_stride, tok_ptr, u_ptr, lse_ptr, fp_ptr, ip_ptr, ip_
     # filtered rows need the whole row's logsumexp only without top-k
     whole = (mode == _MODE_DRAW) | ((mode == _MODE_FILTERED) & ((top_k == 0) | (top_k >= V)))
     if mode == _MODE_GREEDY:
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_i = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, V, BLOCK):
-            offs = start + lanes
-            x = tl.load(x_row + offs, mask=offs < V, other=float("-inf"))
-            up = x > best  # strict: each lane keeps its first index of its max
-            best = tl.where(up, x, best)
-            best_i = tl.where(up, offs, best_i)
-        top = tl.max(best, axis=0)
-        tl.store(tok_ptr + row, tl.min(tl.where(best == top, best_i, V), axis=0).to(tl.int64))
+        if NPART > 0:  # the parts' maxima: the first part holding the overall max has its first index
+            parts = tl.arange(0, NPART_PAD)
+            pm = tl.load(pm_ptr + row * NPART + parts, mask=parts < NPART, other=float("-inf"))
+            pi = tl.load(pi_ptr + row * NPART + parts, mask=parts < NPART, other=0)
+            top = tl.max(pm, axis=0)
+            first = tl.min(tl.where(pm == top, parts, NPART_PAD), axis=0)
+            best_idx = tl.sum(tl.where(parts == first, pi, 0), axis=0)
+        else:
+            top, best_idx = _first_max(x_row, 0, V, BLOCK)
+        tl.store(tok_ptr + row, best_idx.to(tl.int64))
     if whole:
         temp = tl.load(fp_ptr + row * _NF + _F_TEMP)
         # pass 1: per-lane running max and sum of exp(y - max), y = x / T
@@ -288,8 +323,15 @@ def sample_rows(x: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, stream_hash
     tokens = torch.empty(b, dtype=torch.int64, device=x.device)
     u = torch.empty(b, dtype=torch.float32, device=x.device)
     lse = torch.empty(b, dtype=torch.float32, device=x.device)
+    nparts = triton.cdiv(v, ARGMAX_CHUNK) if v >= 2 * ARGMAX_CHUNK else 0
+    pm = torch.empty(b, max(nparts, 1), dtype=torch.float32, device=x.device)
+    pi = torch.empty(b, max(nparts, 1), dtype=torch.int32, device=x.device)
+    if nparts:
+        _argmax_part_kernel[(b, nparts)](x, x.stride(0), pm, pi, ip, ip.shape[1], v, CHUNK=ARGMAX_CHUNK,
+                                         NPART=nparts, BLOCK=block)
     # no fp contraction: the float ops round as torch's separate kernels do
-    _sample_kernel[(b,)](x, x.stride(0), tokens, u, lse, fp, ip, ip.shape[1], v, stream_hash, BLOCK=block,
+    _sample_kernel[(b,)](x, x.stride(0), tokens, u, lse, fp, ip, ip.shape[1], v, stream_hash, pm, pi,
+                         BLOCK=block, NPART=nparts, NPART_PAD=triton.next_power_of_2(max(nparts, 1)),
                          enable_fp_fusion=False, num_warps=num_warps)
     return tokens, u, lse
 

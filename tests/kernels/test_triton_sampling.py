@@ -56,11 +56,12 @@ def test_uniforms_are_bit_identical_to_the_torch_ones():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("vocab", [1000, 5003])
+@pytest.mark.parametrize("vocab", [1000, 5003, 2 * tk.ARGMAX_CHUNK + 77])  # the last: a row in parts
 def test_greedy_is_the_first_index_of_the_max(dtype, vocab):
     g = torch.Generator().manual_seed(vocab)
     x = (torch.randn(6, vocab, generator=g) * 3).to(dtype)  # [B, V]: float16 rounding makes ties
-    x[1, [17, 900, vocab - 1]] = 40.0  # a tie across chunks: the first wins
+    x[1, [17, 900, vocab - 1]] = 40.0  # a tie across chunks (and parts): the first wins
+    x[5, [vocab - 3, vocab // 2]] = 45.0  # a tie across parts, the later part's index lower in its part
     x[2] = float("-inf")  # nothing has mass: index 0, as torch.argmax
     x[3, vocab - 1] = 50.0  # the last, in the masked tail of the last chunk
     x[4, :] = 1.0

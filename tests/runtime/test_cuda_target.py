@@ -97,6 +97,15 @@ def _check_parity(arch: str, ref, got: list[list[int]], want: list[list[int]]) -
         assert margin <= 0.05 * scale, f"{arch} diverges at token {i} where the reference's margin is {margin}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_float16_artifacts_match_the_reference_target(arch, checkpoint, tmp_path):
+    cuda = kiln.compile(checkpoint(arch), tmp_path / "cuda", target="cuda", dtype="float16")
+    ref = kiln.compile(checkpoint(arch), tmp_path / "ref", target="reference", dtype="float16")
+    kw = dict(device="cuda", max_num_seqs=4, num_kv_blocks=128)
+    _check_parity(arch, ref, _greedy(LLM(cuda, **kw), PROMPTS, 16), _greedy(LLM(ref, enforce_eager=True, **kw), PROMPTS, 16))
+
+
 _SERVE = """
 import json, sys
 from kiln import LLM, SamplingParams
