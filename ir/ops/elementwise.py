@@ -7,7 +7,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from kiln.ir.ops.registry import register
+from kiln.ir.ops.registry import OPS, register
 from kiln.ir.types import torch_dtype
 
 
@@ -126,3 +126,25 @@ def where(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout at inference: the identity (canonicalize removes it)."""
     return x
+
+
+# -- fused elementwise groups (the cpu pipeline's fuse-elementwise pass) ---------------------
+
+
+def _step_arg(ref, inputs: tuple, values: list):
+    """An operand of a fused step: "x<i>" input i, "v<j>" step j's result, a number as it is."""
+    if isinstance(ref, str):
+        return inputs[int(ref[1:])] if ref[0] == "x" else values[int(ref[1:])]
+    return ref
+
+
+@register("fused_elementwise", kind="elementwise", attrs=("expr",))
+def fused_elementwise(*inputs: torch.Tensor, expr: list) -> torch.Tensor:
+    """A group of elementwise ops as one op: `expr` lists its steps in order, each
+    [op, [operands], {attrs}], an operand "x<i>" (input i), "v<j>" (step j's result) or a
+    scalar constant; the result is the last step's. Each step runs its own op's reference, so
+    the result is bitwise the unfused chain's."""
+    values: list = []
+    for op, args, attrs in expr:
+        values.append(OPS[op].impl(*(_step_arg(a, inputs, values) for a in args), **attrs))
+    return values[-1]
