@@ -49,13 +49,13 @@ from kiln.kernels.tvm_kernels.tir import F32
 KNOBS = {"linear": {"mt": (1, 2, 4, 8), "nb": (1, 2, 4, 8), "nb1": (2, 4, 8, 16), "nv": (8, 16, 32, 64),
                     "v": (4, 8, 16, 32),
                     "ku": (1, 2, 4), "mr": (4, 6, 8, 12), "jt": (1, 2, 4), "pm": (16, 32, 64, 128),
-                    "par": (4, 8, 16, 32, 64)}}
+                    "par": (4, 8, 16, 32, 64), "ser": (0, 256, 512, 1024, 2048, 4096)}}
 """The search space. Narrow path: rows per tile (mt); out_in's columns per tile (nb), per step of a
 lone row (nb1) and lanes along K (v). Wide path: rows per register tile (mr), the fewest rows
 that take it (pm). Both: float32 columns per tile (nv; out_in's narrow path splits them in nb
 and nb1), tiles per task (jt: a task owns nv * jt output columns), unroll of the K loop (ku),
 the fewest parallel iterations (par: consecutive tasks are merged into one iteration down to
-it). A value that does not divide the shape is not a schedule of it
+it), the most KiB of W times rows that run on the calling thread alone (ser). A value that does not divide the shape is not a schedule of it
 (`resolve` says which configs are)."""
 
 
@@ -64,6 +64,13 @@ PAR = 16
 accumulators) through TVM's workspace pool, 6 allocations and frees, about 0.3 us a task; at
 batch-1 decode 128 tasks of 32 columns cost 10-15% of a 768 x 4096 GEMV. 16 iterations still
 split evenly over 2-8 threads."""
+
+
+SER = 1024
+"""Default most KiB of W x rows run serially (no fork and join of TVM's pool): a decode row of the
+demo model's projections (256-1376 KiB, in L3) ran 1.5-2.5x faster serial than over 2 threads
+(k256n256 2.3 vs 5.7 us, k256n1376 14.7 vs 21.6 us, machine loaded by others); a ~100M Llama's
+(2.4-12 MiB, streamed from memory) stay parallel."""
 
 
 def _block(n: int, widest: int) -> int:
@@ -83,8 +90,8 @@ def default_config(layout: str, k: int, n: int) -> dict[str, int]:
     if layout == "out_in":
         nv = _block(n, 32)
         return {"mt": 4, "nb": _block(n, 4), "nb1": min(_block(n, 8), nv), "v": vec_width(k), "nv": nv, "ku": 1,
-                "mr": 8, "jt": 1, "pm": 64, "par": PAR}
-    return {"mt": 4, "nv": _block(n, 32), "ku": 1, "mr": 8, "jt": 1, "pm": 32, "par": PAR}
+                "mr": 8, "jt": 1, "pm": 64, "par": PAR, "ser": SER}
+    return {"mt": 4, "nv": _block(n, 32), "ku": 1, "mr": 8, "jt": 1, "pm": 32, "par": PAR, "ser": SER}
 
 
 def resolve(layout: str, k: int, n: int, config: Mapping[str, int] | None) -> dict[str, int] | None:
@@ -131,6 +138,121 @@ def _func(layout: str, k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool,
     while (n // cols) % (per * 2) == 0 and n // cols // (per * 2) >= c["par"]:
         per *= 2
     qp = min(nv, 8)
+    wbytes = {"float32": 4, "float16": 2, "bfloat16": 2}[wdt]
+    ser_bytes = c["ser"] * 1024
+    serial = k * n * wbytes <= ser_bytes  # else no row count runs serially: no serial copy built
+
+    @T.macro
+    def task(tp, X, W, Bias, Y, M):  # tasks tp * per .. tp * per + per - 1
+        for t0 in range(per):
+            t = T.meta_var(tp * per + t0)
+            if M >= pm:
+                # wide: the task's columns of W packed once, P[jb, k, q] = W^T[k, (t*jt + jb)*nv + q]
+                P = T.alloc_buffer((jt, k, nv), F32)
+                if out_in:
+                    for jb, qb, kk in T.grid(jt, nv // qp, k):
+                        for q in T.vectorized(qp):
+                            P[jb, kk, qb * qp + q] = T.Cast(F32, W[t * cols + jb * nv + qb * qp + q, kk])
+                else:
+                    for jb, kk in T.grid(jt, k):
+                        for q in T.vectorized(nv):
+                            P[jb, kk, q] = T.Cast(F32, W[kk, t * cols + jb * nv + q])
+                # then (mr x nv) tiles of y in registers, each k broadcasting x[m, k] against the
+                # panel's contiguous row P[jb, k, :]
+                for mb, jb in T.grid(M // mr, jt):
+                    acc = T.alloc_buffer((mr, nv), F32, scope="local")
+                    for i in T.unroll(mr):
+                        for q in T.vectorized(nv):
+                            acc[i, q] = T.float32(0)
+                    for k0 in range(k // ku):
+                        for u in T.unroll(ku):
+                            for i in T.unroll(mr):
+                                for q in T.vectorized(nv):
+                                    acc[i, q] = acc[i, q] + T.Cast(F32, X[mb * mr + i, k0 * ku + u]) * P[jb, k0 * ku + u, q]
+                    for i in T.unroll(mr):
+                        for q in T.vectorized(nv):
+                            if has_b:
+                                Y[mb * mr + i, t * cols + jb * nv + q] = T.Cast(
+                                    dt, acc[i, q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
+                            else:
+                                Y[mb * mr + i, t * cols + jb * nv + q] = T.Cast(dt, acc[i, q])
+            # narrow (decode steps, and the rows the wide path leaves): W read as it is, rows
+            # in tiles of mt, then one at a time
+            r0 = T.meta_var(T.if_then_else(M >= pm, M // mr * mr, T.int64(0)))
+            r1 = T.meta_var(r0 + (M - r0) // mt * mt)
+            if out_in:
+                # (mt x nb) dot products, each accumulating v lanes along K, summed at the end
+                for mb, jb in T.grid((M - r0) // mt, cols // nb):
+                    acc1 = T.alloc_buffer((mt, nb, v), F32, scope="local")
+                    for i, j in T.grid(mt, nb):
+                        for q in T.vectorized(v):
+                            acc1[i, j, q] = T.float32(0)
+                    for k0 in range(k // (v * ku)):
+                        for u in T.unroll(ku):
+                            for i in T.unroll(mt):
+                                for j in T.unroll(nb):
+                                    for q in T.vectorized(v):
+                                        acc1[i, j, q] = acc1[i, j, q] + T.Cast(F32, X[r0 + mb * mt + i, (k0 * ku + u) * v + q]) * T.Cast(
+                                            F32, W[t * cols + jb * nb + j, (k0 * ku + u) * v + q])
+                    for i, j in T.grid(mt, nb):
+                        _lane_sum(acc1, i, j, v)
+                        if has_b:
+                            Y[r0 + mb * mt + i, t * cols + jb * nb + j] = T.Cast(
+                                dt, acc1[i, j, 0] + T.Cast(F32, Bias[t * cols + jb * nb + j]))
+                        else:
+                            Y[r0 + mb * mt + i, t * cols + jb * nb + j] = T.Cast(dt, acc1[i, j, 0])
+                for m, jb in T.grid(M - r1, cols // nb1):
+                    acc2 = T.alloc_buffer((1, nb1, v), F32, scope="local")
+                    for j in T.unroll(nb1):
+                        for q in T.vectorized(v):
+                            acc2[0, j, q] = T.float32(0)
+                    for k0 in range(k // (v * ku)):
+                        for u in T.unroll(ku):
+                            for j in T.unroll(nb1):
+                                for q in T.vectorized(v):
+                                    acc2[0, j, q] = acc2[0, j, q] + T.Cast(F32, X[r1 + m, (k0 * ku + u) * v + q]) * T.Cast(
+                                        F32, W[t * cols + jb * nb1 + j, (k0 * ku + u) * v + q])
+                    for j in range(nb1):
+                        _lane_sum(acc2, 0, j, v)
+                        if has_b:
+                            Y[r1 + m, t * cols + jb * nb1 + j] = T.Cast(dt, acc2[0, j, 0] + T.Cast(F32, Bias[t * cols + jb * nb1 + j]))
+                        else:
+                            Y[r1 + m, t * cols + jb * nb1 + j] = T.Cast(dt, acc2[0, j, 0])
+            else:
+                # (mt x nv) tiles of y, each k broadcasting x[m, k] against W[k, nv columns]
+                for mb, jb in T.grid((M - r0) // mt, jt):
+                    acc1 = T.alloc_buffer((mt, nv), F32, scope="local")
+                    for i in T.unroll(mt):
+                        for q in T.vectorized(nv):
+                            acc1[i, q] = T.float32(0)
+                    for k0 in range(k // ku):
+                        for u in T.unroll(ku):
+                            for i in T.unroll(mt):
+                                for q in T.vectorized(nv):
+                                    acc1[i, q] = acc1[i, q] + T.Cast(F32, X[r0 + mb * mt + i, k0 * ku + u]) * T.Cast(
+                                        F32, W[k0 * ku + u, t * cols + jb * nv + q])
+                    for i in T.unroll(mt):
+                        for q in T.vectorized(nv):
+                            if has_b:
+                                Y[r0 + mb * mt + i, t * cols + jb * nv + q] = T.Cast(
+                                    dt, acc1[i, q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
+                            else:
+                                Y[r0 + mb * mt + i, t * cols + jb * nv + q] = T.Cast(dt, acc1[i, q])
+                for m, jb in T.grid(M - r1, jt):
+                    acc2 = T.alloc_buffer((nv,), F32, scope="local")
+                    for q in T.vectorized(nv):
+                        acc2[q] = T.float32(0)
+                    for k0 in range(k // ku):
+                        for u in T.unroll(ku):
+                            for q in T.vectorized(nv):
+                                acc2[q] = acc2[q] + T.Cast(F32, X[r1 + m, k0 * ku + u]) * T.Cast(
+                                    F32, W[k0 * ku + u, t * cols + jb * nv + q])
+                    for q in T.vectorized(nv):
+                        if has_b:
+                            Y[r1 + m, t * cols + jb * nv + q] = T.Cast(dt, acc2[q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
+                        else:
+                            Y[r1 + m, t * cols + jb * nv + q] = T.Cast(dt, acc2[q])
+
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -141,115 +263,17 @@ def _func(layout: str, k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool,
         W = T.match_buffer(w_h, wshape, wdt, offset_factor=1)
         Bias = T.match_buffer(b_h, (n,), bdt, offset_factor=1)
         Y = T.match_buffer(y_h, (M, n), dt, strides=(sy0, 1), offset_factor=1)
-        for tp in T.parallel(n // cols // per):
-            for t0 in range(per):
-                t = T.meta_var(tp * per + t0)
-                if M >= pm:
-                    # wide: the task's columns of W packed once, P[jb, k, q] = W^T[k, (t*jt + jb)*nv + q]
-                    P = T.alloc_buffer((jt, k, nv), F32)
-                    if out_in:
-                        for jb, qb, kk in T.grid(jt, nv // qp, k):
-                            for q in T.vectorized(qp):
-                                P[jb, kk, qb * qp + q] = T.Cast(F32, W[t * cols + jb * nv + qb * qp + q, kk])
-                    else:
-                        for jb, kk in T.grid(jt, k):
-                            for q in T.vectorized(nv):
-                                P[jb, kk, q] = T.Cast(F32, W[kk, t * cols + jb * nv + q])
-                    # then (mr x nv) tiles of y in registers, each k broadcasting x[m, k] against the
-                    # panel's contiguous row P[jb, k, :]
-                    for mb, jb in T.grid(M // mr, jt):
-                        acc = T.alloc_buffer((mr, nv), F32, scope="local")
-                        for i in T.unroll(mr):
-                            for q in T.vectorized(nv):
-                                acc[i, q] = T.float32(0)
-                        for k0 in range(k // ku):
-                            for u in T.unroll(ku):
-                                for i in T.unroll(mr):
-                                    for q in T.vectorized(nv):
-                                        acc[i, q] = acc[i, q] + T.Cast(F32, X[mb * mr + i, k0 * ku + u]) * P[jb, k0 * ku + u, q]
-                        for i in T.unroll(mr):
-                            for q in T.vectorized(nv):
-                                if has_b:
-                                    Y[mb * mr + i, t * cols + jb * nv + q] = T.Cast(
-                                        dt, acc[i, q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
-                                else:
-                                    Y[mb * mr + i, t * cols + jb * nv + q] = T.Cast(dt, acc[i, q])
-                # narrow (decode steps, and the rows the wide path leaves): W read as it is, rows
-                # in tiles of mt, then one at a time
-                r0 = T.meta_var(T.if_then_else(M >= pm, M // mr * mr, T.int64(0)))
-                r1 = T.meta_var(r0 + (M - r0) // mt * mt)
-                if out_in:
-                    # (mt x nb) dot products, each accumulating v lanes along K, summed at the end
-                    for mb, jb in T.grid((M - r0) // mt, cols // nb):
-                        acc1 = T.alloc_buffer((mt, nb, v), F32, scope="local")
-                        for i, j in T.grid(mt, nb):
-                            for q in T.vectorized(v):
-                                acc1[i, j, q] = T.float32(0)
-                        for k0 in range(k // (v * ku)):
-                            for u in T.unroll(ku):
-                                for i in T.unroll(mt):
-                                    for j in T.unroll(nb):
-                                        for q in T.vectorized(v):
-                                            acc1[i, j, q] = acc1[i, j, q] + T.Cast(F32, X[r0 + mb * mt + i, (k0 * ku + u) * v + q]) * T.Cast(
-                                                F32, W[t * cols + jb * nb + j, (k0 * ku + u) * v + q])
-                        for i, j in T.grid(mt, nb):
-                            _lane_sum(acc1, i, j, v)
-                            if has_b:
-                                Y[r0 + mb * mt + i, t * cols + jb * nb + j] = T.Cast(
-                                    dt, acc1[i, j, 0] + T.Cast(F32, Bias[t * cols + jb * nb + j]))
-                            else:
-                                Y[r0 + mb * mt + i, t * cols + jb * nb + j] = T.Cast(dt, acc1[i, j, 0])
-                    for m, jb in T.grid(M - r1, cols // nb1):
-                        acc2 = T.alloc_buffer((1, nb1, v), F32, scope="local")
-                        for j in T.unroll(nb1):
-                            for q in T.vectorized(v):
-                                acc2[0, j, q] = T.float32(0)
-                        for k0 in range(k // (v * ku)):
-                            for u in T.unroll(ku):
-                                for j in T.unroll(nb1):
-                                    for q in T.vectorized(v):
-                                        acc2[0, j, q] = acc2[0, j, q] + T.Cast(F32, X[r1 + m, (k0 * ku + u) * v + q]) * T.Cast(
-                                            F32, W[t * cols + jb * nb1 + j, (k0 * ku + u) * v + q])
-                        for j in range(nb1):
-                            _lane_sum(acc2, 0, j, v)
-                            if has_b:
-                                Y[r1 + m, t * cols + jb * nb1 + j] = T.Cast(dt, acc2[0, j, 0] + T.Cast(F32, Bias[t * cols + jb * nb1 + j]))
-                            else:
-                                Y[r1 + m, t * cols + jb * nb1 + j] = T.Cast(dt, acc2[0, j, 0])
-                else:
-                    # (mt x nv) tiles of y, each k broadcasting x[m, k] against W[k, nv columns]
-                    for mb, jb in T.grid((M - r0) // mt, jt):
-                        acc1 = T.alloc_buffer((mt, nv), F32, scope="local")
-                        for i in T.unroll(mt):
-                            for q in T.vectorized(nv):
-                                acc1[i, q] = T.float32(0)
-                        for k0 in range(k // ku):
-                            for u in T.unroll(ku):
-                                for i in T.unroll(mt):
-                                    for q in T.vectorized(nv):
-                                        acc1[i, q] = acc1[i, q] + T.Cast(F32, X[r0 + mb * mt + i, k0 * ku + u]) * T.Cast(
-                                            F32, W[k0 * ku + u, t * cols + jb * nv + q])
-                        for i in T.unroll(mt):
-                            for q in T.vectorized(nv):
-                                if has_b:
-                                    Y[r0 + mb * mt + i, t * cols + jb * nv + q] = T.Cast(
-                                        dt, acc1[i, q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
-                                else:
-                                    Y[r0 + mb * mt + i, t * cols + jb * nv + q] = T.Cast(dt, acc1[i, q])
-                    for m, jb in T.grid(M - r1, jt):
-                        acc2 = T.alloc_buffer((nv,), F32, scope="local")
-                        for q in T.vectorized(nv):
-                            acc2[q] = T.float32(0)
-                        for k0 in range(k // ku):
-                            for u in T.unroll(ku):
-                                for q in T.vectorized(nv):
-                                    acc2[q] = acc2[q] + T.Cast(F32, X[r1 + m, k0 * ku + u]) * T.Cast(
-                                        F32, W[k0 * ku + u, t * cols + jb * nv + q])
-                        for q in T.vectorized(nv):
-                            if has_b:
-                                Y[r1 + m, t * cols + jb * nv + q] = T.Cast(dt, acc2[q] + T.Cast(F32, Bias[t * cols + jb * nv + q]))
-                            else:
-                                Y[r1 + m, t * cols + jb * nv + q] = T.Cast(dt, acc2[q])
+        if serial:
+            # few bytes of W per call: the pool's fork and join would cost more than the work
+            if M * (k * n * wbytes) <= ser_bytes:
+                for tp in range(n // cols // per):
+                    task(tp, X, W, Bias, Y, M)
+            else:
+                for tp in T.parallel(n // cols // per):
+                    task(tp, X, W, Bias, Y, M)
+        else:
+            for tp in T.parallel(n // cols // per):
+                task(tp, X, W, Bias, Y, M)
 
     return func
 
