@@ -3,10 +3,13 @@ load time and resident memory of an artifact. Used by benchmarks/cpu.py; alone:
 
     python benchmarks/cpu_floors.py ARTIFACT [--threads N]
 
-- machine(): memory bandwidth from a large copy (a 256 MiB float32 tensor copied: bytes read
-  plus bytes written over the time) and fp32 peak from a large matmul (2048^3, torch.mm through
-  MKL), best of 5 each, on torch's threads (the benchmark's count); measured again before each
-  model's kernel table, keeping the best (others' load lowers a measurement).
+- machine(): memory bandwidth, the better of a large copy (a 256 MiB float32 tensor copied:
+  bytes read plus bytes written over the time) and a large read (its sum: the traffic of a
+  GEMV, which streams weights and writes little), and fp32 peak from a large matmul (2048^3,
+  torch.mm), best of 5 each, on every core the process may use (torch's threads raised for the
+  measurement: the engine keeps torch at one thread on the cpu target, and one core's rates
+  are about half the machine's); measured again before each model's kernel table, keeping the
+  best (others' load lowers a measurement).
 - kernel_floors(): every plan step of a cpu-target engine timed (perf_counter around each
   launch: TVM and torch kernels return when done on the CPU) during batch-1 decode steps at a
   64-token context and during one 512-token prefill, aggregated by kernel id: calls, ms per
@@ -43,17 +46,27 @@ def _best(fn, reps: int = 5) -> float:
 
 
 def machine(before: dict | None = None) -> dict:
-    """Measured memory bandwidth (GB/s) and fp32 matmul peak (GFLOP/s) on torch's threads; with
-    `before` (an earlier measurement), the better of the two each: a machine that others load
-    measures low, and a floor is the best the machine has shown."""
-    a = torch.rand(64 << 20)  # 256 MiB
-    b = torch.empty_like(a)
-    bw = 2 * a.nbytes / _best(lambda: b.copy_(a)) / 1e9
-    x, y = torch.rand(2048, 2048), torch.rand(2048, 2048)
-    peak = 2 * 2048**3 / _best(lambda: torch.mm(x, y)) / 1e9
+    """Measured memory bandwidth (GB/s) and fp32 matmul peak (GFLOP/s) on every core this
+    process may use; with `before` (an earlier measurement), the better of the two each: a
+    machine that others load measures low, and a floor is the best the machine has shown."""
+    from kiln.runtime.threads import available_cores
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(available_cores())
+    try:
+        a = torch.rand(64 << 20)  # 256 MiB
+        b = torch.empty_like(a)
+        copy = 2 * a.nbytes / _best(lambda: b.copy_(a)) / 1e9
+        read = a.nbytes / _best(lambda: a.sum()) / 1e9
+        x, y = torch.rand(2048, 2048), torch.rand(2048, 2048)
+        peak = 2 * 2048**3 / _best(lambda: torch.mm(x, y)) / 1e9
+        cores = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    bw = max(copy, read)
     if before:
         bw, peak = max(bw, before["bandwidth_gb_s"]), max(peak, before["fp32_gflop_s"])
-    return {"bandwidth_gb_s": bw, "fp32_gflop_s": peak, "threads": torch.get_num_threads()}
+    return {"bandwidth_gb_s": bw, "copy_gb_s": copy, "read_gb_s": read, "fp32_gflop_s": peak, "threads": cores}
 
 
 def _cost(kernel: str, outs: list, args: list) -> tuple[int, int]:
