@@ -23,10 +23,10 @@ heads of its KV head over its keys [lo, hi), KB keys at a time (KB = the largest
 
 in one of two ways:
 
-- Tiles (prefill): a sequence of at least TILE_MIN query rows (enough to fill half a tile's
-  lanes, 2 at least) is cut into tiles of R = L / G
-  rows from its first row (L = 16 lanes, or G rounded up to a power of two when larger); the
-  item of a tile's first row computes the whole tile, the items of its other rows do nothing.
+- Tiles (prefill, CPUs with AVX-512): a sequence of at least TILE_MIN query rows (enough to
+  fill half a tile's lanes, 2 at least) is cut into tiles of R = L / G rows from its first row
+  (L = 16 lanes, or G rounded up to a power of two when larger); the item of a tile's first
+  row computes the whole tile, the items of its other rows do nothing.
   Lane r * G + g of every L-wide vector is row r, head g (lanes past the tile's rows idle):
 
       qT [D, L] = (q * scale)^T           kbuf [KB, D], vbuf [KB, Dv]: the step's K, V rows
@@ -36,8 +36,10 @@ in one of two ways:
   The tile reads keys [lo of its first row, hi of its last row); a step where some key is out
   of some row's range masks scores per lane (lo, hi as lane vectors) and writes 0 for the V rows
   outside the tile's range. A tile's last rows, when fewer than TILE_MIN, go row by row.
-- Rows (decodes, short chunks): per row, the G heads' dot products over D in VL-wide vectors
-  (lane-wise FMAs, then a shuffle tree across lanes), the softmax of KB scores one vector,
+  (AVX2's 16 vector registers cannot hold a tile's scores: there, tiles measured slower.)
+- Rows (decodes, short chunks, everything without AVX-512): per row, the G heads' dot
+  products over D in VL-wide vectors (lane-wise FMAs, then a shuffle tree across lanes), the
+  softmax of KB scores one vector,
   KB weighted V rows per VL slice of Dv; the G heads unrolled, so each V slice loads once.
 
 Blocks before a row's window are never touched: every row's lo is at or after its sequence's
@@ -280,6 +282,16 @@ def _key_mask(k, lo, hi, lanes: int) -> tvm.tirx.PrimExpr:
     return tvm.tirx.all(kv >= lo, kv < hi)
 
 
+def _host_tile_lanes() -> int:
+    """The tile width for this machine: 16 float32 lanes with AVX-512 (32 vector registers), else
+    0, no tiles: with AVX2's 16 registers, tiles of 8 lanes measured slower than rows."""
+    from tvm.target import codegen
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    return 16 if "avx512f" in features else 0
+
+
 def make_prim_func(
     dtype: str,
     hq: int,
@@ -295,17 +307,21 @@ def make_prim_func(
     sinks: bool,
     sinks_dtype: str | None = None,
     tile_min: int | None = None,
+    tile_lanes: int | None = None,
 ) -> tvm.tirx.PrimFunc:
     """The destination-passing PrimFunc (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens,
     [sinks,] out) of one specialization; symbolic in T, S, NB and MB (int64). Sinks may have
     their own dtype (sinks_dtype, default dtype); like the reference, they are rounded to dtype.
     tile_min: the fewest rows of one sequence that take the tiled path (default: enough rows to
-    fill half the tile's lanes)."""
+    fill half the tile's lanes). tile_lanes: the lanes of a tile's vectors, 0 for no tiles
+    (default: by the machine that builds, which is the one the cpu target compiles for)."""
     sinks_dtype = sinks_dtype or dtype
     g_heads = hq // hkv
     vl, vlv = _lanes(d), _lanes(dv)
     kb = max(k for k in (1, 2, 4, 8, 16) if bs % k == 0)  # keys per online-softmax step
-    ml = max(16, 1 << (g_heads - 1).bit_length())  # lanes of a tile: rows x G heads, padded
+    tile_lanes = _host_tile_lanes() if tile_lanes is None else tile_lanes
+    tiled = tile_lanes > 0
+    ml = max(tile_lanes, 1 << (g_heads - 1).bit_length())  # lanes of a tile: rows x G, padded
     rows = ml // g_heads  # query rows per tile
     kh = kb // 2  # keys per score buffer: two of them, each under 1 KiB (on the stack)
     if tile_min is None:
@@ -660,7 +676,7 @@ def make_prim_func(
                 alpha = T.alloc_buffer((g_heads,), "float32", scope="global")
                 q_len: T.let = T.Cast("int64", cu[s + 1]) - T.Cast("int64", cu[s])
                 rel: T.let = t - T.Cast("int64", cu[s])
-                if q_len < tile_min:
+                if not tiled or q_len < tile_min:  # static: no tile code without tiles
                     row(
                         q,
                         k_cache,

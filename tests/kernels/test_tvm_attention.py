@@ -225,8 +225,9 @@ def test_tiles_sliding_window(window: int) -> None:
 
 
 def test_tiled_and_row_paths_agree() -> None:
-    """Every row through the tiled path (tile_min=1: decodes too) and none (a huge tile_min)
-    give the reference's result, with a window, a soft-cap and sinks together."""
+    """Every row through the tiled path (tile_min=1: decodes too; tiles of 16 or 8 lanes), the
+    default split, and no tiles (the kernel without AVX-512) give the reference's result, with
+    a window, a soft-cap and sinks together: on any machine (the default tiles by the CPU)."""
     seqs = [(70, 70), (50, 1), (33, 6), (21, 2)]
     attrs = {"scale": 0.125, "causal": True, "sliding_window": 20, "softcap": 30.0}
     args = list(
@@ -234,7 +235,7 @@ def test_tiled_and_row_paths_agree() -> None:
     )
     args.append(torch.randn(12, generator=torch.Generator().manual_seed(3)))
     expected = OPS["paged_attention"].impl(*args, **attrs)
-    for tile_min in (1, 1 << 30):
+    for tile_min, tile_lanes in ((1, 16), (1, 8), (None, 16), (None, 0)):
         func = make_prim_func(
             "float32",
             12,
@@ -248,6 +249,7 @@ def test_tiled_and_row_paths_agree() -> None:
             softcap=30.0,
             sinks=True,
             tile_min=tile_min,
+            tile_lanes=tile_lanes,
         ).with_attr("global_symbol", "k")
         fn = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(HOST))["k"]
         out = torch.full((args[0].shape[0], 12, 64), 7.0)
