@@ -30,7 +30,7 @@ AS_IS, ROWS, MAT = "as_is", "rows", "mat"  # kernels/tvm_kernels/__init__.py doc
 _launchers: dict[str, Launcher] = {}
 
 
-def _shaped(t: torch.Tensor, present: str) -> torch.Tensor | None:
+def shaped(t: torch.Tensor, present: str) -> torch.Tensor | None:
     """t as the kernel takes it, a view; None when no view can be."""
     if present == AS_IS:
         return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] == 1 else None
@@ -62,15 +62,15 @@ def make_launcher(fn: Callable[..., Any], record: Mapping[str, Any],
     def launch(outs: list[torch.Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
         call = []
         for i, p in zip(ins, present, strict=False):
-            t = _shaped(args[i], p)
-            call.append(t if t is not None else _shaped(args[i].contiguous(), p))
+            t = shaped(args[i], p)
+            call.append(t if t is not None else shaped(args[i].contiguous(), p))
         back = []
         for j, p in zip(outs_at, present[len(ins):], strict=True):
-            t = _shaped(outs[j], p)
+            t = shaped(outs[j], p)
             if t is None:
                 tmp = torch.empty(outs[j].shape, dtype=outs[j].dtype, device=outs[j].device)
                 back.append((outs[j], tmp))
-                t = _shaped(tmp, p)
+                t = shaped(tmp, p)
             call.append(t)
         f = fn
         if by_rows and call:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from kiln.errors import ArtifactError
-from kiln.kernels.tvm_provider import _shaped  # how the launcher presents an argument
+from kiln.kernels.tvm_provider import shaped  # how the launcher presents an argument
 from kiln.runtime.artifact import KERNELS_DIR, Artifact
 
 BUILD_INFO = f"{KERNELS_DIR}/cpu/build.json"
@@ -123,10 +123,10 @@ def direct_call(name: str, outs: list[Any], args: list[Any], per_call: list[int 
             dynamic.append((pos, where, p))
             call.append(None)
             continue
-        shaped = _shaped(t, p) if isinstance(t, torch.Tensor) else None
-        if shaped is None:
+        view = shaped(t, p) if isinstance(t, torch.Tensor) else None
+        if view is None:
             return None
-        call.append(tvm_ffi.from_dlpack(shaped))
+        call.append(tvm_ffi.from_dlpack(view))
     if by_rows:
         if dynamic and dynamic[0][0] == 0:
             return None
@@ -155,7 +155,7 @@ class DirectCall:
             return True
         args = self.args.copy()
         for pos, where, p in self.dynamic:
-            t = _shaped(values[where], p)
+            t = shaped(values[where], p)
             if t is None:
                 return False
             args[pos] = t
