@@ -22,6 +22,7 @@ PASSES: dict[str, str] = {
     "softcap": "kiln.passes.softcap:Softcap",
     "expert-linear": "kiln.passes.expert_linear:ExpertLinear",
     "rope-kv-write": "kiln.passes.rope_kv_write:RopeKvWrite",
+    "fuse-elementwise": "kiln.passes.fuse_elementwise:FuseElementwise",
 }
 
 # The kernel op set (kiln.ir.ops.kernels): each pass turns one traced pattern into kernel-set ops.
@@ -59,7 +60,12 @@ PIPELINES: dict[str, list[str]] = {
         "rope-kv-write",
         "dce",
     ],
-    "cpu": _SERVING,
+    "cpu": [
+        *_SERVING[:-1],
+        # -- what no pattern matched: groups of generic elementwise ops, one TVM kernel each
+        "fuse-elementwise",
+        "dce",
+    ],
 }
 
 
