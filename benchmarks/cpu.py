@@ -17,21 +17,24 @@ Greedy decoding, ignore EOS. Prints a table and writes JSON. Needs the `bench` e
 
 Also (benchmarks/cpu_floors.py): the machine's measured memory bandwidth and fp32 peak; per
 kernel of kiln's cpu target, its time in a batch-1 decode step and a 512-token prefill beside
-its floor; the cpu artifact's load time and resident memory. Every engine runs on --threads
-(default: the cores this process may use). Others may load the machine: each engine's row
-records the load average and the share of the cores that other processes used while it ran.
+its floor; the cpu artifact's load time and resident memory. Every engine runs in a fresh
+process of its own, on --threads (default: the cores this process may use). Others may load
+the machine: each engine's row records the load average and the share of the cores that other
+processes used while it ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -196,15 +199,17 @@ def _cpu_busy() -> tuple[float, float]:
 
 
 def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threads: int, limits: dict) -> dict:
-    """One engine's row (or its error), with the machine's load while it ran: the 1-minute load
-    average at its end and the share of all cores that other processes used."""
+    """One engine's row (or its error), measured in a fresh process of its own (no thread pool
+    or allocator state left by another engine: TVM's workers spin after their work, and two
+    engines in one process were measured 2-4x apart), with the machine's load while it ran: the
+    1-minute load average at its end and the share of all cores that other processes used."""
     busy0, ours0 = _cpu_busy()
     t = time.perf_counter()
     try:
-        res = _run_engine(engine, ckpt, work, vocab, reps, threads, limits)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            res = pool.submit(_run_engine, engine, ckpt, work, vocab, reps, threads, limits, PREFILL).result()
     except Exception as e:  # noqa: BLE001 - a peer that fails is a result to report, not the end of the run
         res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-    torch.set_num_threads(threads)
     busy1, ours1 = _cpu_busy()
     wall = time.perf_counter() - t
     res["machine_load"] = {"loadavg_1m": os.getloadavg()[0], "wall_s": wall,
@@ -212,7 +217,11 @@ def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threa
     return res
 
 
-def _run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threads: int, limits: dict) -> dict:
+def _run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threads: int, limits: dict,
+                prefill: int) -> dict:
+    global PREFILL
+    PREFILL = prefill
+    torch.set_num_threads(threads)
     if engine.startswith("kiln "):
         return kiln_engine(ckpt, engine.removeprefix("kiln "), work, vocab, reps, threads, limits)
     if engine == "onnxruntime":
