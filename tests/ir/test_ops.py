@@ -93,6 +93,10 @@ CASES: list[Case] = [
     Case("div", ["i64[T]", "i64[]"], expected="f32[T]"),
     Case("div", ["i64[T]", "i64[]"], {"rounding_mode": "floor"}, expected="i64[T]"),
     Case("pow", ["f32[T,4]", "f32[]"]),
+    # a fused group (the cpu pipeline's fuse-elementwise): (x / r) ** 2 * 0.5, r one value per row
+    Case("fused_elementwise", ["f32[T,4]", "f32[T,1]"],
+         {"expr": [["div", ["x0", "x1"], {}], ["pow", ["v0", 2.0], {}], ["mul", ["v1", 0.5], {}]]},
+         expected="f32[T,4]"),
     Case("remainder", ["i64[T]", "i64[]"], expected="i64[T]"),
     Case("maximum", ["f32[T,4]", "f32[4]"]),
     Case("minimum", ["f32[T,4]", "f32[T,4]"]),
