@@ -52,6 +52,8 @@ def node_flops(n: Node, b: Mapping[str, int] = NOMINAL) -> int:
         return 2 * evaluate(q.shape[0], b) * CONTEXT * (heads_d + heads_dv)
     if get_op(n.op).kind in ("reduce", "dim"):
         return ins[0].numel(b)
+    if n.op == "fused_elementwise":  # one FLOP per element per step of the group
+        return len(n.attrs["expr"]) * n.type.numel(b)
     return sum(t.numel(b) for t in n.type.types)
 
 

@@ -192,3 +192,12 @@ def test_bfloat16_group_rounds_as_the_ops_did():
 def test_only_the_cpu_pipeline_runs_it():
     assert "fuse-elementwise" in pipeline("cpu") and pipeline("cpu")[-1] == "dce"
     assert "fuse-elementwise" not in pipeline("reference") and "fuse-elementwise" not in pipeline("cuda")
+
+
+def test_a_group_costs_what_its_ops_did():
+    """kiln inspect's FLOP accounting (kiln.ir.cost) counts a fused group's steps, not one op."""
+    from kiln.ir.cost import node_flops
+
+    graph = parse_graph(GPT2_GELU_BEFORE)
+    result = get_pass("fuse-elementwise").apply(graph)
+    assert sum(map(node_flops, result.ops())) == sum(map(node_flops, graph.ops()))
