@@ -1,7 +1,9 @@
 """The cpu target: kernel-set ops run as TVM kernels (`tvm:<function>`, kiln.kernels.tvm_kernels)
 compiled by LLVM for the host processor into one shared library in the artifact (build.py);
 paged attention too when kiln.kernels.tvm_kernels.attention is present. Any other op runs its
-torch reference (`torch:<op>`), recorded as a fallback (`kiln inspect` lists them).
+torch reference (`torch:<op>`), recorded as a fallback (`kiln inspect` lists them). Generic
+elementwise glue arrives in groups, one `fused_elementwise` node each (the cpu pipeline's
+fuse-elementwise pass), built into one kernel (kiln.kernels.tvm_kernels.fused).
 
 Paged attention needs a constant block size (its key loop steps through a block in vectors), so
 its kernel is built for the engine's default, DEFAULT_BLOCK_SIZE; the kernel's build.json record
