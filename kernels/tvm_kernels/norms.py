@@ -2,12 +2,20 @@
 fused_add_rms_norm (x + residual, then its rms_norm; two results) and layer_norm.
 
 Each row of [A, B, N] (T rows, or T*H for a per-head norm) is one task of a parallel loop; its
-statistics accumulate in float32 over V lanes (vectorized), then sum across the lanes; V is the
-one knob (`KNOBS`, searched by `kiln tune`), by default the widest of 16 or less that divides N.
+statistics accumulate in float32 over V lanes (vectorized), then sum across the lanes. A call
+that moves at most SER bytes (a decode step's row) runs its rows on the calling thread: forking
+and joining TVM's pool costs more than such a call's work. The row body is one `T.macro` that
+the serial and the parallel loop both call, so both compute the same bits. Its scratch (lanes,
+statistics) is scope "global": TVM 0.27 puts a "local" buffer on the heap
+(TVMBackendAllocWorkspace per row) and a "global" one of constant size on the stack, where LLVM
+keeps it in registers; row indices are `T.meta_var` (an assigned name would be a heap scalar).
+Knobs (`KNOBS`, searched by `kiln tune`): V (default the widest of 16 or less that divides N)
+and SER (KiB).
 """
 
 from __future__ import annotations
 
+import tvm
 from tvm.script import tirx as T
 
 from kiln.kernels.tvm_kernels import (
@@ -24,8 +32,26 @@ from kiln.kernels.tvm_kernels import (
 from kiln.kernels.tvm_kernels import keep_params as _drop
 from kiln.kernels.tvm_kernels.tir import F32, rounded_to
 
-KNOBS = {op: {"v": (4, 8, 16, 32, 64)} for op in ("rms_norm", "fused_add_rms_norm", "layer_norm")}
-"""float32 lanes of the row statistics; a width that does not divide N is no schedule of it."""
+KNOBS = {op: {"v": (4, 8, 16, 32, 64), "ser": (0, 16, 64, 256)} for op in ("rms_norm", "fused_add_rms_norm", "layer_norm")}
+"""float32 lanes of the row statistics (v; a width that does not divide N is no schedule of it)
+and the most KiB of row data that a call runs on the calling thread (ser; 0: always parallel)."""
+
+SER = 256
+"""Default `ser` KiB: the fork and join of TVM's pool costs ~3 us here (2 cores, loaded by others),
+a serial row of hidden 768 ~0.1 us; rms_norm at hidden 768 ran serial 1.0 vs 7.4 us (8 rows,
+48 KiB), 3.4 vs 6.1 (32 rows, 192 KiB), 7.3 vs 9.4 (64 rows, 384 KiB), even at 512 rows (3 MiB)
+as a loaded machine's parallel loop; 256 KiB keeps prefill parallel for when the cores are free."""
+
+
+def _bytes(dtype: str) -> int:
+    return tvm.DataType(dtype).bits // 8
+
+
+def _ser_bytes(config) -> int:
+    ser = int((config or {}).get("ser", SER))
+    if ser < 0:
+        raise ValueError(f"ser={ser}: the serial bound is a size in KiB, 0 or more")
+    return ser * 1024
 
 
 def _lanes(n: int, config) -> int:
@@ -43,11 +69,53 @@ def _rms_variant(attrs) -> tuple[str, float]:
     return ("fp32_mul" if attrs.get("weight_fp32") else "cast_mul"), float(attrs.get("offset") or 0.0)
 
 
-def _rms_func(n: int, dt: str, wdt: str | None, eps: float, mode: str, offset: float, fused: bool, v: int):
+def _rms_func(n: int, dt: str, wdt: str | None, eps: float, mode: str, offset: float, fused: bool, v: int,
+              ser_bytes: int):
     rnd = rounded_to(dt)
     has_w = wdt is not None
     wdt = wdt or F32
     rw = rounded_to(wdt)
+    row_bytes = n * _bytes(dt) * (4 if fused else 2)  # x (and residual) read, y (and h) written
+
+    @T.macro
+    def row_body(row, X, R, W, Y, H, B):
+        a = T.meta_var(row // B)
+        b = T.meta_var(row % B)
+        acc = T.alloc_buffer((v,), F32, scope="global")
+        tot = T.alloc_buffer((1,), F32, scope="global")
+        for i in T.vectorized(v):
+            acc[i] = T.float32(0)
+        for k0 in range(n // v):
+            for i in T.vectorized(v):
+                if fused:
+                    # the residual add in x's dtype; the norm reads the sum back
+                    H[a, b, k0 * v + i] = T.Cast(dt, rnd(T.Cast(F32, X[a, b, k0 * v + i]) + T.Cast(F32, R[a, b, k0 * v + i])))
+                    acc[i] = acc[i] + T.Cast(F32, H[a, b, k0 * v + i]) * T.Cast(F32, H[a, b, k0 * v + i])
+                else:
+                    acc[i] = acc[i] + T.Cast(F32, X[a, b, k0 * v + i]) * T.Cast(F32, X[a, b, k0 * v + i])
+        tot[0] = T.float32(0)
+        for i in range(v):
+            tot[0] = tot[0] + acc[i]
+        tot[0] = T.rsqrt(tot[0] / T.float32(n) + T.float32(eps))
+        for k in T.vectorized(n):
+            if fused:
+                if not has_w:
+                    Y[a, b, k] = T.Cast(dt, T.Cast(F32, H[a, b, k]) * tot[0])
+                elif mode == "fp32_mul":
+                    Y[a, b, k] = T.Cast(dt, T.Cast(F32, H[a, b, k]) * tot[0] * (T.Cast(F32, W[k]) + T.float32(offset)))
+                elif mode == "cast_mul":
+                    Y[a, b, k] = T.Cast(dt, rnd(rw(T.Cast(F32, W[k]) + T.float32(offset))) * rnd(T.Cast(F32, H[a, b, k]) * tot[0]))
+                else:
+                    Y[a, b, k] = T.Cast(dt, T.Cast(F32, H[a, b, k]) * tot[0] * T.Cast(F32, W[k]))
+            else:
+                if not has_w:
+                    Y[a, b, k] = T.Cast(dt, T.Cast(F32, X[a, b, k]) * tot[0])
+                elif mode == "fp32_mul":
+                    Y[a, b, k] = T.Cast(dt, T.Cast(F32, X[a, b, k]) * tot[0] * (T.Cast(F32, W[k]) + T.float32(offset)))
+                elif mode == "cast_mul":
+                    Y[a, b, k] = T.Cast(dt, rnd(rw(T.Cast(F32, W[k]) + T.float32(offset))) * rnd(T.Cast(F32, X[a, b, k]) * tot[0]))
+                else:
+                    Y[a, b, k] = T.Cast(dt, T.Cast(F32, X[a, b, k]) * tot[0] * T.Cast(F32, W[k]))
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, r_h: T.handle, w_h: T.handle, y_h: T.handle, h_h: T.handle):
@@ -59,44 +127,12 @@ def _rms_func(n: int, dt: str, wdt: str | None, eps: float, mode: str, offset: f
         W = T.match_buffer(w_h, (n,), wdt, offset_factor=1)
         Y = T.match_buffer(y_h, (A, B, n), dt, strides=(sy0, sy1, 1), offset_factor=1)
         H = T.match_buffer(h_h, (A, B, n), dt, strides=(sh0, sh1, 1), offset_factor=1)
-        for row in T.parallel(A * B):
-            a = row // B
-            b = row % B
-            acc = T.alloc_buffer((v,), F32, scope="local")
-            tot = T.alloc_buffer((1,), F32, scope="local")
-            for i in T.vectorized(v):
-                acc[i] = T.float32(0)
-            for k0 in range(n // v):
-                for i in T.vectorized(v):
-                    if fused:
-                        # the residual add in x's dtype; the norm reads the sum back
-                        H[a, b, k0 * v + i] = T.Cast(dt, rnd(T.Cast(F32, X[a, b, k0 * v + i]) + T.Cast(F32, R[a, b, k0 * v + i])))
-                        acc[i] = acc[i] + T.Cast(F32, H[a, b, k0 * v + i]) * T.Cast(F32, H[a, b, k0 * v + i])
-                    else:
-                        acc[i] = acc[i] + T.Cast(F32, X[a, b, k0 * v + i]) * T.Cast(F32, X[a, b, k0 * v + i])
-            tot[0] = T.float32(0)
-            for i in range(v):
-                tot[0] = tot[0] + acc[i]
-            tot[0] = T.rsqrt(tot[0] / T.float32(n) + T.float32(eps))
-            for k in T.vectorized(n):
-                if fused:
-                    if not has_w:
-                        Y[a, b, k] = T.Cast(dt, T.Cast(F32, H[a, b, k]) * tot[0])
-                    elif mode == "fp32_mul":
-                        Y[a, b, k] = T.Cast(dt, T.Cast(F32, H[a, b, k]) * tot[0] * (T.Cast(F32, W[k]) + T.float32(offset)))
-                    elif mode == "cast_mul":
-                        Y[a, b, k] = T.Cast(dt, rnd(rw(T.Cast(F32, W[k]) + T.float32(offset))) * rnd(T.Cast(F32, H[a, b, k]) * tot[0]))
-                    else:
-                        Y[a, b, k] = T.Cast(dt, T.Cast(F32, H[a, b, k]) * tot[0] * T.Cast(F32, W[k]))
-                else:
-                    if not has_w:
-                        Y[a, b, k] = T.Cast(dt, T.Cast(F32, X[a, b, k]) * tot[0])
-                    elif mode == "fp32_mul":
-                        Y[a, b, k] = T.Cast(dt, T.Cast(F32, X[a, b, k]) * tot[0] * (T.Cast(F32, W[k]) + T.float32(offset)))
-                    elif mode == "cast_mul":
-                        Y[a, b, k] = T.Cast(dt, rnd(rw(T.Cast(F32, W[k]) + T.float32(offset))) * rnd(T.Cast(F32, X[a, b, k]) * tot[0]))
-                    else:
-                        Y[a, b, k] = T.Cast(dt, T.Cast(F32, X[a, b, k]) * tot[0] * T.Cast(F32, W[k]))
+        if A * B * row_bytes <= ser_bytes:
+            for row in range(A * B):
+                row_body(row, X, R, W, Y, H, B)
+        else:
+            for row in T.parallel(A * B):
+                row_body(row, X, R, W, Y, H, B)
 
     return func
 
@@ -113,7 +149,8 @@ def rms_norm(info: OpInfo, config=None) -> Kernel | None:
     eps = float(info.attrs["eps"])
     name = name_of("rms_norm", f"h{n}", short(x.dtype), f"e{eps:g}", mode, f"o{offset:g}" if offset else "",
                    f"w{short(w.dtype)}" if w is not None else "nw")
-    func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=False, v=_lanes(n, config))
+    func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=False, v=_lanes(n, config),
+                     ser_bytes=_ser_bytes(config))
     keep = (0, 2, 3) if w is not None else (0, 3)
     ins = (0, 1) if w is not None else (0,)
     return Kernel(name, _drop(func, keep), ins, (0,), (ROWS, *(AS_IS,) * (len(ins) - 1), ROWS))
@@ -132,13 +169,49 @@ def fused_add_rms_norm(info: OpInfo, config=None) -> Kernel | None:
     eps = float(info.attrs["eps"])
     name = name_of("fused_add_rms_norm", f"h{n}", short(x.dtype), f"e{eps:g}", mode, f"o{offset:g}" if offset else "",
                    f"w{short(w.dtype)}" if w is not None else "nw")
-    func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=True, v=_lanes(n, config))
+    func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=True, v=_lanes(n, config),
+                     ser_bytes=_ser_bytes(config))
     keep = (0, 1, 2, 3, 4) if w is not None else (0, 1, 3, 4)
     ins = (0, 1, 2) if w is not None else (0, 1)
     return Kernel(name, _drop(func, keep), ins, (0, 1), (ROWS, ROWS, *(AS_IS,) * (len(ins) - 2), ROWS, ROWS))
 
 
-def _layer_norm_func(n: int, dt: str, wdt: str, bdt: str, eps: float, has_w: bool, has_b: bool, v: int):
+def _layer_norm_func(n: int, dt: str, wdt: str, bdt: str, eps: float, has_w: bool, has_b: bool, v: int, ser_bytes: int):
+    row_bytes = n * _bytes(dt) * 2  # x read, y written
+
+    @T.macro
+    def row_body(row, X, W, Bi, Y, B):
+        a = T.meta_var(row // B)
+        b = T.meta_var(row % B)
+        acc = T.alloc_buffer((v,), F32, scope="global")
+        st = T.alloc_buffer((2,), F32, scope="global")
+        for i in T.vectorized(v):
+            acc[i] = T.float32(0)
+        for k0 in range(n // v):
+            for i in T.vectorized(v):
+                acc[i] = acc[i] + T.Cast(F32, X[a, b, k0 * v + i])
+        st[0] = T.float32(0)
+        for i in range(v):
+            st[0] = st[0] + acc[i]
+        st[0] = st[0] / T.float32(n)
+        for i in T.vectorized(v):
+            acc[i] = T.float32(0)
+        for k0 in range(n // v):
+            for i in T.vectorized(v):
+                acc[i] = acc[i] + (T.Cast(F32, X[a, b, k0 * v + i]) - st[0]) * (T.Cast(F32, X[a, b, k0 * v + i]) - st[0])
+        st[1] = T.float32(0)
+        for i in range(v):
+            st[1] = st[1] + acc[i]
+        st[1] = T.rsqrt(st[1] / T.float32(n) + T.float32(eps))
+        for k in T.vectorized(n):
+            if has_w and has_b:
+                Y[a, b, k] = T.Cast(dt, (T.Cast(F32, X[a, b, k]) - st[0]) * st[1] * T.Cast(F32, W[k]) + T.Cast(F32, Bi[k]))
+            elif has_w:
+                Y[a, b, k] = T.Cast(dt, (T.Cast(F32, X[a, b, k]) - st[0]) * st[1] * T.Cast(F32, W[k]))
+            elif has_b:
+                Y[a, b, k] = T.Cast(dt, (T.Cast(F32, X[a, b, k]) - st[0]) * st[1] + T.Cast(F32, Bi[k]))
+            else:
+                Y[a, b, k] = T.Cast(dt, (T.Cast(F32, X[a, b, k]) - st[0]) * st[1])
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -149,38 +222,12 @@ def _layer_norm_func(n: int, dt: str, wdt: str, bdt: str, eps: float, has_w: boo
         W = T.match_buffer(w_h, (n,), wdt, offset_factor=1)
         Bi = T.match_buffer(b_h, (n,), bdt, offset_factor=1)
         Y = T.match_buffer(y_h, (A, B, n), dt, strides=(sy0, sy1, 1), offset_factor=1)
-        for row in T.parallel(A * B):
-            a = row // B
-            b = row % B
-            acc = T.alloc_buffer((v,), F32, scope="local")
-            st = T.alloc_buffer((2,), F32, scope="local")
-            for i in T.vectorized(v):
-                acc[i] = T.float32(0)
-            for k0 in range(n // v):
-                for i in T.vectorized(v):
-                    acc[i] = acc[i] + T.Cast(F32, X[a, b, k0 * v + i])
-            st[0] = T.float32(0)
-            for i in range(v):
-                st[0] = st[0] + acc[i]
-            st[0] = st[0] / T.float32(n)
-            for i in T.vectorized(v):
-                acc[i] = T.float32(0)
-            for k0 in range(n // v):
-                for i in T.vectorized(v):
-                    acc[i] = acc[i] + (T.Cast(F32, X[a, b, k0 * v + i]) - st[0]) * (T.Cast(F32, X[a, b, k0 * v + i]) - st[0])
-            st[1] = T.float32(0)
-            for i in range(v):
-                st[1] = st[1] + acc[i]
-            st[1] = T.rsqrt(st[1] / T.float32(n) + T.float32(eps))
-            for k in T.vectorized(n):
-                if has_w and has_b:
-                    Y[a, b, k] = T.Cast(dt, (T.Cast(F32, X[a, b, k]) - st[0]) * st[1] * T.Cast(F32, W[k]) + T.Cast(F32, Bi[k]))
-                elif has_w:
-                    Y[a, b, k] = T.Cast(dt, (T.Cast(F32, X[a, b, k]) - st[0]) * st[1] * T.Cast(F32, W[k]))
-                elif has_b:
-                    Y[a, b, k] = T.Cast(dt, (T.Cast(F32, X[a, b, k]) - st[0]) * st[1] + T.Cast(F32, Bi[k]))
-                else:
-                    Y[a, b, k] = T.Cast(dt, (T.Cast(F32, X[a, b, k]) - st[0]) * st[1])
+        if A * B * row_bytes <= ser_bytes:
+            for row in range(A * B):
+                row_body(row, X, W, Bi, Y, B)
+        else:
+            for row in T.parallel(A * B):
+                row_body(row, X, W, Bi, Y, B)
 
     return func
 
@@ -199,7 +246,8 @@ def layer_norm(info: OpInfo, config=None) -> Kernel | None:
     eps = float(info.attrs["eps"])
     name = name_of("layer_norm", f"h{n}", short(x.dtype), f"e{eps:g}", f"w{short(w.dtype)}" if w else "nw",
                    f"b{short(b.dtype)}" if b else "nb")
-    func = _layer_norm_func(n, x.dtype, w.dtype if w else F32, b.dtype if b else F32, eps, w is not None, b is not None, _lanes(n, config))
+    func = _layer_norm_func(n, x.dtype, w.dtype if w else F32, b.dtype if b else F32, eps, w is not None, b is not None,
+                             _lanes(n, config), _ser_bytes(config))
     keep = (0, *((1,) if w else ()), *((2,) if b else ()), 3)
     ins = tuple(range(1 + (w is not None) + (b is not None)))
     return Kernel(name, _drop(func, keep), ins, (0,), (ROWS, *(AS_IS,) * (len(ins) - 1), ROWS))

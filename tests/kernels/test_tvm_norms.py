@@ -22,17 +22,18 @@ def _type(t: torch.Tensor, static: bool = False) -> TensorType:
     return TensorType(dtype_name(t.dtype), tuple(t.shape) if static else ("T", *t.shape[1:]))
 
 
-def check(op: str, args: list, attrs: dict, static: tuple[int, ...] = ()) -> None:
-    """Run op's TVM kernel on args and compare each result with the torch reference; the
-    first dim of every input but those at `static` (weights) is symbolic ("T")."""
+def check(op: str, args: list, attrs: dict, static: tuple[int, ...] = (), config: dict | None = None) -> None:
+    """Run op's TVM kernel (schedule `config`, default None) on args and compare each result
+    with the torch reference; the first dim of every input but those at `static` (weights) is
+    symbolic ("T")."""
     want = OPS[op].impl(*args, **attrs)
     want = want if isinstance(want, tuple) else (want,)
     info = OpInfo(op, tuple(_type(a, i in static) if isinstance(a, torch.Tensor) else None for i, a in enumerate(args)),
                   tuple(_type(w) for w in want), attrs)
-    kernel = build(info)
+    kernel = build(info, config)
     assert kernel is not None, f"no TVM kernel for {op} {info}"
     outs = [torch.full_like(w, float("nan")) for w in want]
-    launcher_of(kernel)(outs, args, attrs)
+    (run_with if config else lambda k, *a: launcher_of(k)(*a))(kernel, outs, args, attrs)
     for got, ref in zip(outs, want, strict=True):
         tol = TOL[ref.dtype]
         torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
@@ -97,3 +98,37 @@ def test_layer_norm(wb, t):
     x = _merged(t, 80) + 3.0  # an offset mean: the two-pass variance must not cancel
     args = [x, *([_randn(80, seed=1)] if has_w else []), *([_randn(80, seed=2)] if has_b else [])]
     check("layer_norm", args, {"normalized_shape": [80], "eps": 1e-5, "has_weight": has_w, "has_bias": has_b})
+
+
+def run_with(kernel, outs: list, args: list, attrs: dict) -> None:
+    """Compile `kernel` on its own and run it (launcher_of caches by name, and a config keeps
+    the name)."""
+    from kiln.codegen.cpu.build import compile_kernels
+    from kiln.kernels.tvm_provider import make_launcher
+
+    lib = compile_kernels([kernel])
+    make_launcher(lib[kernel.name], kernel.table())(outs, args, attrs)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm", "layer_norm"])
+def test_serial_and_parallel_rows_agree_bitwise(op):
+    """A decode-sized call runs its rows on the calling thread (default `ser`), ser=0 runs
+    them in TVM's pool: one row body, the same bits."""
+    x, w = _merged(5, 64), _randn(64, seed=1)
+    args = {"rms_norm": [x, w], "fused_add_rms_norm": [x, _randn(5, 64, seed=2), w],
+            "layer_norm": [x, w, _randn(64, seed=2)]}[op]
+    attrs = {"rms_norm": {"normalized_shape": [64], "eps": 1e-6, **RMS["llama"]},
+             "fused_add_rms_norm": {"eps": 1e-6, **RMS["llama"]},
+             "layer_norm": {"normalized_shape": [64], "eps": 1e-5}}[op]
+    want = OPS[op].impl(*args, **attrs)
+    want = want if isinstance(want, tuple) else (want,)
+    info = OpInfo(op, tuple(_type(a, i >= 1 + (op == "fused_add_rms_norm")) for i, a in enumerate(args)),
+                  tuple(_type(t) for t in want), attrs)
+    got = []
+    for config in ({}, {"ser": 0}):
+        outs = [torch.full_like(t, float("nan")) for t in want]
+        run_with(build(info, config), outs, args, attrs)
+        got.append(outs)
+    for serial, parallel, ref in zip(*got, want, strict=True):
+        assert torch.equal(serial, parallel)
+        torch.testing.assert_close(serial, ref, atol=TOL[ref.dtype], rtol=TOL[ref.dtype])

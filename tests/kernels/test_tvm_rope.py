@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("tvm")
 
-from test_tvm_norms import _randn, check  # noqa: E402
+from test_tvm_norms import _randn, check, run_with  # noqa: E402
 
 from kiln.ir.types import TensorType  # noqa: E402
 from kiln.kernels.tvm_kernels import OpInfo, build  # noqa: E402
@@ -23,11 +23,12 @@ def _qkv(t: int, h: int, d: int) -> torch.Tensor:
 @pytest.mark.parametrize("t", [1, 7, 33])
 @pytest.mark.parametrize("style", ["neox", "interleaved"])
 @pytest.mark.parametrize("rotary", [32, 16])
-def test_rope(style, rotary, t):
+@pytest.mark.parametrize("config", [None, {"ser": 0}])  # decode-sized calls serial by default; ser=0: TVM's pool
+def test_rope(style, rotary, t, config):
     x = _qkv(t, 3, 32)
     pos = torch.randint(0, 64, (t,), generator=torch.Generator().manual_seed(1))
     cos, sin = _randn(64, rotary, seed=2), _randn(64, rotary, seed=3)
-    check("rope", [x, pos, cos, sin], {"style": style, "rotary_dim": rotary})
+    check("rope", [x, pos, cos, sin], {"style": style, "rotary_dim": rotary}, config=config)
 
 
 def test_longrope_stays_with_the_reference():
@@ -40,7 +41,8 @@ def test_longrope_stays_with_the_reference():
 
 
 @pytest.mark.parametrize("t", [1, 7, 33])
-def test_kv_cache_write(t):
+@pytest.mark.parametrize("config", [{}, {"ser": 0}])
+def test_kv_cache_write(t, config):
     nb, bs, hkv, d, dv = 10, 4, 2, 16, 8
     k, v = _qkv(t, hkv, d), _randn(t, hkv, dv, seed=5)
     slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(t))[:t]
@@ -54,17 +56,15 @@ def test_kv_cache_write(t):
                                      TensorType("float32", ("NB", "BS", hkv, d)),
                                      TensorType("float32", ("NB", "BS", hkv, dv)), TensorType("int64", ("T",))),
                   (TensorType("float32", ("NB", "BS", hkv, d)), TensorType("float32", ("NB", "BS", hkv, dv))), {})
-    from kiln.codegen.cpu.build import launcher_of
-
-    launcher_of(build(info))(caches, [k, v, *caches, slots], {})
+    run_with(build(info, config), caches, [k, v, *caches, slots], {})
     for got, ref in zip(caches, want, strict=True):
         assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("t", [1, 7, 33])
 @pytest.mark.parametrize("style,rotary", [("neox", 32), ("interleaved", 16)])
-def test_rope_kv_cache_write(style, rotary, t):
-    from kiln.codegen.cpu.build import launcher_of
+@pytest.mark.parametrize("config", [{}, {"ser": 0}])  # decode-sized calls serial by default; ser=0: TVM's pool
+def test_rope_kv_cache_write(style, rotary, t, config):
     from kiln.ir.ops import OPS
 
     nb, bs, hq, hkv, d, dv = 10, 4, 4, 2, 32, 16
@@ -88,7 +88,7 @@ def test_rope_kv_cache_write(style, rotary, t):
                    *cache_types, TensorType("int64", ("T",))),
                   (*cache_types, TensorType(f32, ("T", hq, d))), attrs)
     q_rot = torch.full_like(want_q, float("nan"))
-    launcher_of(build(info))([*caches, q_rot], [q, k, v, pos, cos, sin, *caches, slots], attrs)
+    run_with(build(info, config), [*caches, q_rot], [q, k, v, pos, cos, sin, *caches, slots], attrs)
     torch.testing.assert_close(q_rot, want_q, atol=1e-6, rtol=1e-6)
     for got, ref in zip(caches, want_caches, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
