@@ -21,7 +21,7 @@ def make_func(spec: AttentionSpec) -> tvm.tirx.PrimFunc:
     g_heads, kb, ml, kh, rows = spec.g_heads, spec.kb, spec.ml, spec.kh, spec.rows
     tiled, tile_min = spec.tiled, spec.min_tile_rows
     sinks_dtype, has_sinks = spec.sinks_dtype, spec.sinks
-    row, tile = make_row(spec), make_tile(spec)
+    row, tile = make_row(spec), make_tile(spec) if tiled else None  # no tile vectors without tiles
 
     @T.macro
     def body(q, k_cache, v_cache, tables, seq_lens, cu, snk, out, n_tok, n_seq):

@@ -257,6 +257,20 @@ def test_tiled_and_row_paths_agree() -> None:
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
+def test_one_query_head_per_kv_head_without_tiles() -> None:
+    """Multi-head attention (as many query heads as KV heads) builds and runs without the tile
+    path (a CPU without AVX-512): no tile code, not even its vectors, is generated."""
+    seqs = [(9, 9), (30, 1)]
+    attrs = {"scale": 0.125, "causal": True, "sliding_window": None, "softcap": None}
+    args = list(_batch(seqs, hq=4, hkv=4, d=64, dv=64, bs=16, dtype="float32", window=0, pad_rows=0))
+    func = make_prim_func("float32", 4, 4, 64, 64, 16, scale=0.125, causal=True, window=0, softcap=0.0,
+                          sinks=False, tile_lanes=0).with_attr("global_symbol", "k")
+    fn = tvm.compile(tvm.IRModule({"k": func}), target=tvm.target.Target(HOST))["k"]
+    out = torch.full((args[0].shape[0], 4, 64), 7.0)
+    fn(*args, out)
+    torch.testing.assert_close(out, OPS["paged_attention"].impl(*args, **attrs), atol=2e-5, rtol=2e-5)
+
+
 def test_empty_step() -> None:
     fn = _kernel(
         _types("float32", 8, 2, 64, 64, 16, False),
