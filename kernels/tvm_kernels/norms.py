@@ -3,7 +3,7 @@ fused_add_rms_norm (x + residual, then its rms_norm; two results) and layer_norm
 
 Each row of [A, B, N] (T rows, or T*H for a per-head norm) is one task of a parallel loop; its
 statistics accumulate in float32 over V lanes (vectorized), then sum across the lanes. A call
-that moves at most SER bytes (a decode step's row) runs its rows on the calling thread: forking
+that moves at most `ser` KiB (a decode step's rows) runs its rows on the calling thread: forking
 and joining TVM's pool costs more than such a call's work. The row body is one `T.macro` that
 the serial and the parallel loop both call, so both compute the same bits. Its scratch (lanes,
 statistics) is scope "global": TVM 0.27 puts a "local" buffer on the heap
@@ -32,7 +32,7 @@ from kiln.kernels.tvm_kernels import (
 from kiln.kernels.tvm_kernels import keep_params as _drop
 from kiln.kernels.tvm_kernels.tir import F32, rounded_to
 
-KNOBS = {op: {"v": (4, 8, 16, 32, 64), "ser": (0, 16, 64, 256)} for op in ("rms_norm", "fused_add_rms_norm", "layer_norm")}
+KNOBS = {op: {"v": (4, 8, 16, 32, 64), "ser": (0, 16, 64, 256, 1024)} for op in ("rms_norm", "fused_add_rms_norm", "layer_norm")}
 """float32 lanes of the row statistics (v; a width that does not divide N is no schedule of it)
 and the most KiB of row data that a call runs on the calling thread (ser; 0: always parallel)."""
 
