@@ -3,12 +3,18 @@ gather_rows and embedding; the elementwise glue a pass left generic: unary activ
 relu, tanh, sigmoid, silu, neg, exp, clamp) and binary add, sub, mul, div, pow whose operands
 are each a tensor of the result's shape, a one-element tensor or one value per row (broadcast),
 or a scalar constant (built in).
-Rows run in parallel, the inner axis vectorized."""
+
+Rows run in parallel, the inner axis vectorized. A call that moves at most `ser` KiB (config
+key, default SER; a decode step) runs its rows on the calling thread, no fork and join of TVM's
+pool; the row body is one `T.macro` that the serial and the parallel loop both call, so both
+compute the same bits. Row indices are `T.meta_var` (an assigned name is a heap scalar in TVM
+0.27: a TVMBackendAllocWorkspace per row); the kernels allocate nothing per row."""
 
 from __future__ import annotations
 
 import math
 
+import tvm
 from tvm.script import tirx as T
 
 from kiln.kernels.tvm_kernels import (
@@ -25,6 +31,25 @@ from kiln.kernels.tvm_kernels import (
 )
 from kiln.kernels.tvm_kernels.tir import F32, rounded_to
 
+SER = 256
+"""Default most KiB a call moves on the calling thread alone (norms.SER says why)."""
+
+KNOBS = {op: {"ser": (0, 16, 64, 256, 1024)} for op in ("silu_and_mul", "gelu_and_mul", "softcap")}
+"""The most KiB of row data that a call runs on the calling thread (0: always parallel). The
+generic and gather kernels take `ser` as config too but list no knob (one entry per op and
+shape would make `kiln tune` time every glue op; gather's random inputs are no indices)."""
+
+
+def _bytes(dtype: str) -> int:
+    return tvm.DataType(dtype).bits // 8
+
+
+def _ser_bytes(config) -> int:
+    ser = int((config or {}).get("ser", SER))
+    if ser < 0:
+        raise ValueError(f"ser={ser}: the serial bound is a size in KiB, 0 or more")
+    return ser * 1024
+
 
 def _gate(kind: str):
     """act(g) on float32 as torch computes it: silu, gelu (erf) or gelu (tanh)."""
@@ -36,9 +61,18 @@ def _gate(kind: str):
     return lambda g: T.float32(0.5) * g * (T.float32(1) + T.tanh(T.float32(k) * (g + T.float32(0.044715) * g * g * g)))
 
 
-def _gated_func(i_dim: int, dt: str, kind: str):
+def _gated_func(i_dim: int, dt: str, kind: str, ser_bytes: int):
     act = _gate(kind)
     rnd = rounded_to(dt)
+    row_bytes = 3 * i_dim * _bytes(dt)  # x (both halves) read, y written
+
+    @T.macro
+    def row_body(row, X, Y, B):
+        a = T.meta_var(row // B)
+        b = T.meta_var(row % B)
+        for k in T.vectorized(i_dim):
+            # act rounds to the dtype, then the product rounds again (two torch ops)
+            Y[a, b, k] = T.Cast(dt, rnd(act(T.Cast(F32, X[a, b, k]))) * T.Cast(F32, X[a, b, i_dim + k]))
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, y_h: T.handle):
@@ -47,17 +81,18 @@ def _gated_func(i_dim: int, dt: str, kind: str):
         sx0, sx1, sy0, sy1 = T.int64(), T.int64(), T.int64(), T.int64()
         X = T.match_buffer(x_h, (A, B, 2 * i_dim), dt, strides=(sx0, sx1, 1), offset_factor=1)
         Y = T.match_buffer(y_h, (A, B, i_dim), dt, strides=(sy0, sy1, 1), offset_factor=1)
-        for row in T.parallel(A * B):
-            for k in T.vectorized(i_dim):
-                # act rounds to the dtype, then the product rounds again (two torch ops)
-                Y[row // B, row % B, k] = T.Cast(
-                    dt, rnd(act(T.Cast(F32, X[row // B, row % B, k]))) * T.Cast(F32, X[row // B, row % B, i_dim + k]))
+        if A * B * row_bytes <= ser_bytes:
+            for row in range(A * B):
+                row_body(row, X, Y, B)
+        else:
+            for row in T.parallel(A * B):
+                row_body(row, X, Y, B)
 
     return func
 
 
 def _gated(kind_of):
-    def build(info: OpInfo) -> Kernel | None:
+    def build(info: OpInfo, config=None) -> Kernel | None:
         x = info.inputs[0]
         n = last_dim(x)
         if n is None or n % 2 or x.dtype not in FLOATS:
@@ -66,13 +101,21 @@ def _gated(kind_of):
         if kind not in ("silu", "none", "tanh"):
             return None
         name = name_of(info.op, f"i{n // 2}", short(x.dtype), "" if kind == "silu" else kind)
-        return Kernel(name, _gated_func(n // 2, x.dtype, kind), (0,), (0,), (ROWS, ROWS))
+        return Kernel(name, _gated_func(n // 2, x.dtype, kind, _ser_bytes(config)), (0,), (0,), (ROWS, ROWS))
 
     return build
 
 
-def _softcap_func(n: int, dt: str, cap: float):
+def _softcap_func(n: int, dt: str, cap: float, ser_bytes: int):
     rnd = rounded_to(dt)
+    row_bytes = 2 * n * _bytes(dt)  # x read, y written
+
+    @T.macro
+    def row_body(row, X, Y, B):
+        a = T.meta_var(row // B)
+        b = T.meta_var(row % B)
+        for k in T.vectorized(n):
+            Y[a, b, k] = T.Cast(dt, rnd(T.tanh(rnd(T.Cast(F32, X[a, b, k]) / T.float32(cap)))) * T.float32(cap))
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, y_h: T.handle):
@@ -81,26 +124,35 @@ def _softcap_func(n: int, dt: str, cap: float):
         sx0, sx1, sy0, sy1 = T.int64(), T.int64(), T.int64(), T.int64()
         X = T.match_buffer(x_h, (A, B, n), dt, strides=(sx0, sx1, 1), offset_factor=1)
         Y = T.match_buffer(y_h, (A, B, n), dt, strides=(sy0, sy1, 1), offset_factor=1)
-        for row in T.parallel(A * B):
-            for k in T.vectorized(n):
-                Y[row // B, row % B, k] = T.Cast(
-                    dt, rnd(T.tanh(rnd(T.Cast(F32, X[row // B, row % B, k]) / T.float32(cap)))) * T.float32(cap))
+        if A * B * row_bytes <= ser_bytes:
+            for row in range(A * B):
+                row_body(row, X, Y, B)
+        else:
+            for row in T.parallel(A * B):
+                row_body(row, X, Y, B)
 
     return func
 
 
-def softcap(info: OpInfo) -> Kernel | None:
+def softcap(info: OpInfo, config=None) -> Kernel | None:
     x = info.inputs[0]
     n = last_dim(x)
     if n is None or x.dtype not in FLOATS or info.outputs[0].dtype != x.dtype:
         return None
     cap = float(info.attrs["cap"])
-    return Kernel(name_of("softcap", f"n{n}", short(x.dtype), f"c{cap:g}"), _softcap_func(n, x.dtype, cap),
+    return Kernel(name_of("softcap", f"n{n}", short(x.dtype), f"c{cap:g}"), _softcap_func(n, x.dtype, cap, _ser_bytes(config)),
                   (0,), (0,), (ROWS, ROWS))
 
 
-def _rows_func(n: int, dt: str, idt: str):
+def _rows_func(n: int, dt: str, idt: str, ser_bytes: int):
     """out[r, :] = x[idx[r], :] (gather_rows, and embedding with x the table)."""
+    row_bytes = 2 * n * _bytes(dt)  # a row of x read, of y written
+
+    @T.macro
+    def row_body(r, X, Idx, Y):
+        src = T.meta_var(T.Cast("int64", Idx[r]))
+        for k in T.vectorized(n):
+            Y[r, k] = X[src, k]
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, i_h: T.handle, y_h: T.handle):
@@ -110,29 +162,32 @@ def _rows_func(n: int, dt: str, idt: str):
         X = T.match_buffer(x_h, (M, n), dt, strides=(sx0, 1), offset_factor=1)
         Idx = T.match_buffer(i_h, (R,), idt, offset_factor=1)
         Y = T.match_buffer(y_h, (R, n), dt, strides=(sy0, 1), offset_factor=1)
-        for r in T.parallel(R):
-            for k in T.vectorized(n):
-                Y[r, k] = X[T.Cast("int64", Idx[r]), k]
+        if R * row_bytes <= ser_bytes:
+            for r in range(R):
+                row_body(r, X, Idx, Y)
+        else:
+            for r in T.parallel(R):
+                row_body(r, X, Idx, Y)
 
     return func
 
 
-def gather_rows(info: OpInfo) -> Kernel | None:
+def gather_rows(info: OpInfo, config=None) -> Kernel | None:
     x, idx = info.inputs
     n = last_dim(x)
     if n is None or x.rank != 2 or idx is None or idx.rank != 1 or not idx.dtype.startswith("int"):
         return None
     name = name_of("gather_rows", f"n{n}", short(x.dtype), short(idx.dtype))
-    return Kernel(name, _rows_func(n, x.dtype, idx.dtype), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
+    return Kernel(name, _rows_func(n, x.dtype, idx.dtype, _ser_bytes(config)), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
 
 
-def embedding(info: OpInfo) -> Kernel | None:
+def embedding(info: OpInfo, config=None) -> Kernel | None:
     w, ids = info.inputs
     n = last_dim(w)
     if n is None or w.rank != 2 or ids is None or ids.rank != 1 or not ids.dtype.startswith("int"):
         return None
     name = name_of("embedding", f"n{n}", short(w.dtype), short(ids.dtype))
-    return Kernel(name, _rows_func(n, w.dtype, ids.dtype), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
+    return Kernel(name, _rows_func(n, w.dtype, ids.dtype, _ser_bytes(config)), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
 
 
 # -- generic elementwise glue -----------------------------------------------------------------
@@ -188,7 +243,7 @@ def _binary(op: str, b_const, dt: str):
     }.get(op)
 
 
-def _ewise_func(n: int | None, dt: str, kinds: tuple, fn):
+def _ewise_func(n: int | None, dt: str, kinds: tuple, fn, ser_bytes: int):
     """y = fn(*operands) over [A, B, n] rows (n None: a symbolic inner dim, not vectorized);
     kinds per operand: FULL, ONE, ROW, or a constant's value."""
     cdt = dt if dt in INTS else F32
@@ -206,6 +261,20 @@ def _ewise_func(n: int | None, dt: str, kinds: tuple, fn):
             return T.Cast(cdt, X[a, b, 0])
         return T.int64(kind) if cdt == "int64" else T.int32(kind) if cdt == "int32" else T.float32(kind)
 
+    moved = (1 + sum(k == FULL for k in (k0, k1))) * _bytes(dt)  # bytes per element: y and FULL operands
+
+    @T.macro
+    def row_body(row, X, Z, Y, B, W):
+        a = T.meta_var(row // B)
+        b = T.meta_var(row % B)
+        if n is None:
+            for k in range(W):
+                Y[a, b, k] = T.Cast(dt, fn(load(k0, X, a, b, k), load(k1, Z, a, b, k)))
+        else:
+            for j in range(n // v):
+                for i in T.vectorized(v):
+                    Y[a, b, j * v + i] = T.Cast(dt, fn(load(k0, X, a, b, j * v + i), load(k1, Z, a, b, j * v + i)))
+
     @T.prim_func(private=True)
     def func(x_h: T.handle, z_h: T.handle, y_h: T.handle):
         A = T.int64()
@@ -221,16 +290,12 @@ def _ewise_func(n: int | None, dt: str, kinds: tuple, fn):
                            else one, dt, strides=(sz0, sz1, unit) if k1 == FULL else (sz0, sz1, sz2) if k1 == ROW
                            else None, offset_factor=1)
         Y = T.match_buffer(y_h, (A, B, W if n is None else n), dt, strides=(sy0, sy1, unit), offset_factor=1)
-        for row in T.parallel(A * B):
-            if n is None:
-                for k in range(W):
-                    Y[row // B, row % B, k] = T.Cast(dt, fn(load(k0, X, row // B, row % B, k),
-                                                            load(k1, Z, row // B, row % B, k)))
-            else:
-                for j in range(n // v):
-                    for i in T.vectorized(v):
-                        Y[row // B, row % B, j * v + i] = T.Cast(dt, fn(load(k0, X, row // B, row % B, j * v + i),
-                                                                        load(k1, Z, row // B, row % B, j * v + i)))
+        if A * B * (W if n is None else n) * moved <= ser_bytes:
+            for row in range(A * B):
+                row_body(row, X, Z, Y, B, W)
+        else:
+            for row in T.parallel(A * B):
+                row_body(row, X, Z, Y, B, W)
 
     return func
 
@@ -248,7 +313,7 @@ def _operand(t, const, out) -> object | None:
     return ROW if t.rank == out.rank and t.shape[:-1] == out.shape[:-1] and t.shape[-1] == 1 else None
 
 
-def elementwise(info: OpInfo) -> Kernel | None:
+def elementwise(info: OpInfo, config=None) -> Kernel | None:
     out = info.outputs[0]
     if out.dtype not in FLOATS + INTS or not out.shape or len(info.inputs) not in (1, 2):
         return None
@@ -274,7 +339,7 @@ def elementwise(info: OpInfo) -> Kernel | None:
     if info.op == "clamp":
         extra = "_".join(f"{b}{float(info.attrs[b])!r}" for b in ("min", "max") if info.attrs.get(b) is not None)
     name = name_of(info.op, f"n{n}" if n is not None else "nT", short(out.dtype), tag, extra)
-    func = _ewise_func(n, out.dtype, kinds, fn)
+    func = _ewise_func(n, out.dtype, kinds, fn, _ser_bytes(config))
     keep = (*(i for i in tensors), 2)
     return Kernel(name, keep_params(func, keep), tensors, (0,), (ROWS,) * (len(tensors) + 1))
 

@@ -1,6 +1,9 @@
 """The fused elementwise kernel: one `fused_elementwise` node (a group of generic elementwise
 ops that the fuse-elementwise pass merged) as one loop nest, rows in parallel and the inner axis
-vectorized, every step of the group's expression computed in float32 in its order.
+vectorized, every step of the group's expression computed in float32 in its order. A call that
+moves at most `ser` KiB (config key, default elementwise.SER) runs its rows on the calling
+thread; the row body is one `T.macro` that the serial and the parallel loop both call (see
+kiln.kernels.tvm_kernels.elementwise).
 
 Each step's value is rounded as its op's torch reference rounds it (to a 16-bit dtype after every
 op; float32 as is) and then passes an `llvm.arithmetic.fence`: TVM lets LLVM contract a product
@@ -25,7 +28,16 @@ from kiln.kernels.tvm_kernels import (
     short,
     vec_width,
 )
-from kiln.kernels.tvm_kernels.elementwise import FULL, ONE, ROW, _binary, _operand, _unary
+from kiln.kernels.tvm_kernels.elementwise import (
+    FULL,
+    ONE,
+    ROW,
+    _binary,
+    _bytes,
+    _operand,
+    _ser_bytes,
+    _unary,
+)
 from kiln.kernels.tvm_kernels.tir import F32, rounded_to
 
 MAX_INPUTS = 8
@@ -55,11 +67,12 @@ def _steps(expr: list, dt: str):
     return out
 
 
-def _fused_func(n: int | None, dt: str, kinds: tuple[str, ...], steps):
+def _fused_func(n: int | None, dt: str, kinds: tuple[str, ...], steps, ser_bytes: int):
     """y = the expression over [A, B, n] rows (n None: a symbolic inner dim, not vectorized);
     kinds: per tensor operand FULL, ONE or ROW (the unused handles up to MAX_INPUTS are dropped)."""
     rnd = rounded_to(dt)
     v = vec_width(n) if n is not None else 1
+    moved = (1 + kinds.count(FULL)) * _bytes(dt)  # bytes per element: y and the FULL operands
     kinds = kinds + (ONE,) * (MAX_INPUTS - len(kinds))
     one = (T.int64(1), T.int64(1), T.int64(1))
     unit = 1 if n is not None else T.int64(1)
@@ -86,6 +99,18 @@ def _fused_func(n: int | None, dt: str, kinds: tuple[str, ...], steps):
     def strides(i, s0, s1, s2):
         return (s0, s1, unit) if kinds[i] == FULL else (s0, s1, s2) if kinds[i] == ROW else None
 
+    @T.macro
+    def row_body(row, X0, X1, X2, X3, X4, X5, X6, X7, Y, B, W):
+        a = T.meta_var(row // B)
+        b = T.meta_var(row % B)
+        if n is None:
+            for k in range(W):
+                Y[a, b, k] = value((X0, X1, X2, X3, X4, X5, X6, X7), a, b, k)
+        else:
+            for j in range(n // v):
+                for i in T.vectorized(v):
+                    Y[a, b, j * v + i] = value((X0, X1, X2, X3, X4, X5, X6, X7), a, b, j * v + i)
+
     @T.prim_func(private=True)
     def func(h0: T.handle, h1: T.handle, h2: T.handle, h3: T.handle, h4: T.handle, h5: T.handle, h6: T.handle,
              h7: T.handle, y_h: T.handle):
@@ -106,20 +131,17 @@ def _fused_func(n: int | None, dt: str, kinds: tuple[str, ...], steps):
         X6 = T.match_buffer(h6, shape(6, A, B, W), dt, strides=strides(6, s60, s61, s62), offset_factor=1)
         X7 = T.match_buffer(h7, shape(7, A, B, W), dt, strides=strides(7, s70, s71, s72), offset_factor=1)
         Y = T.match_buffer(y_h, (A, B, W if n is None else n), dt, strides=(sy0, sy1, unit), offset_factor=1)
-        for row in T.parallel(A * B):
-            if n is None:
-                for k in range(W):
-                    Y[row // B, row % B, k] = value((X0, X1, X2, X3, X4, X5, X6, X7), row // B, row % B, k)
-            else:
-                for j in range(n // v):
-                    for i in T.vectorized(v):
-                        Y[row // B, row % B, j * v + i] = value((X0, X1, X2, X3, X4, X5, X6, X7), row // B,
-                                                                row % B, j * v + i)
+        if A * B * (W if n is None else n) * moved <= ser_bytes:
+            for row in range(A * B):
+                row_body(row, X0, X1, X2, X3, X4, X5, X6, X7, Y, B, W)
+        else:
+            for row in T.parallel(A * B):
+                row_body(row, X0, X1, X2, X3, X4, X5, X6, X7, Y, B, W)
 
     return func
 
 
-def fused_elementwise(info: OpInfo) -> Kernel | None:
+def fused_elementwise(info: OpInfo, config=None) -> Kernel | None:
     """The kernel of a fused_elementwise node: every operand a tensor of the result's dtype, of
     its shape, one value per row or one element; every step an op the elementwise kernels cover."""
     out = info.outputs[0]
@@ -136,7 +158,7 @@ def fused_elementwise(info: OpInfo) -> Kernel | None:
     digest = hashlib.sha1(repr((expr, kinds)).encode()).hexdigest()[:10]
     ops = "_".join(dict.fromkeys(op for op, _, _ in expr))
     name = name_of("fused", ops, f"n{n}" if n is not None else "nT", short(out.dtype), f"{len(expr)}ops", digest)
-    func = _fused_func(n, out.dtype, kinds, steps)
+    func = _fused_func(n, out.dtype, kinds, steps, _ser_bytes(config))
     keep = (*range(len(kinds)), MAX_INPUTS)
     return Kernel(name, keep_params(func, keep), tuple(range(len(kinds))), (0,), (ROWS,) * (len(kinds) + 1))
 

@@ -104,3 +104,35 @@ def test_bfloat16(op, args):
 def test_integer_add_of_a_token_vector():
     """OPT's position offset: i64[T] + 2, a symbolic inner dim."""
     _check_ewise("add", [torch.arange(11), 2])
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("op,make,attrs", [
+    ("silu_and_mul", lambda t: [_merged(t, 2 * 48) * 3], {}),
+    ("gelu_and_mul", lambda t: [_merged(t, 2 * 48) * 3], {"approximate": "tanh"}),
+    ("softcap", lambda t: [_merged(t, 100) * 40], {"cap": 30.0}),
+    ("embedding", lambda t: [_randn(50, 72), torch.arange(t) % 50], {}),
+    ("gather_rows", lambda t: [_merged(40, 64), torch.arange(t) % 40], {}),
+    ("add", lambda t: [_merged(t, 64), _randn(t, 64, seed=5)], {}),
+    ("mul", lambda t: [_merged(t, 64), _randn(t, 1, seed=5)], {}),
+    ("sigmoid", lambda t: [_merged(t, 40) * 3], {}),
+])
+def test_serial_and_parallel_rows_agree_bitwise(op, make, attrs, t):
+    """A decode-sized call runs its rows on the calling thread (default `ser`), ser=0 runs them
+    in TVM's pool: one row body, the same bits."""
+    from test_tvm_norms import _type, run_with
+
+    from kiln.ir.ops import OPS
+    from kiln.kernels.tvm_kernels import OpInfo, build
+
+    args = make(t)
+    want = OPS[op].impl(*args, **attrs)
+    table = op in ("embedding", "gather_rows")  # its first input is a table of static shape
+    info = OpInfo(op, tuple(_type(a, table and i == 0) for i, a in enumerate(args)), (_type(want),), attrs)
+    got = []
+    for config in ({}, {"ser": 0}):
+        out = torch.full_like(want, float("nan"))
+        run_with(build(info, config), [out], args, attrs)
+        got.append(out)
+    assert torch.equal(got[0], got[1])
+    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=1e-6)

@@ -90,3 +90,22 @@ def test_uncovered_steps_build_nothing():
     t = TensorType("float32", ("T", 8))
     info = OpInfo("fused_elementwise", (t,), (t,), {"expr": [["log", ["x0"], {}], ["mul", ["v0", "x0"], {}]]})
     assert build(info) is None
+
+
+@pytest.mark.parametrize("t,n", [(1, 128), (7, 64), (33, 100), (5, 37)])
+def test_serial_and_parallel_rows_agree_bitwise(t, n):
+    """A decode-sized call runs its rows on the calling thread (default `ser`), ser=0 runs them
+    in TVM's pool: one row body, the same bits."""
+    from test_tvm_norms import run_with
+
+    args = [_merged(t, n) * 3, _randn(t, 1, seed=1)]
+    expr = [*GELU_TANH, ["mul", ["v7", "x1"], {}]]
+    want = _chain(expr, args)
+    info = OpInfo("fused_elementwise", tuple(_type(a) for a in args), (_type(want),), {"expr": expr})
+    got = []
+    for config in ({}, {"ser": 0}):
+        out = torch.full_like(want, float("nan"))
+        run_with(build(info, config), [out], args, {"expr": expr})
+        got.append(out)
+    assert torch.equal(got[0], got[1])
+    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=1e-6)
