@@ -10,8 +10,9 @@ load time and resident memory of an artifact. Used by benchmarks/cpu.py; alone:
   measurement: the engine keeps torch at one thread on the cpu target, and one core's rates
   are about half the machine's); measured again before each model's kernel table, keeping the
   best (others' load lowers a measurement).
-- kernel_floors(): every plan step of a cpu-target engine timed (perf_counter around each
-  launch: TVM and torch kernels return when done on the CPU) during batch-1 decode steps at a
+- kernel_floors(): every plan step of a cpu-target engine timed (perf_counter around the call
+  the executor makes, its bound TVM call where it has one, through PlanExecutor.step_timer:
+  TVM and torch kernels return when done on the CPU) during batch-1 decode steps at a
   64-token context and during one 512-token prefill, aggregated by kernel id: calls, ms per
   step, bytes moved, FLOPs, floor = max(bytes / bandwidth, FLOPs / peak) and time / floor.
   Bytes count each operand once (weights, activations, outputs); paged attention reads the K/V
@@ -94,30 +95,31 @@ def _cost(kernel: str, outs: list, args: list) -> tuple[int, int]:
 
 
 class _Timer:
-    """Wraps an executor's launchers; while `on`, adds each step's time and cost per kernel id."""
+    """An executor's step timer (PlanExecutor.step_timer): while `on`, adds each step's time and
+    cost per kernel id. The executor times the call it really makes (the bound TVM call where it
+    has one, else the launcher), so a small kernel reads its own time, not a launcher's."""
 
     def __init__(self, executor) -> None:
-        self.on = False
+        self.executor = executor
+        self.kernels = [step.kernel for step in executor.plan.steps]  # kernel id per plan step
         self.rows: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])  # calls, s, bytes, flops
-        steps = executor._steps  # the executor's (launcher, inputs, outputs) per plan step
-        for i, ((fn, ins, outs), step) in enumerate(zip(steps, executor.plan.steps, strict=True)):
-            steps[i] = (self._wrap(fn, step.kernel), ins, outs)
 
-    def _wrap(self, fn, kernel: str):
-        def launch(outs, args, attrs):
-            if not self.on:
-                return fn(outs, args, attrs)
-            t = time.perf_counter()
-            fn(outs, args, attrs)
-            dt = time.perf_counter() - t
-            nbytes, flops = _cost(kernel, outs, args)
-            row = self.rows[kernel]
-            row[0] += 1
-            row[1] += dt
-            row[2] += nbytes
-            row[3] += flops
+    @property
+    def on(self) -> bool:
+        return self.executor.step_timer is not None
 
-        return launch
+    @on.setter
+    def on(self, value: bool) -> None:
+        self.executor.step_timer = self._record if value else None
+
+    def _record(self, s: int, outs, args, dt: float) -> None:
+        kernel = self.kernels[s]
+        nbytes, flops = _cost(kernel, outs, args)
+        row = self.rows[kernel]
+        row[0] += 1
+        row[1] += dt
+        row[2] += nbytes
+        row[3] += flops
 
 
 def kernel_floors(artifact: Path, limits: dict, threads: int | None = None, decode_steps: int = 8) -> dict:

@@ -16,8 +16,9 @@ returns a copy. For the same reason one caller runs an executor at a time.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,10 @@ class PlanExecutor:
         self._offsets: list[int] = []
         self.arena: torch.Tensor | None = None
         self._cache: OrderedDict[tuple[int, ...], _Binding] = OrderedDict()
+        self.step_timer: Callable[[int, list[Any], list[Any], float], None] | None = None
+        """Benchmarks only (benchmarks/cpu_floors.py): when set, `run` times each step as it
+        runs (its bound TVM call, else its launcher) and calls step_timer(step index, outputs,
+        arguments, seconds) after it; None (the default) costs `run` nothing per step."""
         if all(s in self.limits for s in plan.symbols):
             self._layout(self.limits)
 
@@ -241,13 +246,24 @@ class PlanExecutor:
             values[i] = t
         for i in self._input_views:
             values[i] = self._apply_view(i, values[self.plan.buffers[i].base], entry.view_attrs[i])
-        # A bound TVM call runs unless the step's launcher was replaced (benchmarks/cpu_floors.py
-        # times each step by wrapping it) or an input needs the launcher's copy.
-        for (fn, ins, outs), attrs, direct, launcher in zip(self._steps, entry.attrs, entry.direct, self.launchers,
-                                                          strict=True):
-            if direct is None or fn is not launcher or not direct(values):
+        if self.step_timer is not None:
+            self._run_timed(values, entry)
+            return [values[o] for o in self.plan.outputs]
+        # A bound TVM call runs unless an input needs the launcher's copy.
+        for (fn, ins, outs), attrs, direct in zip(self._steps, entry.attrs, entry.direct, strict=True):
+            if direct is None or not direct(values):
                 fn([values[o] for o in outs], [values[a] for a in ins], attrs)
         return [values[o] for o in self.plan.outputs]
+
+    def _run_timed(self, values: list[Any], entry: _Binding) -> None:
+        """`run`'s step loop with each step timed for `step_timer` (the same calls)."""
+        timer, clock = self.step_timer, time.perf_counter
+        for s, ((fn, ins, outs), attrs, direct) in enumerate(zip(self._steps, entry.attrs, entry.direct, strict=True)):
+            t = clock()
+            if direct is None or not direct(values):
+                fn([values[o] for o in outs], [values[a] for a in ins], attrs)
+            dt = clock() - t
+            timer(s, [values[o] for o in outs], [values[a] for a in ins], dt)
 
 
 def _resolve(dim_attrs: Mapping[str, Any], bindings: Mapping[str, int]) -> dict[str, Any]:
