@@ -277,10 +277,10 @@ def tune(artifact: str | Path, budget: float | None = None, max_tokens: int = PR
     replace_files(root, {TUNING: json.dumps(table, indent=1, sort_keys=True).encode()}, (TUNING,))
     built = build_kernels(root)
     return {"target": "cuda", "tuning": TUNING, "search_s": table["search_s"], "kernels": built,
-            "table": format_table(table, linears)}
+            "table": format_table(table)}
 
 
-def format_table(table: dict[str, Any], linears: Counter[LinearShape] | None = None) -> str:
+def format_table(table: dict[str, Any]) -> str:
     """Per tuned kernel and bucket: the default and tuned µs per call and the choice."""
     rows = [f"{'kernel':<34}{'bucket':>10}{'default us':>12}{'tuned us':>12}{'speedup':>9}  choice"]
     for bucket, e in table["kernels"].get("paged_attention", {}).items():

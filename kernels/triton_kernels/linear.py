@@ -156,11 +156,9 @@ def make_launcher(table: Mapping[str, Any] | None = None) -> Launcher:
 
     @functools.lru_cache(maxsize=4096)
     def choose(k: int, n: int, m: int) -> GemmConfig | None:
-        for c in choices.get((k, n), ()):
-            if m <= c.max_m:
-                return c.config
-        rows = choices.get((k, n))
-        return rows[-1].config if rows else None
+        rows = choices.get((k, n), ())
+        # the first bucket holding m; past the last bound, the last bucket's choice
+        return next((c.config for c in rows if m <= c.max_m), rows[-1].config if rows else None)
 
     def launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
         x, w, *bias = args
