@@ -257,13 +257,15 @@ def tune(artifact: str | Path, budget: float | None = None, max_tokens: int = PR
     linears, attns = workload(plan)
     budget = 240.0 if budget is None else budget
     started = time.monotonic()
-    jobs = [("attention", a) for a in attns] + [("linear", s) for s in sorted(linears, key=lambda s: -linears[s])]
+    # one paged_attention config serves every attention call of the model: tuned on its most called shape
+    jobs = [("attention", max(attns, key=attns.get))] if attns else []
+    jobs += [("linear", s) for s in sorted(linears, key=lambda s: -linears[s])]
     share = budget / max(1, len(jobs))
     kernels: dict[str, Any] = {}
     linear_times: dict[str, Any] = {}
     for i, (kind, shape) in enumerate(tqdm(jobs, desc="kiln tune", unit="shape", disable=progress is False or None)):
         deadline = started + share * (i + 1)
-        if kind == "attention":  # one attention shape per model: its share split between buckets
+        if kind == "attention":  # its share split between the two buckets
             half = started + share * i + share / 2
             kernels["paged_attention"] = tune_attention(shape, half, deadline)
         else:
