@@ -5,7 +5,7 @@ are each a tensor of the result's shape, a one-element tensor or one value per r
 or a scalar constant (built in).
 
 Rows run in parallel, the inner axis vectorized. A call that moves at most `ser` KiB (config
-key, default SER; a decode step) runs its rows on the calling thread, no fork and join of TVM's
+key, default tir.SER; a decode step) runs its rows on the calling thread, no fork and join of TVM's
 pool; the row body is one `T.macro` that the serial and the parallel loop both call, so both
 compute the same bits. Row indices are `T.meta_var` (an assigned name is a heap scalar in TVM
 0.27: a TVMBackendAllocWorkspace per row); the kernels allocate nothing per row."""
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import tvm
 from tvm.script import tirx as T
 
 from kiln.kernels.tvm_kernels import (
@@ -29,10 +28,7 @@ from kiln.kernels.tvm_kernels import (
     short,
     vec_width,
 )
-from kiln.kernels.tvm_kernels.tir import F32, rounded_to
-
-SER = 256
-"""Default most KiB a call moves on the calling thread alone (norms.SER says why)."""
+from kiln.kernels.tvm_kernels.tir import F32, dtype_bytes, rounded_to, serial_bytes
 
 KNOBS = {op: {"ser": (0, 16, 64, 256, 1024)} for op in ("silu_and_mul", "gelu_and_mul", "softcap")}
 """The most KiB of row data that a call runs on the calling thread (0: always parallel). The
@@ -40,15 +36,6 @@ generic and gather kernels take `ser` as config too but list no knob (one entry 
 shape would make `kiln tune` time every glue op; gather's random inputs are no indices)."""
 
 
-def _bytes(dtype: str) -> int:
-    return tvm.DataType(dtype).bits // 8
-
-
-def _ser_bytes(config) -> int:
-    ser = int((config or {}).get("ser", SER))
-    if ser < 0:
-        raise ValueError(f"ser={ser}: the serial bound is a size in KiB, 0 or more")
-    return ser * 1024
 
 
 def _gate(kind: str):
@@ -64,7 +51,7 @@ def _gate(kind: str):
 def _gated_func(i_dim: int, dt: str, kind: str, ser_bytes: int):
     act = _gate(kind)
     rnd = rounded_to(dt)
-    row_bytes = 3 * i_dim * _bytes(dt)  # x (both halves) read, y written
+    row_bytes = 3 * i_dim * dtype_bytes(dt)  # x (both halves) read, y written
 
     @T.macro
     def row_body(row, X, Y, B):
@@ -101,14 +88,14 @@ def _gated(kind_of):
         if kind not in ("silu", "none", "tanh"):
             return None
         name = name_of(info.op, f"i{n // 2}", short(x.dtype), "" if kind == "silu" else kind)
-        return Kernel(name, _gated_func(n // 2, x.dtype, kind, _ser_bytes(config)), (0,), (0,), (ROWS, ROWS))
+        return Kernel(name, _gated_func(n // 2, x.dtype, kind, serial_bytes(config)), (0,), (0,), (ROWS, ROWS))
 
     return build
 
 
 def _softcap_func(n: int, dt: str, cap: float, ser_bytes: int):
     rnd = rounded_to(dt)
-    row_bytes = 2 * n * _bytes(dt)  # x read, y written
+    row_bytes = 2 * n * dtype_bytes(dt)  # x read, y written
 
     @T.macro
     def row_body(row, X, Y, B):
@@ -140,13 +127,13 @@ def softcap(info: OpInfo, config=None) -> Kernel | None:
     if n is None or x.dtype not in FLOATS or info.outputs[0].dtype != x.dtype:
         return None
     cap = float(info.attrs["cap"])
-    return Kernel(name_of("softcap", f"n{n}", short(x.dtype), f"c{cap:g}"), _softcap_func(n, x.dtype, cap, _ser_bytes(config)),
+    return Kernel(name_of("softcap", f"n{n}", short(x.dtype), f"c{cap:g}"), _softcap_func(n, x.dtype, cap, serial_bytes(config)),
                   (0,), (0,), (ROWS, ROWS))
 
 
 def _rows_func(n: int, dt: str, idt: str, ser_bytes: int):
     """out[r, :] = x[idx[r], :] (gather_rows, and embedding with x the table)."""
-    row_bytes = 2 * n * _bytes(dt)  # a row of x read, of y written
+    row_bytes = 2 * n * dtype_bytes(dt)  # a row of x read, of y written
 
     @T.macro
     def row_body(r, X, Idx, Y):
@@ -178,7 +165,7 @@ def gather_rows(info: OpInfo, config=None) -> Kernel | None:
     if n is None or x.rank != 2 or idx is None or idx.rank != 1 or not idx.dtype.startswith("int"):
         return None
     name = name_of("gather_rows", f"n{n}", short(x.dtype), short(idx.dtype))
-    return Kernel(name, _rows_func(n, x.dtype, idx.dtype, _ser_bytes(config)), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
+    return Kernel(name, _rows_func(n, x.dtype, idx.dtype, serial_bytes(config)), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
 
 
 def embedding(info: OpInfo, config=None) -> Kernel | None:
@@ -187,7 +174,7 @@ def embedding(info: OpInfo, config=None) -> Kernel | None:
     if n is None or w.rank != 2 or ids is None or ids.rank != 1 or not ids.dtype.startswith("int"):
         return None
     name = name_of("embedding", f"n{n}", short(w.dtype), short(ids.dtype))
-    return Kernel(name, _rows_func(n, w.dtype, ids.dtype, _ser_bytes(config)), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
+    return Kernel(name, _rows_func(n, w.dtype, ids.dtype, serial_bytes(config)), (0, 1), (0,), (AS_IS, AS_IS, AS_IS))
 
 
 # -- generic elementwise glue -----------------------------------------------------------------
@@ -261,7 +248,7 @@ def _ewise_func(n: int | None, dt: str, kinds: tuple, fn, ser_bytes: int):
             return T.Cast(cdt, X[a, b, 0])
         return T.int64(kind) if cdt == "int64" else T.int32(kind) if cdt == "int32" else T.float32(kind)
 
-    moved = (1 + sum(k == FULL for k in (k0, k1))) * _bytes(dt)  # bytes per element: y and FULL operands
+    moved = (1 + sum(k == FULL for k in (k0, k1))) * dtype_bytes(dt)  # bytes per element: y and FULL operands
 
     @T.macro
     def row_body(row, X, Z, Y, B, W):
@@ -339,7 +326,7 @@ def elementwise(info: OpInfo, config=None) -> Kernel | None:
     if info.op == "clamp":
         extra = "_".join(f"{b}{float(info.attrs[b])!r}" for b in ("min", "max") if info.attrs.get(b) is not None)
     name = name_of(info.op, f"n{n}" if n is not None else "nT", short(out.dtype), tag, extra)
-    func = _ewise_func(n, out.dtype, kinds, fn, _ser_bytes(config))
+    func = _ewise_func(n, out.dtype, kinds, fn, serial_bytes(config))
     keep = (*(i for i in tensors), 2)
     return Kernel(name, keep_params(func, keep), tensors, (0,), (ROWS,) * (len(tensors) + 1))
 

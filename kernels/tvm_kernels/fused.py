@@ -1,7 +1,7 @@
 """The fused elementwise kernel: one `fused_elementwise` node (a group of generic elementwise
 ops that the fuse-elementwise pass merged) as one loop nest, rows in parallel and the inner axis
 vectorized, every step of the group's expression computed in float32 in its order. A call that
-moves at most `ser` KiB (config key, default elementwise.SER) runs its rows on the calling
+moves at most `ser` KiB (config key, default tir.SER) runs its rows on the calling
 thread; the row body is one `T.macro` that the serial and the parallel loop both call (see
 kiln.kernels.tvm_kernels.elementwise).
 
@@ -33,12 +33,10 @@ from kiln.kernels.tvm_kernels.elementwise import (
     ONE,
     ROW,
     _binary,
-    _bytes,
     _operand,
-    _ser_bytes,
     _unary,
 )
-from kiln.kernels.tvm_kernels.tir import F32, rounded_to
+from kiln.kernels.tvm_kernels.tir import F32, dtype_bytes, rounded_to, serial_bytes
 
 MAX_INPUTS = 8
 """Tensor operands a fused kernel takes at most (the fuse-elementwise pass keeps groups within)."""
@@ -72,7 +70,7 @@ def _fused_func(n: int | None, dt: str, kinds: tuple[str, ...], steps, ser_bytes
     kinds: per tensor operand FULL, ONE or ROW (the unused handles up to MAX_INPUTS are dropped)."""
     rnd = rounded_to(dt)
     v = vec_width(n) if n is not None else 1
-    moved = (1 + kinds.count(FULL)) * _bytes(dt)  # bytes per element: y and the FULL operands
+    moved = (1 + kinds.count(FULL)) * dtype_bytes(dt)  # bytes per element: y and the FULL operands
     kinds = kinds + (ONE,) * (MAX_INPUTS - len(kinds))
     one = (T.int64(1), T.int64(1), T.int64(1))
     unit = 1 if n is not None else T.int64(1)
@@ -158,7 +156,7 @@ def fused_elementwise(info: OpInfo, config=None) -> Kernel | None:
     digest = hashlib.sha1(repr((expr, kinds)).encode()).hexdigest()[:10]
     ops = "_".join(dict.fromkeys(op for op, _, _ in expr))
     name = name_of("fused", ops, f"n{n}" if n is not None else "nT", short(out.dtype), f"{len(expr)}ops", digest)
-    func = _fused_func(n, out.dtype, kinds, steps, _ser_bytes(config))
+    func = _fused_func(n, out.dtype, kinds, steps, serial_bytes(config))
     keep = (*range(len(kinds)), MAX_INPUTS)
     return Kernel(name, keep_params(func, keep), tuple(range(len(kinds))), (0,), (ROWS,) * (len(kinds) + 1))
 

@@ -10,12 +10,11 @@ statistics) is scope "global": TVM 0.27 puts a "local" buffer on the heap
 (TVMBackendAllocWorkspace per row) and a "global" one of constant size on the stack, where LLVM
 keeps it in registers; row indices are `T.meta_var` (an assigned name would be a heap scalar).
 Knobs (`KNOBS`, searched by `kiln tune`): V (default the widest of 16 or less that divides N)
-and SER (KiB).
+and ser (KiB, default tir.SER).
 """
 
 from __future__ import annotations
 
-import tvm
 from tvm.script import tirx as T
 
 from kiln.kernels.tvm_kernels import (
@@ -30,28 +29,14 @@ from kiln.kernels.tvm_kernels import (
     vec_width,
 )
 from kiln.kernels.tvm_kernels import keep_params as _drop
-from kiln.kernels.tvm_kernels.tir import F32, rounded_to
+from kiln.kernels.tvm_kernels.tir import F32, dtype_bytes, rounded_to, serial_bytes
 
 KNOBS = {op: {"v": (4, 8, 16, 32, 64), "ser": (0, 16, 64, 256, 1024)} for op in ("rms_norm", "fused_add_rms_norm", "layer_norm")}
 """float32 lanes of the row statistics (v; a width that does not divide N is no schedule of it)
 and the most KiB of row data that a call runs on the calling thread (ser; 0: always parallel)."""
 
-SER = 256
-"""Default `ser` KiB: the fork and join of TVM's pool costs ~3 us here (2 cores, loaded by others),
-a serial row of hidden 768 ~0.1 us; rms_norm at hidden 768 ran serial 1.0 vs 7.4 us (8 rows,
-48 KiB), 3.4 vs 6.1 (32 rows, 192 KiB), 7.3 vs 9.4 (64 rows, 384 KiB), even at 512 rows (3 MiB)
-as a loaded machine's parallel loop; 256 KiB keeps prefill parallel for when the cores are free."""
 
 
-def _bytes(dtype: str) -> int:
-    return tvm.DataType(dtype).bits // 8
-
-
-def _ser_bytes(config) -> int:
-    ser = int((config or {}).get("ser", SER))
-    if ser < 0:
-        raise ValueError(f"ser={ser}: the serial bound is a size in KiB, 0 or more")
-    return ser * 1024
 
 
 def _lanes(n: int, config) -> int:
@@ -75,7 +60,7 @@ def _rms_func(n: int, dt: str, wdt: str | None, eps: float, mode: str, offset: f
     has_w = wdt is not None
     wdt = wdt or F32
     rw = rounded_to(wdt)
-    row_bytes = n * _bytes(dt) * (4 if fused else 2)  # x (and residual) read, y (and h) written
+    row_bytes = n * dtype_bytes(dt) * (4 if fused else 2)  # x (and residual) read, y (and h) written
 
     @T.macro
     def row_body(row, X, R, W, Y, H, B):
@@ -150,7 +135,7 @@ def rms_norm(info: OpInfo, config=None) -> Kernel | None:
     name = name_of("rms_norm", f"h{n}", short(x.dtype), f"e{eps:g}", mode, f"o{offset:g}" if offset else "",
                    f"w{short(w.dtype)}" if w is not None else "nw")
     func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=False, v=_lanes(n, config),
-                     ser_bytes=_ser_bytes(config))
+                     ser_bytes=serial_bytes(config))
     keep = (0, 2, 3) if w is not None else (0, 3)
     ins = (0, 1) if w is not None else (0,)
     return Kernel(name, _drop(func, keep), ins, (0,), (ROWS, *(AS_IS,) * (len(ins) - 1), ROWS))
@@ -170,14 +155,14 @@ def fused_add_rms_norm(info: OpInfo, config=None) -> Kernel | None:
     name = name_of("fused_add_rms_norm", f"h{n}", short(x.dtype), f"e{eps:g}", mode, f"o{offset:g}" if offset else "",
                    f"w{short(w.dtype)}" if w is not None else "nw")
     func = _rms_func(n, x.dtype, w.dtype if w is not None else None, eps, mode, offset, fused=True, v=_lanes(n, config),
-                     ser_bytes=_ser_bytes(config))
+                     ser_bytes=serial_bytes(config))
     keep = (0, 1, 2, 3, 4) if w is not None else (0, 1, 3, 4)
     ins = (0, 1, 2) if w is not None else (0, 1)
     return Kernel(name, _drop(func, keep), ins, (0, 1), (ROWS, ROWS, *(AS_IS,) * (len(ins) - 2), ROWS, ROWS))
 
 
 def _layer_norm_func(n: int, dt: str, wdt: str, bdt: str, eps: float, has_w: bool, has_b: bool, v: int, ser_bytes: int):
-    row_bytes = n * _bytes(dt) * 2  # x read, y written
+    row_bytes = n * dtype_bytes(dt) * 2  # x read, y written
 
     @T.macro
     def row_body(row, X, W, Bi, Y, B):
@@ -247,7 +232,7 @@ def layer_norm(info: OpInfo, config=None) -> Kernel | None:
     name = name_of("layer_norm", f"h{n}", short(x.dtype), f"e{eps:g}", f"w{short(w.dtype)}" if w else "nw",
                    f"b{short(b.dtype)}" if b else "nb")
     func = _layer_norm_func(n, x.dtype, w.dtype if w else F32, b.dtype if b else F32, eps, w is not None, b is not None,
-                             _lanes(n, config), _ser_bytes(config))
+                             _lanes(n, config), serial_bytes(config))
     keep = (0, *((1,) if w else ()), *((2,) if b else ()), 3)
     ins = tuple(range(1 + (w is not None) + (b is not None)))
     return Kernel(name, _drop(func, keep), ins, (0,), (ROWS, *(AS_IS,) * (len(ins) - 1), ROWS))

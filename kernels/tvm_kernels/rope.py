@@ -10,40 +10,26 @@ float32 (neox rotates halves, interleaved rotates pairs), the rest copied. Longr
 table pair chosen per sequence) stays with the torch reference. kv_cache_write and
 rope_kv_cache_write: one task per token.
 
-A call that moves at most `ser` KiB (config key, default SER; a decode step) runs its tasks on
+A call that moves at most `ser` KiB (config key, default tir.SER; a decode step) runs its tasks on
 the calling thread, no fork and join of TVM's pool; the task body is one `T.macro` that the
 serial and the parallel loop both call. Per-task indices are `T.meta_var` (an assigned name
-is a heap scalar in TVM 0.27: a TVMBackendAllocWorkspace per task).
+is a heap scalar in TVM 0.27: a TVMBackendAllocWorkspace per task). No `KNOBS`: `kiln tune`
+times kernels on random inputs, which are no positions or slots.
 """
 
 from __future__ import annotations
 
-import tvm
 from tvm.script import tirx as T
 
 from kiln.kernels.tvm_kernels import AS_IS, FLOATS, Kernel, OpInfo, last_dim, name_of, short
-from kiln.kernels.tvm_kernels.tir import F32, rounded_to
-
-SER = 256
-"""Default most KiB a call moves on the calling thread alone (norms.SER says why). No `KNOBS`:
-`kiln tune` times kernels on random inputs, which are no positions or slots."""
-
-def _bytes(dtype: str) -> int:
-    return tvm.DataType(dtype).bits // 8
-
-
-def _ser_bytes(config) -> int:
-    ser = int((config or {}).get("ser", SER))
-    if ser < 0:
-        raise ValueError(f"ser={ser}: the serial bound is a size in KiB, 0 or more")
-    return ser * 1024
+from kiln.kernels.tvm_kernels.tir import F32, dtype_bytes, rounded_to, serial_bytes
 
 
 def _rope_func(d: int, r: int, dt: str, tdt: str, pdt: str, odt: str, style: str, ser_bytes: int):
     # torch computes x*cos and rotate(x)*sin in the promoted dtype, rounding each product there
     rnd = rounded_to(odt)
     h2 = r // 2
-    row_bytes = d * (_bytes(dt) + _bytes(odt))  # x read, y written
+    row_bytes = d * (dtype_bytes(dt) + dtype_bytes(odt))  # x read, y written
 
     @T.macro
     def row_body(row, X, Pos, C, S, Y, H):
@@ -99,12 +85,12 @@ def rope(info: OpInfo, config=None) -> Kernel | None:
             or not pos.dtype.startswith("int") or x.dtype not in FLOATS or cos.dtype not in FLOATS):
         return None
     name = name_of("rope", style, f"d{d}r{r}", short(x.dtype), short(cos.dtype), short(pos.dtype), short(out.dtype))
-    func = _rope_func(d, r, x.dtype, cos.dtype, pos.dtype, out.dtype, style, _ser_bytes(config))
+    func = _rope_func(d, r, x.dtype, cos.dtype, pos.dtype, out.dtype, style, serial_bytes(config))
     return Kernel(name, func, (0, 1, 2, 3), (0,), (AS_IS,) * 5)
 
 
 def _cache_write_func(d: int, dv: int, hkv: int, dt: str, cdt: str, sdt: str, ser_bytes: int):
-    row_bytes = hkv * (d + dv) * (_bytes(dt) + _bytes(cdt))  # k, v read, their cache rows written
+    row_bytes = hkv * (d + dv) * (dtype_bytes(dt) + dtype_bytes(cdt))  # k, v read, their cache rows written
 
     @T.macro
     def token(t, K, V, KC, VC, Slots, BS):
@@ -146,7 +132,7 @@ def kv_cache_write(info: OpInfo, config=None) -> Kernel | None:
     if not all(isinstance(x, int) for x in (d, dv, hkv)) or not slots.dtype.startswith("int"):
         return None
     name = name_of("kv_cache_write", f"h{hkv}d{d}v{dv}", short(k.dtype), short(kc.dtype), short(slots.dtype))
-    func = _cache_write_func(d, dv, hkv, k.dtype, kc.dtype, slots.dtype, _ser_bytes(config))
+    func = _cache_write_func(d, dv, hkv, k.dtype, kc.dtype, slots.dtype, serial_bytes(config))
     return Kernel(name, func, (0, 1, 2, 3, 4), (), (AS_IS,) * 5)
 
 
@@ -156,7 +142,7 @@ def _rope_write_func(d: int, r: int, hq: int, hkv: int, dv: int, dt: str, tdt: s
     h2 = r // 2
     neox = style == "neox"
     # q read, q_rot written; k, v read, their cache rows written
-    row_bytes = hq * d * (_bytes(dt) + _bytes(odt)) + hkv * (d + dv) * (_bytes(dt) + _bytes(cdt))
+    row_bytes = hq * d * (dtype_bytes(dt) + dtype_bytes(odt)) + hkv * (d + dv) * (dtype_bytes(dt) + dtype_bytes(cdt))
 
     def term(X, C, S, t, h, p, a, b, sign):
         """Feature a of rope(x): x[a] * cos[a] + sign * x[b] * sin[a], b its rotation partner."""
@@ -249,7 +235,7 @@ def rope_kv_cache_write(info: OpInfo, config=None) -> Kernel | None:
     name = name_of("rope_kv_cache_write", style, f"h{hq}k{hkv}d{d}r{r}v{dv}", short(q.dtype), short(cos.dtype),
                    short(pos.dtype), short(out.dtype), short(kc.dtype), short(slots.dtype))
     func = _rope_write_func(d, r, hq, hkv, dv, q.dtype, cos.dtype, pos.dtype, out.dtype, kc.dtype, slots.dtype, style,
-                            _ser_bytes(config))
+                            serial_bytes(config))
     return Kernel(name, func, tuple(range(9)), (2,), (AS_IS,) * 10)
 
 
