@@ -138,18 +138,12 @@ def _decode_step_ms(artifact: str, batch: int, steps: int, async_on: bool) -> fl
 def _decode_main(args: argparse.Namespace) -> None:
     """(c): per shape and batch, ms per decode step with async scheduling off and on."""
     import torch
-
-    import kiln
-    from kiln.models.shapes import synthesize_checkpoint
+    from cuda_timeline import shape_artifact
 
     res: dict = {"gpu": torch.cuda.get_device_name(), "shapes": {}}
     print(f"{'ms per decode step':<40}{'sync':>10}{'async':>10}{'speedup':>10}")
     for shape in args.decode_shapes.split(","):
-        ckpt, art = Path(args.work) / shape / "ckpt", Path(args.work) / shape / "artifact"
-        if not (ckpt / "config.json").exists():
-            synthesize_checkpoint(shape, ckpt, torch.bfloat16, "cuda")
-        if not (art / "manifest.json").exists():
-            kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True)
+        _, art = shape_artifact(shape, args.work)
         for b in args.decode_batches:
             sync, on = (_decode_step_ms(str(art), b, args.steps, a) for a in (False, True))
             res["shapes"].setdefault(shape, {})[str(b)] = {"sync_ms": sync, "async_ms": on}

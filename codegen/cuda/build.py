@@ -144,9 +144,9 @@ def _warm_up(artifact: str, max_num_seqs: int, max_num_batched_tokens: int) -> d
 
 
 def _warm_tuned_gemms(plan, tuning: dict | None) -> None:
-    """Launch the Triton GEMM once with every config tuning.json chose, on each weight shape's
-    dtype, bias and layout (a bucket the warm-up requests missed must not compile at serve time;
-    the kernel does not specialize on the token count)."""
+    """Launch the Triton GEMM or GEMV once with every config tuning.json chose, on each weight
+    shape's dtype, bias and layout, at its bucket's bound (a bucket the warm-up requests missed
+    must not compile at serve time; neither kernel specializes on the token count)."""
     import torch
 
     from kiln.codegen.cuda.tune import workload
@@ -155,14 +155,12 @@ def _warm_tuned_gemms(plan, tuning: dict | None) -> None:
     table = linear.parse_table(((tuning or {}).get("kernels") or {}).get("linear") or {})
     for shape in workload(plan)[0]:
         for choice in table.get((shape.k, shape.n), ()):
-            if choice.config is None:
-                continue
             w = torch.zeros((shape.n, shape.k) if shape.layout == "out_in" else (shape.k, shape.n),
                             dtype=shape.dtype, device="cuda")
             bias = torch.zeros(shape.n, dtype=shape.dtype, device="cuda") if shape.bias else None
             x = torch.zeros(choice.max_m, shape.k, dtype=shape.dtype, device="cuda")
-            linear.gemm(torch.empty(choice.max_m, shape.n, dtype=shape.dtype, device="cuda"), x, w, bias,
-                        choice.config, shape.layout)
+            linear.run_choice(choice, torch.empty(choice.max_m, shape.n, dtype=shape.dtype, device="cuda"), x, w,
+                              bias, shape.layout)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,8 @@ What is searched, on the shapes the artifact's plan launches:
                       PREFILL_TOKENS tokens) and "decode" (the sum over DECODE_BATCHES
                       sequences of DECODE_CONTEXT tokens; tile size, warps, stages, split-KV parts)
     linear            per weight shape (K x N) and bucket of M (kiln.kernels.triton_kernels.linear
-                      BUCKETS): cuBLAS through torch, or the Triton GEMM with its best config
+                      BUCKETS): cuBLAS through torch, the Triton GEMM with its best config, or
+                      in buckets of at most gemv.MAX_M rows the Triton GEMV with its best config
 
 Every candidate is timed as the runtime runs it: calls captured in a CUDA graph (no launch
 overhead, as decode steps replay), round-robin over enough copies of the weights or caches that
@@ -17,7 +18,7 @@ each call reads memory, not the 50 MB L2. A Triton choice must beat cuBLAS by MA
                  "kernels": {"paged_attention": {"prefill": {"config", "default_us", "tuned_us",
                                                              "tried"}, "decode": {...}},
                              "linear": {"KxN": [{"max_m", "provider", "config"?}, ...]}},
-                 "linear_times": {"KxN": {"M": {"torch_us", "triton_us"}}}}
+                 "linear_times": {"KxN": {"M": {"torch_us", "triton_us", "gemv_us"?}}}}
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import triton
 from tqdm.auto import tqdm
 
 from kiln.codegen.artifact_writer import replace_files
-from kiln.kernels.triton_kernels import attention, linear
+from kiln.kernels.triton_kernels import attention, gemv, linear
 from kiln.runtime.artifact import TUNING, Artifact
 from kiln.runtime.plan import ExecutionPlan, load_plan
 
@@ -48,7 +49,7 @@ DECODE_CONTEXT = 1024
 COLD_BYTES = 256 << 20
 """Bytes each timed call rotates over (five times the H200's L2)."""
 MARGIN = 0.97
-"""A Triton GEMM is chosen where it takes less than this fraction of cuBLAS's time."""
+"""A Triton GEMM or GEMV is chosen where it takes less than this fraction of cuBLAS's time."""
 
 PREFILL_SPACE = {"block_m": (64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 DECODE_SPACE = {"block_n": (32, 64, 128), "num_warps": (2, 4), "num_stages": (2, 3), "num_splits": (8, 16, 32)}
@@ -143,8 +144,19 @@ def _linear_calls(shape: LinearShape, m: int, run: Callable[[torch.Tensor, torch
     return [lambda w=w: run(y, x, w, b) for w in ws]
 
 
+def _candidates(shape: LinearShape, bound: int) -> list[tuple[str, Any]]:
+    """(provider, config) pairs timed on a bucket: the GEMV's (a few rows, out_in weights) first,
+    then the GEMM's."""
+    out: list[tuple[str, Any]] = []
+    if bound <= gemv.MAX_M and shape.layout == "out_in":
+        out += [("gemv", c) for n, k, w in itertools.product(*gemv.KNOBS.values())
+                if (c := gemv.GemvConfig(bound, n, k, w)).fits()]
+    return out + [("triton", c) for c in (SMALL_GEMMS if bound <= 64 else LARGE_GEMMS)]
+
+
 def tune_linear(shape: LinearShape, max_m: int, deadline: float) -> tuple[list[dict], dict[str, dict]]:
-    """The choices of one weight shape per bucket (merged where neighbours agree) and the times."""
+    """The choices of one weight shape per bucket (merged where neighbours agree) and the times
+    (each provider's best)."""
     vendor = linear.make_launcher()
     attrs = {"weight_layout": shape.layout}
     times: dict[str, dict] = {}
@@ -152,20 +164,23 @@ def tune_linear(shape: LinearShape, max_m: int, deadline: float) -> tuple[list[d
     for bound in [b for b in linear.BUCKETS if b <= max_m]:
         torch_us = graph_time_us(_linear_calls(shape, bound, lambda y, x, w, b: vendor([y], [x, w, *(
             [b] if b is not None else [])], attrs)))
-        best, best_us = None, float("inf")
-        for c in (SMALL_GEMMS if bound <= 64 else LARGE_GEMMS):
+        best: dict[str, tuple[float, Any]] = {}
+        for provider, c in _candidates(shape, bound):
             if time.monotonic() > deadline:
                 break
+            choice = linear.LinearChoice(bound, provider, c)
             try:
-                us = graph_time_us(_linear_calls(shape, bound, lambda y, x, w, b, c=c: linear.gemm(
-                    y, x, w, b, c, shape.layout)))
+                us = graph_time_us(_linear_calls(shape, bound, lambda y, x, w, b, c=choice: linear.run_choice(
+                    c, y, x, w, b, shape.layout)))
             except (RuntimeError, triton.runtime.errors.OutOfResources):
                 continue  # a config this GPU cannot run (shared memory)
-            if us < best_us:
-                best, best_us = c, us
-        times[str(bound)] = {"torch_us": torch_us, "triton_us": best_us if best else None}
-        pick = (linear.LinearChoice(bound, "triton", best) if best is not None and best_us < MARGIN * torch_us
-                else linear.LinearChoice(bound, "torch"))
+            if us < best.get(provider, (float("inf"),))[0]:
+                best[provider] = (us, c)
+        times[str(bound)] = {"torch_us": torch_us, "triton_us": best.get("triton", (None,))[0],
+                             **({"gemv_us": best["gemv"][0]} if "gemv" in best else {})}
+        fastest = min(best, key=lambda p: best[p][0], default=None)
+        pick = (linear.LinearChoice(bound, fastest, best[fastest][1])
+                if fastest is not None and best[fastest][0] < MARGIN * torch_us else linear.LinearChoice(bound, "torch"))
         if choices and (choices[-1].provider, choices[-1].config) == (pick.provider, pick.config):
             choices[-1] = replace(choices[-1], max_m=bound)
         else:
@@ -292,7 +307,7 @@ def format_table(table: dict[str, Any]) -> str:
         choices = table["kernels"]["linear"][key]
         for m, t in times.items():
             pick = next((c for c in choices if int(m) <= c["max_m"]), choices[-1])
-            tuned = t["triton_us"] if pick["provider"] == "triton" else t["torch_us"]
+            tuned = t[f"{pick['provider']}_us"]
             rows.append(f"{'linear ' + key:<34}{'M<=' + m:>10}{t['torch_us']:>12.1f}{tuned:>12.1f}"
                         f"{t['torch_us'] / tuned:>8.2f}x  {pick['provider']}"
                         + (f" {_short(pick['config'])}" if pick.get("config") else ""))
@@ -300,8 +315,7 @@ def format_table(table: dict[str, Any]) -> str:
 
 
 def _short(config: dict[str, Any]) -> str:
-    names = {f.name: f.name.replace("block_", "b").replace("num_", "") for f in fields(linear.GemmConfig)}
-    return " ".join(f"{names[k]}={v}" for k, v in config.items() if k != "group_m")
+    return " ".join(f"{k.replace('block_', 'b').replace('num_', '')}={v}" for k, v in config.items() if k != "group_m")
 
 
 __all__ = ["AttentionShape", "LinearShape", "attention_calls", "format_table", "graph_time_us", "tune", "workload"]

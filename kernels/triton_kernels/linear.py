@@ -1,5 +1,6 @@
-"""Dense linear layers of the cuda target: cuBLAS through torch, or a Triton GEMM, chosen per
-weight shape and token-count bucket by `kiln tune` (tuning.json's "linear" table).
+"""Dense linear layers of the cuda target: cuBLAS through torch, a Triton GEMM, or for a few rows
+a Triton GEMV (`gemv.py`), chosen per weight shape and token-count bucket by `kiln tune`
+(tuning.json's "linear" table).
 
     x [M, K] (rows may be strided)   w [N, K] ("out_in") or [K, N] ("in_out")   bias [N]
     y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
@@ -10,7 +11,9 @@ rows of which most are padding, which costs nothing when the weight read is the 
 ids are grouped GROUP_M row-tiles at a time so that tiles sharing weight columns run together.
 
 A table entry (`LinearChoice`) names, for weights of shape (K, N), the bucket bounds on M and the
-provider with its config in each; shapes and buckets not in the table go to cuBLAS.
+provider with its config in each ("torch", "triton" with a GemmConfig, "gemv" with a
+GemvConfig); shapes and buckets not in the table go to cuBLAS, and so does a call whose operands
+the GEMV cannot read as they are (`gemv.supports`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import triton.language as tl
 
 from kiln.kernels import Launcher
 from kiln.kernels.torch_provider import launcher as torch_launcher
+from kiln.kernels.triton_kernels.gemv import GemvConfig, gemv, supports
 
 Tensor = torch.Tensor
 
@@ -113,14 +117,18 @@ def gemm(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, config: GemmConfi
     )
 
 
+CONFIGS: dict[str, type] = {"triton": GemmConfig, "gemv": GemvConfig}
+"""Each Triton provider's config type (the "torch" provider takes none)."""
+
+
 @dataclass(frozen=True)
 class LinearChoice:
-    """What runs a weight shape's calls of at most `max_m` rows: "torch" (cuBLAS) or "triton"
-    with `config`."""
+    """What runs a weight shape's calls of at most `max_m` rows: "torch" (cuBLAS), or "triton"
+    (the GEMM) or "gemv" with `config`."""
 
     max_m: int
     provider: str
-    config: GemmConfig | None = None
+    config: GemmConfig | GemvConfig | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"max_m": self.max_m, "provider": self.provider}
@@ -137,37 +145,48 @@ def parse_table(table: Mapping[str, Any]) -> dict[tuple[int, int], tuple[LinearC
         try:
             k, n = (int(v) for v in key.split("x"))
             choices = tuple(sorted((LinearChoice(int(r["max_m"]), r["provider"],
-                                                 GemmConfig(**r["config"]) if r.get("config") else None)
+                                                 CONFIGS[r["provider"]](**r["config"]) if r.get("config") else None)
                                     for r in rows), key=lambda c: c.max_m))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"tuning.json: linear entry {key!r} is malformed ({e})") from e
         for c in choices:
-            if c.provider not in ("torch", "triton") or (c.provider == "triton") != (c.config is not None):
+            if c.provider not in ("torch", *CONFIGS) or (c.provider in CONFIGS) != (c.config is not None):
                 raise ValueError(f"tuning.json: linear entry {key!r} has a bad choice {c.to_json()}")
         out[(k, n)] = choices
     return out
 
 
+def run_choice(choice: LinearChoice, y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None,
+               weight_layout: str) -> bool:
+    """Run a Triton choice ("triton" or "gemv") on these operands; False (nothing run) for
+    "torch" or operands the GEMV cannot read."""
+    if choice.provider == "triton":
+        gemm(y, x, w, bias, choice.config, weight_layout)
+        return True
+    if choice.provider == "gemv" and supports(x, w, y, weight_layout):
+        gemv(y, x, w, bias, choice.config)
+        return True
+    return False
+
+
 def make_launcher(table: Mapping[str, Any] | None = None) -> Launcher:
     """The `linear` launcher: cuBLAS through torch, except where `table` (tuning.json's
-    "linear") chose the Triton GEMM for a weight shape and bucket of M."""
+    "linear") chose the Triton GEMM or GEMV for a weight shape and bucket of M."""
     choices = parse_table(table or {})
     vendor = torch_launcher("linear")
 
     @functools.lru_cache(maxsize=4096)
-    def choose(k: int, n: int, m: int) -> GemmConfig | None:
+    def choose(k: int, n: int, m: int) -> LinearChoice | None:
         rows = choices.get((k, n), ())
         # the first bucket holding m; past the last bound, the last bucket's choice
-        return next((c.config for c in rows if m <= c.max_m), rows[-1].config if rows else None)
+        return next((c for c in rows if m <= c.max_m), rows[-1] if rows else None)
 
     def launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
         x, w, *bias = args
-        layout = attrs.get("weight_layout", "out_in")
         if x.dim() == 2 and choices:
-            k, n = x.shape[1], outs[0].shape[1]
-            config = choose(k, n, x.shape[0])
-            if config is not None:
-                gemm(outs[0], x, w, bias[0] if bias else None, config, layout)
+            choice = choose(x.shape[1], outs[0].shape[1], x.shape[0])
+            if choice is not None and run_choice(choice, outs[0], x, w, bias[0] if bias else None,
+                                                 attrs.get("weight_layout", "out_in")):
                 return
         vendor(outs, args, attrs)
 
@@ -181,4 +200,5 @@ def from_tuning(entry: Mapping[str, Any]) -> Launcher:
 
 LAUNCHERS: dict[str, Launcher] = {"linear": make_launcher()}
 
-__all__ = ["BUCKETS", "KNOBS", "LAUNCHERS", "GemmConfig", "LinearChoice", "from_tuning", "gemm", "make_launcher", "parse_table"]
+__all__ = ["BUCKETS", "CONFIGS", "KNOBS", "LAUNCHERS", "GemmConfig", "GemvConfig", "LinearChoice", "from_tuning", "gemm",
+           "make_launcher", "parse_table", "run_choice"]

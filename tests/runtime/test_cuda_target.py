@@ -146,13 +146,15 @@ def test_tune_measures_choices_and_serving_the_tuned_artifact_compiles_nothing(c
     tuning = json.loads((art / "tuning.json").read_text())
     assert set(tuning["kernels"]["paged_attention"]) == {"prefill", "decode"}
     for key, choices in tuning["kernels"]["linear"].items():  # every bucket has a measured choice
-        assert choices[-1]["max_m"] == 2048 and {c["provider"] for c in choices} <= {"torch", "triton"}
+        assert choices[-1]["max_m"] == 2048 and {c["provider"] for c in choices} <= {"torch", "triton", "gemv"}
         assert set(tuning["linear_times"][key]) == {str(b) for b in BUCKETS}
-    # every linear on the Triton GEMM, decode and prefill configs apart: still the reference's tokens,
-    # and nothing compiles at load or while serving
+    # every linear on the Triton GEMV (one row) or GEMM, decode and prefill configs apart: still the
+    # reference's tokens, and nothing compiles at load or while serving
+    one = {"block_m": 1, "block_n": 4, "block_k": 64, "num_warps": 2, "num_stages": 1}
     small = {"block_m": 16, "block_n": 32, "block_k": 128, "group_m": 8, "num_warps": 4, "num_stages": 4}
     large = {"block_m": 64, "block_n": 64, "block_k": 64, "group_m": 8, "num_warps": 4, "num_stages": 3}
-    tuning["kernels"]["linear"] = {key: [{"max_m": 16, "provider": "triton", "config": small},
+    tuning["kernels"]["linear"] = {key: [{"max_m": 1, "provider": "gemv", "config": one},
+                                         {"max_m": 16, "provider": "triton", "config": small},
                                          {"max_m": 2048, "provider": "triton", "config": large}]
                                    for key in tuning["kernels"]["linear"]}
     replace_files(art, {"tuning.json": json.dumps(tuning).encode()}, ("tuning.json",))

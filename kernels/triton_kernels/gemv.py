@@ -1,0 +1,116 @@
+"""The cuda target's GEMV: `linear` of a few rows (decode steps), where reading the weight once
+at the memory's speed is the whole cost.
+
+    x [M, K] (unit stride along K)   w [N, K] (contiguous rows)   bias [N]
+    y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
+
+A program owns BLOCK_N weight rows and BLOCK_M rows of x (grid: N / BLOCK_N x M / BLOCK_M;
+a bucket of at most BLOCK_M rows is one row tile, so each weight row is read once):
+
+    acc [BLOCK_M, BLOCK_N, BLOCK_K] = 0                 float32, in registers
+    for k0 in 0, BLOCK_K, ... < K:
+        w = W[n0 : n0 + BLOCK_N, k0 : k0 + BLOCK_K]     streamed (evict first)
+        acc += x[m0 : m0 + BLOCK_M, None, k0 : ...] * w[None]   (no reduction in the loop)
+    y[m, n] = sum over the last axis of acc
+
+Unlike a tensor-core tile (16 rows at least, mostly padding at batch 1) and unlike cuBLAS's
+split-K GEMV (a second kernel that reduces the partial sums), every program streams whole rows
+and the grid alone spreads the weight over the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+MAX_REGS = 64
+"""float32 accumulators per thread a config may hold (BLOCK_M * BLOCK_N * BLOCK_K / threads)."""
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """The knobs of the GEMV (block_m: rows of x per program, the bucket's bound)."""
+
+    block_m: int = 1
+    block_n: int = 4
+    block_k: int = 512
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def fits(self) -> bool:
+        """Whether its accumulators fit MAX_REGS per thread and each thread loads 16 bytes or more."""
+        threads = 32 * self.num_warps
+        return self.block_m * self.block_n * self.block_k <= MAX_REGS * threads \
+            and self.block_n * self.block_k >= 8 * threads
+
+
+KNOBS: dict[str, tuple[Any, ...]] = {
+    "block_n": (2, 4, 8, 16),
+    "block_k": (256, 512, 1024),
+    "num_warps": (4, 8),
+}
+"""The search space of the GEMV's knobs for the autotuner (block_m is the bucket's bound)."""
+
+MAX_M = 4
+"""The largest bucket the GEMV is timed on (a larger one is a tensor-core GEMM's)."""
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN:  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks on the weight
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < K - k
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def supports(x: Tensor, w: Tensor, y: Tensor, weight_layout: str) -> bool:
+    """Whether the GEMV reads these operands as they are: an out_in weight of contiguous rows,
+    x and y of unit stride along their last axis."""
+    return weight_layout == "out_in" and w.stride(1) == 1 and x.stride(1) == 1 and y.stride(1) == 1
+
+
+def gemv(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, config: GemvConfig) -> None:
+    """y = x @ w^T (+ bias) by the GEMV (operands as `supports` says; x and y 2-D)."""
+    m, k = x.shape
+    n = w.shape[0]
+    c = config
+    grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))
+    _gemv_kernel[grid](
+        x, w, bias if bias is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, EVEN=n % c.block_n == 0 and k % c.block_k == 0,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+
+
+__all__ = ["KNOBS", "MAX_M", "GemvConfig", "gemv", "supports"]
