@@ -7,7 +7,8 @@ Per shape (random bf16 weights, kiln.models.shapes; compiled untuned unless --tu
     ttft      one 2048-token prompt, 1 output token
     decode_b1 one 128-token prompt, 64 output tokens
     offline   --offline-requests requests (lengths uniform in 100..1024, ignore EOS) added at
-              once; after --warm-steps steps, --window steps are profiled
+              once and run to the end; after --warm-steps steps, --window steps are profiled;
+              the run's seconds and tokens per phase (filling, full, draining) are reported
 For each: wall time, GPU busy time (the union of kernel and copy intervals), the delay from the
 window's start to its first kernel, the tail from its last kernel to the window's end, the
 largest idle gaps (with the host op that ended last before each) and the kernels by total time.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -99,24 +101,73 @@ def run_shape(art: Path, vocab: int, a) -> dict:
     res = {"ttft": profiled(lambda: llm.generate([_prompt(2048, vocab, g)], greedy(1), use_tqdm=False))}
     res["decode_b1"] = profiled(lambda: llm.generate([_prompt(128, vocab, g)], greedy(64), use_tqdm=False))
     res["decode_b1"]["ms_per_step"] = res["decode_b1"]["wall_ms"] / 64
+
+    def timed(length: int, n: int) -> float:
+        t = time.perf_counter()
+        llm.generate([_prompt(length, vocab, g)], greedy(n), use_tqdm=False)
+        return time.perf_counter() - t
+
+    res["ttft"]["unprofiled_ms"] = 1e3 * statistics.median(timed(2048, 1) for _ in range(5))
+    res["decode_b1"]["unprofiled_ms_per_step"] = 1e3 * statistics.median(
+        (timed(128, 65) - timed(128, 1)) / 64 for _ in range(3))
     del llm
     torch.cuda.empty_cache()
     if a.offline_requests:
         llm = LLM(art, device="cuda", max_model_len=4096, max_num_seqs=a.offline_max_seqs,
                   max_num_batched_tokens=a.offline_batched_tokens, enable_prefix_caching=False)
-        eng = llm.engine
         lens = torch.randint(100, 1025, (a.offline_requests, 2), generator=g).tolist()
         for p, o in lens:
-            eng.add_request(None, _prompt(p, vocab, g), greedy(o))
-        for _ in range(a.warm_steps):
-            eng.step()
-        t = time.perf_counter()
-        steps = [eng.step() for _ in range(a.window)]
-        unprofiled = (time.perf_counter() - t) / a.window
-        res["offline"] = profiled(lambda: [eng.step() for _ in range(a.window)])
-        res["offline"].update(ms_per_step_unprofiled=1e3 * unprofiled, running=len(eng.scheduler.running),
-                              waiting=len(eng.scheduler.waiting), outputs_per_step=sum(map(len, steps)) / a.window)
+            llm.engine.add_request(None, _prompt(p, vocab, g), greedy(o))
+        res["offline"], res["offline_phases"] = offline(llm.engine, a)
     return res
+
+
+def offline(eng, a) -> tuple[dict, dict]:
+    """Step the engine's queued requests to the end, recording each step (wall time, its decode
+    rows and prefill tokens, running and waiting requests, tokens generated); steps warm_steps
+    .. warm_steps + window run under the profiler. Returns the window's reduction and the run's
+    time per phase: "fill" (requests still waiting and fewer than 90% of max_num_seqs running),
+    "full" (at least 90% running), "drain" (nothing waiting)."""
+    sched = eng.scheduler
+    schedule, shapes = sched.schedule, []
+
+    def recording():
+        out = schedule()
+        shapes.append((sum(n == 1 for n in out.num_new_tokens), sum(n for n in out.num_new_tokens if n > 1)))
+        return out
+
+    sched.schedule = recording
+    steps: list[dict] = []
+    window: dict = {}
+    start = time.perf_counter()
+    while eng.has_unfinished_requests():
+        if len(steps) == a.warm_steps:
+            window = profiled(lambda: [eng.step() for _ in range(a.window)])
+            steps += [{"profiled": True}] * a.window
+            continue
+        t, gen = time.perf_counter(), eng.num_generated_tokens
+        eng.step()
+        steps.append({"s": time.perf_counter() - t, "tokens": eng.num_generated_tokens - gen,
+                      "running": len(sched.running), "waiting": len(sched.waiting)})
+    total = time.perf_counter() - start
+    sched.schedule = schedule
+    phases: dict[str, dict] = {}
+    for st, (decodes, prefill) in zip(steps, shapes, strict=False):
+        if st.get("profiled"):
+            continue
+        name = "drain" if not st["waiting"] else "full" if st["running"] >= 0.9 * sched.max_num_seqs else "fill"
+        ph = phases.setdefault(name, {"steps": 0, "seconds": 0.0, "tokens": 0, "decode_rows": 0, "prefill_tokens": 0})
+        ph["steps"] += 1
+        ph["seconds"] += st["s"]
+        ph["tokens"] += st["tokens"]
+        ph["decode_rows"] += decodes
+        ph["prefill_tokens"] += prefill
+    for ph in phases.values():
+        ph["tok_s"] = ph["tokens"] / ph["seconds"]
+        ph["ms_per_step"] = 1e3 * ph["seconds"] / ph["steps"]
+    phases["run"] = {"seconds": total, "tokens": eng.num_generated_tokens, "tok_s": eng.num_generated_tokens / total,
+                     "preemptions": sched.num_preemptions}
+    return window, phases
 
 
 def shape_artifact(shape: str, work: str | Path, tune_budget: float = 0.0) -> tuple[Path, Path]:
@@ -157,8 +208,12 @@ def main() -> None:
     print(f"{'shape':14} {'window':10} {'wall ms':>9} {'busy ms':>9} {'busy':>6} {'first':>7} {'tail':>7} {'gaps ms':>8}")
     for shape, rows in report["shapes"].items():
         for name, r in rows.items():
+            if name == "offline_phases":
+                continue
             print(f"{shape:14} {name:10} {r['wall_ms']:9.2f} {r['gpu_busy_ms']:9.2f} {r['busy_fraction']:6.1%} "
                   f"{r['first_kernel_ms']:7.2f} {r['tail_ms']:7.2f} {r['gaps_total_ms']:8.2f}")
+        for name, ph in rows.get("offline_phases", {}).items():
+            print(f"{shape:14} offline {name:6} " + " ".join(f"{k}={v:.1f}" for k, v in ph.items()))
 
 
 if __name__ == "__main__":
