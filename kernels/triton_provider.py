@@ -4,7 +4,7 @@ launcher per IR op, with the op's inputs, attributes and destination buffers.
 An artifact's tuning.json (written by `kiln tune`) configures the kernels that have knobs: its
 "kernels" table maps an op name to what that op's module's `make_launcher` takes
 (`paged_attention`: the prefill and decode AttentionConfig; `linear`: the provider and GEMM
-config per weight shape and bucket)."""
+or GEMV config per weight shape and bucket, which `gated_linear` reads too)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ PREFIX = "triton"
 MODULES = ("attention", "norms", "rope", "elementwise", "linear")
 """The kernel modules of kiln.kernels.triton_kernels, each exposing LAUNCHERS."""
 
-TUNED = {"paged_attention": "attention", "linear": "linear"}
-"""Ops whose launcher a tuning.json entry configures, and their modules (`from_tuning(entry)`)."""
+TUNED = {"paged_attention": ("attention", "paged_attention"), "linear": ("linear", "linear"),
+         "gated_linear": ("linear", "linear")}
+"""Ops whose launcher a tuning.json entry configures -> (their module, the entry's name); the
+module's `from_tuning(entry)` gives its launchers by op name."""
 
 
 @functools.cache
@@ -36,15 +38,15 @@ def launchers() -> dict[str, Launcher]:
 
 
 @functools.cache
-def _tuned(name: str, entry: str) -> Launcher:
-    module = importlib.import_module(f"kiln.kernels.triton_kernels.{TUNED[name]}")
-    return module.from_tuning(json.loads(entry))
+def _tuned(module: str, entry: str) -> dict[str, Launcher]:
+    return importlib.import_module(f"kiln.kernels.triton_kernels.{module}").from_tuning(json.loads(entry))
 
 
 def launcher(name: str, tuning: Mapping[str, Any] | None = None) -> Launcher | None:
     """The launcher of IR op `name` (configured by `tuning`'s entry for it, if any), or None
     when no Triton kernel computes it. ValueError when the entry is malformed."""
-    entry = ((tuning or {}).get("kernels") or {}).get(name)
-    if entry and name in TUNED:
-        return _tuned(name, json.dumps(entry, sort_keys=True))
+    module, key = TUNED.get(name, (None, name))
+    entry = ((tuning or {}).get("kernels") or {}).get(key)
+    if entry and module is not None:
+        return _tuned(module, json.dumps(entry, sort_keys=True))[name]
     return launchers().get(name)

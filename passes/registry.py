@@ -22,6 +22,7 @@ PASSES: dict[str, str] = {
     "softcap": "kiln.passes.softcap:Softcap",
     "expert-linear": "kiln.passes.expert_linear:ExpertLinear",
     "rope-kv-write": "kiln.passes.rope_kv_write:RopeKvWrite",
+    "gated-linear": "kiln.passes.gated_linear:GatedLinear",
     "fuse-elementwise": "kiln.passes.fuse_elementwise:FuseElementwise",
 }
 
@@ -56,8 +57,10 @@ PIPELINES: dict[str, list[str]] = {
     # The compiled targets run the same passes; their kernels come from codegen per target.
     "cuda": [
         *_SERVING[:-1],
-        # -- cuda fusions over the serving shape: rotary embedding + KV-cache write, one kernel
+        # -- cuda fusions over the serving shape: rotary embedding + KV-cache write, one kernel;
+        # the down projection reads the gated activation's input (a decode step's GEMV fuses it)
         "rope-kv-write",
+        "gated-linear",
         "dce",
     ],
     "cpu": [

@@ -114,7 +114,7 @@ def workload(plan: ExecutionPlan) -> tuple[Counter[LinearShape], Counter[Attenti
     attns: Counter[AttentionShape] = Counter()
     buf = plan.buffers
     for s in plan.steps:
-        if s.kernel == "triton:linear":
+        if s.kernel in ("triton:linear", "triton:gated_linear"):  # gated_linear: a linear of its weight
             w = buf[s.inputs[1]]
             layout = s.attrs.get("weight_layout", "out_in")
             if w.kind != "param" or len(w.shape) != 2:

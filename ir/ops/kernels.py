@@ -7,6 +7,9 @@ Layouts (T tokens of a step, H heads, D head size, E experts):
                     -> (k_cache, v_cache), written in place (slot -1: no write)
     fused_add_rms_norm  x, residual [T, H], weight [H] -> (rms_norm(x + residual), x + residual)
     silu_and_mul / gelu_and_mul  x [.., 2I] -> act(x[.., :I]) * x[.., I:]
+    gated_linear    x [T, 2I], weight [N, I] (bias [N]) -> (h @ weight^T + bias, h) for
+                    h = the gated activation of x (the cuda pipeline fuses the down projection's
+                    input activation; h is where a kernel that does not fuse it writes it)
     expert_linear   x [N, K], weight [E, M, K], expert ids [N] -> [N, M]
 
 `linear`, `embedding`, `layer_norm`, `rms_norm` and `paged_attention` are registered with the
@@ -168,6 +171,28 @@ def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
     """gelu(gate) * up for x = [gate | up] along the last axis."""
     i = x.shape[-1] // 2
     return F.gelu(x[..., :i], approximate=approximate) * x[..., i:]
+
+
+GATES = ("silu_and_mul", "gelu_and_mul")
+"""The gated activations `gated_linear` fuses."""
+
+
+def _gated_linear_infer(types: Sequence[ValueType], attrs: Mapping[str, Any]) -> TupleType:
+    x, w = types[:2]
+    h = _gated_infer([x], attrs)
+    if attrs["gate"] not in GATES or w.rank != 2 or w.shape[1] != h.shape[-1]:
+        raise VerifyError(f"gated_linear ({attrs['gate']}) of {x} by a weight {w}: expected a gate of "
+                          f"{', '.join(GATES)} and a weight [N, {h.shape[-1]}]")
+    return TupleType((TensorType(x.dtype, (*x.shape[:-1], w.shape[0])), h))
+
+
+@register("gated_linear", arity=(2, 3), kind="opaque", attrs=("gate",), optional_attrs=("approximate",),
+          infer=_gated_linear_infer, scalar_inputs=False, kernel=True)
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gate: str,
+                 approximate: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(h, weight, bias), h) for h = gate(x): silu_and_mul, or gelu_and_mul with approximate."""
+    h = silu_and_mul(x) if gate == "silu_and_mul" else gelu_and_mul(x, approximate)
+    return F.linear(h, weight, bias), h
 
 
 @register("softcap", arity=1, kind="elementwise", attrs=("cap",), kernel=True)

@@ -402,11 +402,11 @@ def config_from(values: Mapping[str, Any]) -> AttentionConfig:
     return replace(DEFAULT_CONFIG, **values)
 
 
-def from_tuning(entry: Mapping[str, Any]) -> Launcher:
+def from_tuning(entry: Mapping[str, Any]) -> dict[str, Launcher]:
     """The launcher that tuning.json's paged_attention entry chose: {"prefill": {"config": {...}},
     "decode": {"config": {...}}}, each config the knobs that differ from DEFAULT_CONFIG."""
-    return make_launcher(config_from(entry.get("prefill", {}).get("config", {})),
-                         config_from(entry.get("decode", {}).get("config", {})))
+    return {"paged_attention": make_launcher(config_from(entry.get("prefill", {}).get("config", {})),
+                                             config_from(entry.get("decode", {}).get("config", {})))}
 
 
 LAUNCHERS: dict[str, Launcher] = {"paged_attention": make_launcher(DEFAULT_CONFIG)}

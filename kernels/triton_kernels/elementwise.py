@@ -72,27 +72,34 @@ def tanh(z):
 
 
 @triton.jit
-def _gated_kernel(x_ptr, out_ptr, inter, x_n1, x_s0, x_s1, o_n1, o_s0, o_s1,
-                  ACT: tl.constexpr, BLOCK: tl.constexpr):
-    # x: [rows, 2I] = [gate | up]; out: [rows, I]. ACT 0: silu, 1: gelu (erf), 2: gelu (tanh).
-    r = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inter
-    xrow = x_ptr + row_offset(r, x_n1, x_s0, x_s1)
-    g = tl.load(xrow + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(xrow + inter + cols, mask=mask, other=0.0).to(tl.float32)
+def gated_value(g, u, ACT: tl.constexpr, X_TY: tl.constexpr):
+    """act(g) * u in float32 from float32 gate and up values, the activation's result rounded
+    to X_TY first as the torch reference rounds it. ACT 0: silu, 1: gelu (erf), 2: gelu (tanh)."""
     if ACT == 0:
         a = g / (1.0 + tl.exp(-g))
     elif ACT == 1:
         a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     else:
         a = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-    a = a.to(x_ptr.dtype.element_ty).to(tl.float32)  # the activation's result in x's dtype
-    out = (a * u).to(out_ptr.dtype.element_ty)
+    return a.to(X_TY).to(tl.float32) * u
+
+
+@triton.jit
+def _gated_kernel(x_ptr, out_ptr, inter, x_n1, x_s0, x_s1, o_n1, o_s0, o_s1,
+                  ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # x: [rows, 2I] = [gate | up]; out: [rows, I].
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    xrow = x_ptr + row_offset(r, x_n1, x_s0, x_s1)
+    g = tl.load(xrow + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(xrow + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gated_value(g, u, ACT, x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row_offset(r, o_n1, o_s0, o_s1) + cols, out, mask=mask)
 
 
-def _launch_gated(outs: list[Tensor], args: list[Any], act: int) -> None:
+def launch_gated(outs: list[Tensor], args: list[Any], act: int) -> None:
+    """out = act(x[.., :I]) * x[.., I:] (outs [out], args [x]); act as in `gated_value`."""
     (x,), (out,) = args, outs
     inter = x.shape[-1] // 2
     if x.stride(-1) != 1 or out.stride(-1) != 1 or out.shape[-1] != inter:
@@ -109,16 +116,24 @@ def _launch_gated(outs: list[Tensor], args: list[Any], act: int) -> None:
 
 
 def _silu_and_mul(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
-    _launch_gated(outs, args, 0)
+    launch_gated(outs, args, 0)
 
 
 _GELU = {"none": 1, "tanh": 2}
 
 
+def act_code(gate: str, approximate: str | None = None) -> int:
+    """`gated_value`'s ACT for a gated activation op ("silu_and_mul", or "gelu_and_mul" with its
+    approximate attribute)."""
+    if gate == "silu_and_mul":
+        return 0
+    if gate != "gelu_and_mul" or approximate not in _GELU:
+        raise ValueError(f"no gated kernel for {gate} (approximate {approximate!r}); gelu takes {', '.join(_GELU)}")
+    return _GELU[approximate]
+
+
 def _gelu_and_mul(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
-    if attrs["approximate"] not in _GELU:
-        raise ValueError(f"gelu approximate '{attrs['approximate']}' is not one of {', '.join(_GELU)}")
-    _launch_gated(outs, args, _GELU[attrs["approximate"]])
+    launch_gated(outs, args, act_code("gelu_and_mul", attrs["approximate"]))
 
 
 @triton.jit

@@ -13,6 +13,10 @@ a bucket of at most BLOCK_M rows is one row tile, so each weight row is read onc
         acc += x[m0 : m0 + BLOCK_M, None, k0 : ...] * w[None]   (no reduction in the loop)
     y[m, n] = sum over the last axis of acc
 
+With ACT set (the fused `gated_linear`), x is a gated activation's input [M, 2K] = [gate | up]
+and each loaded chunk becomes act(gate) * up first (elementwise.gated_value, rounded to x's
+dtype as the separate kernel writes it), so the activation is never written to memory.
+
 Unlike a tensor-core tile (16 rows at least, mostly padding at batch 1) and unlike cuBLAS's
 split-K GEMV (a second kernel that reduces the partial sums), every program streams whole rows
 and the grid alone spreads the weight over the GPU.
@@ -26,6 +30,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from kiln.kernels.triton_kernels.elementwise import gated_value
 
 Tensor = torch.Tensor
 
@@ -64,7 +70,7 @@ MAX_M = 4
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,12 +84,16 @@ def _gemv_kernel(
     for k in range(0, K, BLOCK_K):
         if EVEN:  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks on the weight
             w = tl.load(w_ptrs, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            x_ok = m_ok[:, None]
         else:
             k_ok = offs_k < K - k
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            x_ok = m_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+        if ACT >= 0:  # x holds [gate | up]: this chunk's act(gate) * up, in x's dtype
+            up = tl.load(x_ptrs + K, mask=x_ok, other=0.0).to(tl.float32)
+            x = gated_value(x, up, ACT, x_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     y = tl.sum(acc, axis=2)
@@ -99,15 +109,18 @@ def supports(x: Tensor, w: Tensor, y: Tensor, weight_layout: str) -> bool:
     return weight_layout == "out_in" and w.stride(1) == 1 and x.stride(1) == 1 and y.stride(1) == 1
 
 
-def gemv(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, config: GemvConfig) -> None:
-    """y = x @ w^T (+ bias) by the GEMV (operands as `supports` says; x and y 2-D)."""
-    m, k = x.shape
+def gemv(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, config: GemvConfig, act: int = -1) -> None:
+    """y = x @ w^T (+ bias) by the GEMV (operands as `supports` says; x and y 2-D); with act >= 0
+    (elementwise.gated_value's code) y = (act(x[:, :K]) * x[:, K:]) @ w^T (+ bias)."""
+    m, k = x.shape[0], w.shape[1]
+    if x.shape[1] != (2 * k if act >= 0 else k):
+        raise ValueError(f"gemv of x {tuple(x.shape)} by w {tuple(w.shape)}" + (" after a gated activation" if act >= 0 else ""))
     n = w.shape[0]
     c = config
     grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))
     _gemv_kernel[grid](
         x, w, bias if bias is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN=n % c.block_n == 0 and k % c.block_k == 0,
+        HAS_BIAS=bias is not None, EVEN=n % c.block_n == 0 and k % c.block_k == 0, ACT=act,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kiln.kernels import Launcher
 from kiln.kernels.torch_provider import launcher as torch_launcher
+from kiln.kernels.triton_kernels.elementwise import act_code, launch_gated
 from kiln.kernels.triton_kernels.gemv import GemvConfig, gemv, supports
 
 Tensor = torch.Tensor
@@ -169,9 +170,11 @@ def run_choice(choice: LinearChoice, y: Tensor, x: Tensor, w: Tensor, bias: Tens
     return False
 
 
-def make_launcher(table: Mapping[str, Any] | None = None) -> Launcher:
-    """The `linear` launcher: cuBLAS through torch, except where `table` (tuning.json's
-    "linear") chose the Triton GEMM or GEMV for a weight shape and bucket of M."""
+def make_launchers(table: Mapping[str, Any] | None = None) -> dict[str, Launcher]:
+    """The `linear` and `gated_linear` launchers: cuBLAS through torch, except where `table`
+    (tuning.json's "linear") chose the Triton GEMM or GEMV for a weight shape and bucket of M.
+    gated_linear runs the GEMV with the activation fused where the GEMV was chosen, else the
+    gated kernel into its second result and then linear's choice."""
     choices = parse_table(table or {})
     vendor = torch_launcher("linear")
 
@@ -190,15 +193,32 @@ def make_launcher(table: Mapping[str, Any] | None = None) -> Launcher:
                 return
         vendor(outs, args, attrs)
 
-    return launch
+    def launch_gated_linear(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
+        x, w, *bias = args
+        y, h = outs
+        act = act_code(attrs["gate"], attrs.get("approximate"))
+        if x.dim() == 2 and choices:
+            choice = choose(w.shape[1], w.shape[0], x.shape[0])
+            if choice is not None and choice.provider == "gemv" and supports(x, w, y, "out_in"):
+                gemv(y, x, w, bias[0] if bias else None, choice.config, act)
+                return
+        launch_gated([h], [x], act)
+        launch([y], [h, w, *bias], {})
+
+    return {"linear": launch, "gated_linear": launch_gated_linear}
 
 
-def from_tuning(entry: Mapping[str, Any]) -> Launcher:
-    """The launcher that tuning.json's linear entry chose (see `parse_table`)."""
-    return make_launcher(entry)
+def make_launcher(table: Mapping[str, Any] | None = None) -> Launcher:
+    """The `linear` launcher of `make_launchers`."""
+    return make_launchers(table)["linear"]
 
 
-LAUNCHERS: dict[str, Launcher] = {"linear": make_launcher()}
+def from_tuning(entry: Mapping[str, Any]) -> dict[str, Launcher]:
+    """The launchers that tuning.json's linear entry chose (see `parse_table`)."""
+    return make_launchers(entry)
+
+
+LAUNCHERS: dict[str, Launcher] = make_launchers()
 
 __all__ = ["BUCKETS", "CONFIGS", "KNOBS", "LAUNCHERS", "GemmConfig", "GemvConfig", "LinearChoice", "from_tuning", "gemm",
-           "make_launcher", "parse_table", "run_choice"]
+           "make_launcher", "make_launchers", "parse_table", "run_choice"]

@@ -15,6 +15,7 @@ from kiln.kernels.triton_kernels.linear import (
     GemvConfig,
     gemm,
     make_launcher,
+    make_launchers,
     parse_table,
 )
 
@@ -63,6 +64,24 @@ def test_gemv_matches_the_reference(dtype, m, k, n, config, bias):
     gemv(y, x, w, b, config)
     want = OPS["linear"].impl(x, w, *([b] if bias else []))
     torch.testing.assert_close(y, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("gate", "approximate"), [("silu_and_mul", None), ("gelu_and_mul", "tanh"),
+                                                   ("gelu_and_mul", "none")])
+def test_gated_linear_fuses_the_activation_into_the_gemv_and_matches_the_reference(dtype, gate, approximate):
+    attrs = {"gate": gate, **({"approximate": approximate} if approximate else {})}
+    x, w, b = _randn(3, 80, dtype=dtype), _randn(24, 40, dtype=dtype, seed=1) / 40**0.5, _randn(24, dtype=dtype, seed=2)
+    want_y, want_h = OPS["gated_linear"].impl(x, w, b, **attrs)
+    gemv_table = {"40x24": [{"max_m": 4, "provider": "gemv", "config": GemvConfig(4, 8, 16, 2).__dict__}]}
+    for table in (gemv_table, None):  # fused by the GEMV; the gated kernel into h, then cuBLAS
+        y, h = torch.full((3, 24), float("nan"), dtype=dtype, device=DEV), torch.zeros(3, 40, dtype=dtype, device=DEV)
+        make_launchers(table)["gated_linear"]([y, h], [x, w, b], attrs)
+        torch.testing.assert_close(y, want_y, atol=TOL[dtype], rtol=TOL[dtype])
+        if table is None:
+            torch.testing.assert_close(h, want_h, atol=TOL[dtype], rtol=TOL[dtype])
+        else:
+            assert not h.any()  # the fused GEMV never writes the activation
 
 
 def test_gemv_reads_strided_rows_and_refuses_what_it_cannot_read():
@@ -154,3 +173,13 @@ def test_gemv_in_bfloat16_at_model_sizes(m, k, n):
         y = torch.empty(m, n, dtype=torch.bfloat16, device=DEV)
         gemv(y, x, w, None, c)
         torch.testing.assert_close(y, x @ w.t(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 14336, 4096), (3, 8192, 2048)])
+def test_gated_gemv_in_bfloat16_at_model_sizes(m, k, n):
+    x, w = _randn(m, 2 * k, dtype=torch.bfloat16), _randn(n, k, dtype=torch.bfloat16, seed=1) * 0.02
+    want, _ = OPS["gated_linear"].impl(x, w, gate="silu_and_mul")
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=DEV)
+    gemv(y, x, w, None, GemvConfig(4, 8, 1024, 4), act=0)
+    torch.testing.assert_close(y, want, atol=3e-2, rtol=3e-2)

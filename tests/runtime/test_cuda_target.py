@@ -40,6 +40,25 @@ def test_interpreted_cuda_artifact_generates_what_reference_does(arch, checkpoin
     assert got == _greedy(LLM(artifact(arch, "float32"), max_num_seqs=2, num_kv_blocks=16), PROMPTS[:2], 3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_interpreted_gemv_choices_fuse_the_gated_activation_and_keep_the_tokens(arch, checkpoint, artifact, tmp_path):
+    from kiln.codegen.artifact_writer import replace_files
+    from kiln.codegen.cuda.tune import workload
+    from kiln.runtime.artifact import Artifact
+    from kiln.runtime.plan import load_plan
+
+    cuda = kiln.compile(checkpoint(arch), tmp_path / "cuda", target="cuda", dtype="float32")
+    plan = load_plan(Artifact(cuda, "cuda"))
+    assert any(s.kernel == "triton:gated_linear" for s in plan.steps)
+    gemv = {"block_m": 1, "block_n": 4, "block_k": 16, "num_warps": 1, "num_stages": 1}
+    table = {s.key: [{"max_m": 1, "provider": "gemv", "config": gemv}, {"max_m": 64, "provider": "torch"}]
+             for s in workload(plan)[0]}
+    tuning = {"format": 1, "target": "cuda", "kernels": {"linear": table}}
+    replace_files(cuda, {"tuning.json": json.dumps(tuning).encode()}, ("tuning.json",))
+    got = _greedy(LLM(cuda, max_num_seqs=1, num_kv_blocks=16), PROMPTS[:1], 3)  # decode steps: one row each
+    assert got == _greedy(LLM(artifact(arch, "float32"), max_num_seqs=1, num_kv_blocks=16), PROMPTS[:1], 3)
+
+
 def test_cuda_artifact_is_refused_on_a_cpu_device_outside_the_interpreter(checkpoint, tmp_path, monkeypatch):
     cuda = kiln.compile(checkpoint("llama"), tmp_path / "cuda", target="cuda", dtype="float32")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
