@@ -4,6 +4,7 @@ and to torch elsewhere; `threads=` and `--threads` override."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from kiln.runtime import threads
 def _restore(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv(threads.TVM_NUM_THREADS, raising=False)
+    monkeypatch.delenv(threads.TVM_BIND_THREADS, raising=False)
     yield
     torch.set_num_threads(before)
 
@@ -24,6 +26,38 @@ def test_the_cpu_target_gives_the_cores_to_tvm_and_one_thread_to_torch(monkeypat
     assert threads.configure(None, "cpu") == {"torch": 1, "tvm": 6}
     assert torch.get_num_threads() == 1
     assert os.environ[threads.TVM_NUM_THREADS] == "6"
+
+
+def test_tvm_workers_are_not_pinned_unless_the_environment_says_so(monkeypatch):
+    threads.configure(None, "cpu")
+    assert os.environ[threads.TVM_BIND_THREADS] == "0"
+    monkeypatch.setenv(threads.TVM_BIND_THREADS, "1")
+    threads.configure(None, "cpu")
+    assert os.environ[threads.TVM_BIND_THREADS] == "1"
+
+
+def test_the_tvm_pool_runs_on_the_cores_other_processes_leave_idle(monkeypatch):
+    """Cumulative CPU seconds (all processes, this one) one second apart: others idle, then busy
+    on one of the two cores twice, then idle again -> 2, 1, 1, 2 threads of a pool of 2."""
+    tvm = pytest.importorskip("tvm")
+    samples = iter([(0.0, 0.0), (1.0, 1.0), (3.0, 2.0), (5.0, 3.0), (7.0, 5.0)])
+    clock = iter(range(100))
+    monkeypatch.setenv(threads.TVM_NUM_THREADS, "2")
+    monkeypatch.setattr(threads, "_cpus", lambda: {0, 1})
+    monkeypatch.setattr(threads, "busy_seconds", lambda cpus: next(samples))
+    monkeypatch.setattr(threads.time, "monotonic", lambda: float(next(clock)))
+    used = []
+
+    def steps():  # a thread of its own: a pool of its own, sized by TVM_NUM_THREADS now
+        pool = threads.TvmThreads()
+        for _ in range(5):
+            pool.fit()
+            used.append((pool.used, tvm.runtime.num_threads()))
+
+    t = threading.Thread(target=steps)
+    t.start()
+    t.join()
+    assert used == [(2, 2), (2, 2), (1, 1), (1, 1), (2, 2)]
 
 
 def test_an_explicit_count_wins_over_the_environment(monkeypatch):
