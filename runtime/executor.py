@@ -7,7 +7,12 @@ the arena is laid out for the limits given (the largest bindings of T, S, R, ...
 have). Per call: symbols are read off the input shapes by the plan's rules (no sympy); the
 buffer views and resolved attributes of that binding tuple are built once and cached, so a
 repeated shape (a decode bucket) costs no re-slicing; a call larger than the limits grows the
-arena (one new allocation) and is the new limit.
+arena (one new allocation) and is the new limit. Each step is then one (function, arguments)
+pair: a TVM kernel's call with its arguments bound (cpu target), else its launcher. A graph
+input that is the last call's tensor, or a new view of the same memory (the engine's KV caches
+and input buffers), is taken as it is: only inputs that changed are checked and rebound, so a
+batch-1 decode step of the demo model costs ~10 us of host time here beside its kernels.
+Only the last call's inputs stay referenced.
 
 Outputs are views of arena memory: the next `run` overwrites them. Consume (or clone) them
 before calling again; the engine samples from the logits right away, `CompiledModel.forward`
@@ -31,6 +36,7 @@ from kiln.kernels import Launcher
 from kiln.runtime import tvm_library
 from kiln.runtime.plan import Buffer, ExecutionPlan, evaluate, validate
 from kiln.runtime.providers import resolve
+from kiln.runtime.threads import TvmThreads
 
 ALIGN = 256
 """Byte alignment of each slot in the arena."""
@@ -50,7 +56,8 @@ class _Binding:
     """Everything that depends only on the symbol values of a call."""
 
     values: list[Any]
-    """Per buffer: its tensor (params, consts, arena views, their views); inputs filled per call."""
+    """Per buffer: its tensor (params, consts, arena views, their views); the inputs and their
+    views of this binding's last call while it is the executor's last binding, else None."""
     attrs: list[dict[str, Any]]
     """Per step, its attributes with forms evaluated."""
     view_attrs: dict[int, dict[str, Any]]
@@ -60,6 +67,9 @@ class _Binding:
     direct: list[tvm_library.DirectCall | None]
     """Per step, its TVM kernel's call with the arguments bound (cpu target), or None: the
     launcher serves it."""
+    calls: list[tuple[Callable[..., Any], list[Any]]]
+    """Per step, what `run` calls: (function, arguments), a bound TVM call where its per-call
+    arguments are bound (`direct`), else its launcher over `values`."""
 
 
 class PlanExecutor:
@@ -77,6 +87,9 @@ class PlanExecutor:
             self.device = torch.device("cuda", torch.cuda.current_device())
         validate(plan)
         self.launchers: list[Launcher] = [resolve(s.kernel, tuning) for s in plan.steps]
+        on_tvm = self.device.type == "cpu" and any(s.kernel.startswith("tvm:") for s in plan.steps)
+        self.tvm_threads = TvmThreads() if on_tvm else None
+        """Sizes TVM's pool to the cores other processes leave idle before each call (cpu target)."""
         self.input_types: dict[str, TensorType] = plan.input_types
         self.input_order = [(b.name, i, torch_dtype(b.dtype)) for i, b in enumerate(plan.buffers) if b.kind == "input"]
         written = {o for s in plan.steps for o in s.outputs}
@@ -107,11 +120,18 @@ class PlanExecutor:
                 host.append(plan.buffers[step.inputs[pos]].value)
             self._steps.append((fn, ins, list(step.outputs)))
         self._resident.extend(host)
+        self._readers: dict[int, list[int]] = {i: [] for i in self._per_call}
+        """Per input (or view of one): the steps that take it."""
+        for s, (_, ins, outs) in enumerate(self._steps):
+            for i in {*ins, *outs} & self._per_call:
+                self._readers[i].append(s)
         self.limits: dict[str, int] = dict(limits or {})
         self._slot_bytes: list[int] = []
         self._offsets: list[int] = []
         self.arena: torch.Tensor | None = None
         self._cache: OrderedDict[tuple[int, ...], _Binding] = OrderedDict()
+        self._last: _Binding | None = None
+        """The binding of the last call: the one whose values hold that call's inputs."""
         self.step_timer: Callable[[int, list[Any], list[Any], float], None] | None = None
         """Benchmarks only (benchmarks/cpu_floors.py): when set, `run` times each step as it
         runs (its bound TVM call, else its launcher) and calls step_timer(step index, outputs,
@@ -179,7 +199,12 @@ class PlanExecutor:
             view_attrs=view_attrs,
             input_shapes=[tuple(evaluate(d, bindings) for d in plan.buffers[i].shape) for _, i, _ in self.input_order],
             direct=[self._direct_call(s, values) for s in range(len(plan.steps))],
+            calls=[],
         )
+        entry.calls = [self._launch(s, entry) for s in range(len(plan.steps))]
+        for s, direct in enumerate(entry.direct):
+            if direct is not None and not direct.dynamic:
+                entry.calls[s] = (direct.fn, direct.args)
         self._cache[key] = entry
         if len(self._cache) > CACHED_BINDINGS:
             self._cache.popitem(last=False)
@@ -195,6 +220,12 @@ class PlanExecutor:
         _, ins, outs = self._steps[s]
         per_call = [[i if i in self._per_call else None for i in ids] for ids in (ins, outs)]
         return tvm_library.direct_call(name, [values[o] for o in outs], [values[a] for a in ins], *per_call)
+
+    def _launch(self, s: int, entry: _Binding) -> tuple[Callable[..., Any], list[Any]]:
+        """Step s through its launcher, over the binding's values as they are when it runs."""
+        fn, ins, outs = self._steps[s]
+        values, attrs = entry.values, entry.attrs[s]
+        return lambda: fn([values[o] for o in outs], [values[a] for a in ins], attrs), []
 
     def _apply_view(self, i: int, base: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
         try:
@@ -229,12 +260,20 @@ class PlanExecutor:
         entry = self._cache.get(key)
         if entry is None:
             entry = self._binding(key, bindings)
-        values = entry.values.copy()
+        if entry is not self._last:
+            if self._last is not None:
+                self._forget_inputs(self._last)
+            self._last = entry
+        values = entry.values  # the last call's inputs: one passed again (or its memory) was checked then
         device = self.device
+        changed: list[int] = []
         for (name, i, dtype), shape in zip(self.input_order, entry.input_shapes, strict=True):
             t = inputs.get(name)
             if t is None:
                 raise KilnError(f"missing graph input '{name}' (expects {self.input_types[name]})")
+            last = values[i]
+            if t is last:
+                continue
             if t.dtype != dtype or t.shape != shape:
                 raise KilnError(
                     f"input '{name}' is {t.dtype} {tuple(t.shape)}, expected {self.input_types[name]} = {shape}"
@@ -243,25 +282,50 @@ class PlanExecutor:
                 if i in self._written_inputs:
                     raise ValueError(f"input '{name}' is written in place and must be on {device}, not {t.device}")
                 t = t.to(device)
+            elif last is not None and t.data_ptr() == last.data_ptr() and t.stride() == last.stride():
+                continue  # the last call's memory (a new view of the model runner's buffer): the same input
             values[i] = t
-        for i in self._input_views:
-            values[i] = self._apply_view(i, values[self.plan.buffers[i].base], entry.view_attrs[i])
+            changed.append(i)
+        if changed:
+            self._rebind(entry, changed)
+        if self.tvm_threads is not None:
+            self.tvm_threads.fit()
         if self.step_timer is not None:
             self._run_timed(values, entry)
-            return [values[o] for o in self.plan.outputs]
-        # A bound TVM call runs unless an input needs the launcher's copy.
-        for (fn, ins, outs), attrs, direct in zip(self._steps, entry.attrs, entry.direct, strict=True):
-            if direct is None or not direct(values):
-                fn([values[o] for o in outs], [values[a] for a in ins], attrs)
+        else:
+            for fn, args in entry.calls:
+                fn(*args)
         return [values[o] for o in self.plan.outputs]
+
+    def _rebind(self, entry: _Binding, changed: list[int]) -> None:
+        """After the inputs `changed` took new tensors: their views, then the calls of the steps
+        that take them (a bound TVM call unless one of its arguments needs the launcher's copy)."""
+        values, done = entry.values, set(changed)
+        for i in self._input_views:  # in plan order: a view's base comes first
+            base = self.plan.buffers[i].base
+            if base in done:
+                values[i] = self._apply_view(i, values[base], entry.view_attrs[i])
+                changed.append(i)
+                done.add(i)
+        for s in sorted({s for i in changed for s in self._readers[i]}):
+            direct = entry.direct[s]
+            entry.calls[s] = (direct.fn, direct.args) if direct is not None and direct.bind(values) else self._launch(s, entry)
+
+    def _forget_inputs(self, entry: _Binding) -> None:
+        """Drop the inputs (and their views and converted arguments) that a binding holds from
+        its last call, when a call of another binding follows: only the last call's stay alive."""
+        for i in self._per_call:
+            entry.values[i] = None
+        for direct in entry.direct:
+            if direct is not None:
+                direct.forget()
 
     def _run_timed(self, values: list[Any], entry: _Binding) -> None:
         """`run`'s step loop with each step timed for `step_timer` (the same calls)."""
         timer, clock = self.step_timer, time.perf_counter
-        for s, ((fn, ins, outs), attrs, direct) in enumerate(zip(self._steps, entry.attrs, entry.direct, strict=True)):
+        for s, ((fn, args), (_, ins, outs)) in enumerate(zip(entry.calls, self._steps, strict=True)):
             t = clock()
-            if direct is None or not direct(values):
-                fn([values[o] for o in outs], [values[a] for a in ins], attrs)
+            fn(*args)
             dt = clock() - t
             timer(s, [values[o] for o in outs], [values[a] for a in ins], dt)
 

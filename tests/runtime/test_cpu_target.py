@@ -97,6 +97,20 @@ def test_loading_and_running_compile_nothing(cpu_artifact, monkeypatch):
     assert logits.shape[0] == 3 and torch.isfinite(logits).all()
 
 
+def test_bound_kernel_calls_follow_each_calls_inputs(cpu_artifact):
+    """The executor binds each TVM call's arguments once and rebinds the inputs that change: other
+    tokens, a strided view (which the launcher copies) and the first tokens again each give what
+    a model that never ran gives."""
+    import torch
+
+    model = CompiledModel(cpu_artifact("llama"))
+    first, other = torch.tensor([5, 9, 33]), torch.tensor([7, 1, 2])
+    strided = torch.tensor([7, 0, 1, 0, 2, 0])[::2]
+    want = {id(t): CompiledModel(cpu_artifact("llama"))(t, torch.arange(3), [3]) for t in (first, other)}
+    for ids, like in ((first, first), (other, other), (strided, other), (first, first)):
+        torch.testing.assert_close(model(ids, torch.arange(3), [3]), want[id(like)], rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_weights_are_views_of_the_mapped_weight_files(cpu_artifact):
     """No copy at load: every weight the plan reads lies in a mapping of a weight file."""
