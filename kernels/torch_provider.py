@@ -52,9 +52,10 @@ def _reference(op: OpDef) -> Launcher:
 
 def _linear(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
     # On a 2-D input the reference is addmm(bias, x, w.T) or mm(x, w.T) (F.linear), or
-    # mm(x, w) (+ bias) for an [in, out] weight: the same kernels, into the destination.
+    # mm(x, w) (+ bias) for an [in, out] weight: the same kernels, into the destination (a
+    # panels weight, which no torch kernel reads as it is, through the reference).
     x, w, *bias = args
-    if x.dim() != 2:
+    if x.dim() != 2 or attrs.get("weight_layout") == "panels":
         outs[0].copy_(OPS["linear"].impl(*args, **attrs))
     elif attrs.get("weight_layout", "out_in") == "in_out":
         torch.mm(x, w, out=outs[0])

@@ -24,6 +24,7 @@ PASSES: dict[str, str] = {
     "rope-kv-write": "kiln.passes.rope_kv_write:RopeKvWrite",
     "gated-linear": "kiln.passes.gated_linear:GatedLinear",
     "fuse-elementwise": "kiln.passes.fuse_elementwise:FuseElementwise",
+    "weight-panels": "kiln.passes.weight_panels:WeightPanels",
 }
 
 # The kernel op set (kiln.ir.ops.kernels): each pass turns one traced pattern into kernel-set ops.
@@ -67,6 +68,8 @@ PIPELINES: dict[str, list[str]] = {
         *_SERVING[:-1],
         # -- what no pattern matched: groups of generic elementwise ops, one TVM kernel each
         "fuse-elementwise",
+        # -- linear weights stored as the TVM kernels stream them
+        "weight-panels",
         "dce",
     ],
 }

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import VerifyError
-from kiln.ir.dims import dims_equal
+from kiln.ir.dims import dims_equal, from_expr, to_expr
 from kiln.ir.ops.kernels import rms_normalize
 from kiln.ir.ops.registry import register
 from kiln.ir.types import TensorType
@@ -19,15 +19,18 @@ from kiln.ir.types import TensorType
           infer=lambda types, attrs: _linear_infer(types, attrs), kernel=True)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            weight_layout: str = "out_in") -> torch.Tensor:
-    """x @ weight.T (+ bias); weight [out, in], or [in, out] with weight_layout "in_out" (the
-    layout a target asks for, stored that way by weight folding)."""
-    if weight_layout == "in_out":
+    """x @ weight.T (+ bias); weight [out, in], or in a layout a target asks for, stored that way
+    by weight folding: [in, out] ("in_out"), or [out / nb, in, nb] ("panels": nb output columns
+    per panel, each input's nb weights contiguous; kiln.passes.weight_panels)."""
+    if weight_layout == "panels":
+        weight = weight.transpose(1, 2).reshape(-1, weight.shape[1])
+    elif weight_layout == "in_out":
         out = x @ weight
         return out + bias if bias is not None else out
     return F.linear(x, weight, bias)
 
 
-LINEAR_LAYOUTS = ("out_in", "in_out")
+LINEAR_LAYOUTS = ("out_in", "in_out", "panels")
 
 
 def _linear_infer(types: Sequence[TensorType], attrs: Mapping[str, Any]) -> TensorType:
@@ -35,8 +38,13 @@ def _linear_infer(types: Sequence[TensorType], attrs: Mapping[str, Any]) -> Tens
     layout = attrs.get("weight_layout", "out_in")
     if layout not in LINEAR_LAYOUTS:
         raise VerifyError(f"linear weight_layout '{layout}' is not one of {', '.join(LINEAR_LAYOUTS)}")
-    k, n = (w.shape[1], w.shape[0]) if layout == "out_in" else (w.shape[0], w.shape[1])
-    if w.rank != 2 or not dims_equal(x.shape[-1], k):
+    if w.rank != (3 if layout == "panels" else 2):
+        raise VerifyError(f"linear {layout} weight {w}: expected " + ("[out / nb, in, nb]" if layout == "panels" else "rank 2"))
+    if layout == "panels":
+        k, n = w.shape[1], from_expr(to_expr(w.shape[0]) * to_expr(w.shape[2]))
+    else:
+        k, n = (w.shape[1], w.shape[0]) if layout == "out_in" else (w.shape[0], w.shape[1])
+    if not dims_equal(x.shape[-1], k):
         raise VerifyError(f"linear of {x} by a {layout} weight {w}: inner dims differ")
     if len(types) == 3 and (types[2].rank != 1 or not dims_equal(types[2].shape[0], n)):
         raise VerifyError(f"linear bias {types[2]} does not match {n} outputs")

@@ -22,6 +22,9 @@ each task serves every row of its columns, by one of two paths chosen by the row
         in_out: an (mt x nv) tile of y; each step broadcasts x[m, k] against the contiguous
                 W[k, n0:n0+nv] row slice (no horizontal sums)
 
+A third layout, "panels" (W stored as N / nb panels [K, nb] by the weight-panels pass), is
+linear_panels.py's: its panels are what the wide path packs, so both paths read them as stored.
+
 So every M is served by one function. The knobs (`KNOBS`, searched by `kiln tune`) are the tile
 sizes, pm and `ku`, the unroll of the K loop; `config=None` is the default schedule
 (`default_config`).
@@ -44,6 +47,7 @@ from kiln.kernels.tvm_kernels import (
     short,
     vec_width,
 )
+from kiln.kernels.tvm_kernels.linear_panels import entry, panels_func
 from kiln.kernels.tvm_kernels.tir import F32
 
 KNOBS = {"linear": {"mt": (1, 2, 4, 8), "nb": (1, 2, 4, 8), "nb1": (2, 4, 8, 16), "nv": (8, 16, 32, 64),
@@ -55,7 +59,8 @@ lone row (nb1) and lanes along K (v). Wide path: rows per register tile (mr), th
 that take it (pm). Both: float32 columns per tile (nv; out_in's narrow path splits them in nb
 and nb1), tiles per task (jt: a task owns nv * jt output columns), unroll of the K loop (ku),
 the fewest parallel iterations (par: consecutive tasks are merged into one iteration down to
-it), the most KiB of W times rows that run on the calling thread alone (ser). A value that does not divide the shape is not a schedule of it
+it), the most KiB of W times rows that run on the calling thread alone (ser). The panels layout
+reads mr, mt (its tiles of rows: mr, then mt, then one) and ser. A value that does not divide the shape is not a schedule of it
 (`resolve` says which configs are)."""
 
 
@@ -87,6 +92,8 @@ def default_config(layout: str, k: int, n: int) -> dict[str, int]:
     in_out's copy is cheap, but at 16 rows the narrow path still ties). Decode steps of at most
     16 rows keep the narrow path of before. A lone row of out_in reads 8 rows of W at a time:
     10-25% faster than 4 at batch-1 decode on the ~100M Llama's shapes (16 ties 8; 2 slower)."""
+    if layout == "panels":
+        return {"mr": 8, "mt": 4, "ku": 1, "ser": SER}
     if layout == "out_in":
         nv = _block(n, 32)
         return {"mt": 4, "nb": _block(n, 4), "nb1": min(_block(n, 8), nv), "v": vec_width(k), "nv": nv, "ku": 1,
@@ -103,9 +110,11 @@ def resolve(layout: str, k: int, n: int, config: Mapping[str, int] | None) -> di
         cols = c["nv"] * c["jt"]
         ok = (n % cols == 0 and cols % c["nb"] == 0 and cols % c["nb1"] == 0 and k % (c["v"] * c["ku"]) == 0
               and c["nv"] % min(c["nv"], 8) == 0)  # the transposing pack gathers 8 rows at a time
-    else:
+    elif layout == "in_out":
         ok = n % (c["nv"] * c["jt"]) == 0 and k % c["ku"] == 0
-    return c if ok and min(c.values()) >= 1 else None
+    else:
+        ok = k % c["ku"] == 0
+    return c if ok and c["ser"] >= 0 and min(v for key, v in c.items() if key != "ser") >= 1 else None
 
 
 @T.macro
@@ -138,9 +147,6 @@ def _func(layout: str, k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool,
     while (n // cols) % (per * 2) == 0 and n // cols // (per * 2) >= c["par"]:
         per *= 2
     qp = min(nv, 8)
-    wbytes = {"float32": 4, "float16": 2, "bfloat16": 2}[wdt]
-    ser_bytes = c["ser"] * 1024
-    serial = k * n * wbytes <= ser_bytes  # else no row count runs serially: no serial copy built
 
     @T.macro
     def task(tp, X, W, Bias, Y, M):  # tasks tp * per .. tp * per + per - 1
@@ -254,28 +260,7 @@ def _func(layout: str, k: int, n: int, dt: str, wdt: str, bdt: str, has_b: bool,
                             Y[r1 + m, t * cols + jb * nv + q] = T.Cast(dt, acc2[q])
 
 
-    @T.prim_func(private=True)
-    def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})  # y never overlaps x, W or bias: x loads stay hoisted
-        M = T.int64()
-        sx0, sy0 = T.int64(), T.int64()
-        X = T.match_buffer(x_h, (M, k), dt, strides=(sx0, 1), offset_factor=1)
-        W = T.match_buffer(w_h, wshape, wdt, offset_factor=1)
-        Bias = T.match_buffer(b_h, (n,), bdt, offset_factor=1)
-        Y = T.match_buffer(y_h, (M, n), dt, strides=(sy0, 1), offset_factor=1)
-        if serial:
-            # few bytes of W per call: the pool's fork and join would cost more than the work
-            if M * (k * n * wbytes) <= ser_bytes:
-                for tp in range(n // cols // per):
-                    task(tp, X, W, Bias, Y, M)
-            else:
-                for tp in T.parallel(n // cols // per):
-                    task(tp, X, W, Bias, Y, M)
-        else:
-            for tp in T.parallel(n // cols // per):
-                task(tp, X, W, Bias, Y, M)
-
-    return func
+    return entry(k, n, wshape, dt, wdt, bdt, c["ser"] * 1024, n // cols // per, task)
 
 
 def linear(info: OpInfo, config: Mapping[str, int] | None = None) -> Kernel | None:
@@ -284,18 +269,27 @@ def linear(info: OpInfo, config: Mapping[str, int] | None = None) -> Kernel | No
     x, w = info.inputs[:2]
     b = info.inputs[2] if len(info.inputs) > 2 else None
     layout = info.attrs.get("weight_layout", "out_in")
-    if x is None or w is None or w.rank != 2 or x.dtype not in FLOATS or w.dtype not in FLOATS:
+    if x is None or w is None or x.dtype not in FLOATS or w.dtype not in FLOATS:
         return None
     if b is not None and (b.dtype not in FLOATS or b.rank != 1):
         return None
-    k, n = (w.shape[1], w.shape[0]) if layout == "out_in" else (w.shape[0], w.shape[1])
-    if not isinstance(k, int) or not isinstance(n, int) or layout not in ("out_in", "in_out"):
+    if layout == "panels" and w.rank == 3 and all(isinstance(d, int) for d in w.shape):
+        k, n, nb = w.shape[1], w.shape[0] * w.shape[2], w.shape[2]
+    elif layout in ("out_in", "in_out") and w.rank == 2:
+        k, n, nb = (w.shape[1], w.shape[0], 0) if layout == "out_in" else (w.shape[0], w.shape[1], 0)
+    else:
+        return None
+    if not isinstance(k, int) or not isinstance(n, int):
         return None
     c = resolve(layout, k, n, config)
     if c is None:
         raise ValueError(f"linear {layout} k={k} n={n}: config {dict(config or {})} does not divide the shape")
-    func = _func(layout, k, n, x.dtype, w.dtype, b.dtype if b is not None else F32, b is not None, c)
-    name = name_of("linear", layout, f"k{k}n{n}", short(x.dtype), f"w{short(w.dtype)}",
+    bdt = b.dtype if b is not None else F32
+    if nb:
+        func = panels_func(k, n, nb, x.dtype, w.dtype, bdt, b is not None, c)
+    else:
+        func = _func(layout, k, n, x.dtype, w.dtype, bdt, b is not None, c)
+    name = name_of("linear", layout, f"k{k}n{n}", f"p{nb}" if nb else "", short(x.dtype), f"w{short(w.dtype)}",
                    f"b{short(b.dtype)}" if b is not None else "")
     keep = (0, 1, 2, 3) if b is not None else (0, 1, 3)
     ins = (0, 1, 2) if b is not None else (0, 1)
