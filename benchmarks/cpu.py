@@ -1,13 +1,16 @@
 """The cpu target on this machine's CPU, with its peers measured in the same run (float32).
 
-    python benchmarks/cpu.py [--models demo,llama-100m] [--out benchmarks/results/cpu.json]
+    python benchmarks/cpu.py [--models demo,llama-100m] [--tune-budget SECONDS] [--out benchmarks/results/cpu.json]
 
 Per model (the bundled demo model, and a ~100M-parameter Llama shape with random weights
 synthesized here by kiln.models.shapes): batch-1 and batch-8 decode tok/s (64-token prompts;
 (B * (N - 1)) tokens over the time between a 1-token and an N-token generation, median of
 --reps) and 512-token prefill tok/s (one 512-token prompt, one token out; 223 tokens on the demo
 model, whose context is 256), for
-- kiln's `cpu` target (TVM kernels) and `reference` target, through `LLM.generate`;
+- kiln's `cpu` target (TVM kernels) and `reference` target, through `LLM.generate`; the cpu
+  artifact tuned first as a user would (`kiln tune ARTIFACT --budget SECONDS`, its Python API
+  kiln.codegen.cpu.tune.tune, in a process of its own; --tune-budget 0 measures it untuned),
+  the tuner's before/after table printed and kept in the JSON (the row's "tune");
 - transformers eager `generate`;
 - transformers with a static cache and `torch.compile` of the forward;
 - ONNX Runtime on the transformers model exported with its KV cache as inputs and outputs
@@ -50,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cpu_floors import format_floors, kernel_floors, load_stats, machine  # noqa: E402
 
 PROMPT, DECODE = 64, 33
+TUNE_BUDGET = 240.0
+"""Seconds of `kiln tune` search per cpu artifact: the whole run (two models) stays under ~20
+minutes on a 2-core machine."""
 PREFILL = 512
 """Prefill prompt length: 512, or what fits the model's context (the demo model's is 256)."""
 
@@ -73,11 +79,31 @@ def _rates(gen, vocab: int, reps: int) -> dict:
     return out
 
 
-def kiln_engine(ckpt: Path, target: str, work: Path, vocab: int, reps: int, threads: int, limits: dict) -> dict:
+def prepare_kiln(ckpt: Path, target: str, work: Path, threads: int, tune_budget: float) -> dict:
+    """Compile the checkpoint for `target` into work/art-<target> and, on the cpu target with a
+    budget, tune it as `kiln tune` does (on `threads` TVM threads, the pool the engine serves
+    with): {"artifact": path} plus "tune" (what the tuner did, its table and per-kernel
+    timings) or "error"."""
     try:
         art = kiln.compile(ckpt, work / f"art-{target}", target=target, overwrite=True)
     except KilnError as e:
         return {"error": str(e)}
+    out: dict = {"artifact": str(art)}
+    if target == "cpu" and tune_budget > 0:
+        from kiln.codegen.cpu.tune import tune
+        from kiln.runtime.artifact import TUNING, Artifact
+        from kiln.runtime.threads import configure
+
+        configure(threads, "cpu")
+        t = time.perf_counter()
+        done = tune(art, budget=tune_budget, progress=False)
+        done["wall_s"] = time.perf_counter() - t
+        done["kernels"] = Artifact(art, target="cpu").read_json(TUNING)["kernels"]
+        out["tune"] = done
+    return out
+
+
+def kiln_engine(art: Path, target: str, vocab: int, reps: int, threads: int, limits: dict) -> dict:
     llm = LLM(art, max_num_seqs=8, max_num_batched_tokens=1024, enable_prefix_caching=False, threads=threads)
 
     def gen(ids: torch.Tensor, n: int) -> float:
@@ -198,16 +224,29 @@ def _cpu_busy() -> tuple[float, float]:
     return busy, t.user + t.system + t.children_user + t.children_system
 
 
-def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threads: int, limits: dict) -> dict:
+def _in_fresh_process(fn, *args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threads: int, limits: dict,
+               tune_budget: float) -> dict:
     """One engine's row (or its error), measured in a fresh process of its own (no thread pool
     or allocator state left by another engine: TVM's workers spin after their work, and two
     engines in one process were measured 2-4x apart), with the machine's load while it ran: the
-    1-minute load average at its end and the share of all cores that other processes used."""
+    1-minute load average at its end and the share of all cores that other processes used. A
+    kiln engine's artifact is compiled (and tuned) in a process before that."""
     busy0, ours0 = _cpu_busy()
     t = time.perf_counter()
     try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            res = pool.submit(_run_engine, engine, ckpt, work, vocab, reps, threads, limits, PREFILL).result()
+        if engine.startswith("kiln "):
+            target = engine.removeprefix("kiln ")
+            res = _in_fresh_process(prepare_kiln, ckpt, target, work, threads, tune_budget)
+            if "artifact" in res:
+                res |= _in_fresh_process(_run_engine, engine, Path(res.pop("artifact")), vocab, reps, threads,
+                                         limits, PREFILL)
+        else:
+            res = _in_fresh_process(_run_engine, engine, ckpt, vocab, reps, threads, limits, PREFILL, work)
     except Exception as e:  # noqa: BLE001 - a peer that fails is a result to report, not the end of the run
         res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     busy1, ours1 = _cpu_busy()
@@ -217,17 +256,19 @@ def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threa
     return res
 
 
-def _run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threads: int, limits: dict,
-                prefill: int) -> dict:
+def _run_engine(engine: str, source: Path, vocab: int, reps: int, threads: int, limits: dict, prefill: int,
+                work: Path | None = None) -> dict:
+    """Measure one engine on `source`: a kiln artifact, or the checkpoint (ONNX Runtime exports
+    into `work`)."""
     global PREFILL
     PREFILL = prefill
     torch.set_num_threads(threads)
     if engine.startswith("kiln "):
-        return kiln_engine(ckpt, engine.removeprefix("kiln "), work, vocab, reps, threads, limits)
+        return kiln_engine(source, engine.removeprefix("kiln "), vocab, reps, threads, limits)
     if engine == "onnxruntime":
-        return ort_engine(ckpt, work, vocab, reps)
+        return ort_engine(source, work, vocab, reps)
     if engine in ("transformers eager", "torch.compile"):
-        return hf_engine(ckpt, vocab, reps, compiled=engine == "torch.compile")
+        return hf_engine(source, vocab, reps, compiled=engine == "torch.compile")
     raise SystemExit(f"unknown engine '{engine}'; known: {', '.join(ENGINES)}")
 
 
@@ -238,16 +279,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=available_cores())
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--out", default="benchmarks/results/cpu.json")
+    ap.add_argument("--tune-budget", type=float, default=TUNE_BUDGET, metavar="SECONDS",
+                    help=f"seconds of `kiln tune` search per cpu artifact before it is measured (default "
+                         f"{TUNE_BUDGET:g}; 0: measure it untuned)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     engines = a.engines.split(",")
     limits = machine()
     print("machine", json.dumps(limits), flush=True)
     report: dict = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": a.threads, "torch": torch.__version__,
-                    "machine": limits, "command": "python " + " ".join(sys.argv), "models": {}}
+                    "machine": limits, "tune_budget_s": a.tune_budget, "command": "python " + " ".join(sys.argv), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):
             work = Path(tmp) / name
+            work.mkdir(parents=True)
             ckpt = Path("models/demo") if name == "demo" else synthesize_checkpoint(name, work / "ckpt", torch.float32)
             cfg = json.loads((ckpt / "config.json").read_text())
             vocab = cfg["vocab_size"]
@@ -255,9 +300,13 @@ def main() -> None:
             PREFILL = min(512, cfg["max_position_embeddings"] - DECODE)  # the demo model's context is 256
             row: dict = {}
             for engine in engines:
-                row[engine] = run_engine(engine, ckpt, work, vocab, a.reps, a.threads, limits)
-                brief = {k: v for k, v in row[engine].items() if k != "kernels"}
+                row[engine] = run_engine(engine, ckpt, work, vocab, a.reps, a.threads, limits, a.tune_budget)
+                brief = {k: v for k, v in row[engine].items() if k not in ("kernels", "tune")}
                 print(name, engine, json.dumps(brief), flush=True)
+                if "tune" in row[engine]:
+                    tuned = row[engine]["tune"]
+                    print(f"{name} {engine}: kiln tune, {tuned['search_s']:.0f} s of search "
+                          f"({tuned['wall_s']:.0f} s with the rebuild)\n{tuned['table']}", flush=True)
                 if "kernels" in row[engine]:
                     print(format_floors(name, row[engine]["kernels"]), flush=True)
                 report["models"][name] = row
