@@ -28,7 +28,7 @@ from kiln.kernels.tvm_kernels import (
     short,
     vec_width,
 )
-from kiln.kernels.tvm_kernels.tir import F32, dtype_bytes, rounded_to, serial_bytes
+from kiln.kernels.tvm_kernels.tir import F32, dtype_bytes, exp_f32, rounded_to, serial_bytes
 
 KNOBS = {op: {"ser": (0, 16, 64, 256, 1024)} for op in ("silu_and_mul", "gelu_and_mul", "softcap")}
 """The most KiB of row data that a call runs on the calling thread (0: always parallel). The
@@ -41,7 +41,7 @@ shape would make `kiln tune` time every glue op; gather's random inputs are no i
 def _gate(kind: str):
     """act(g) on float32 as torch computes it: silu, gelu (erf) or gelu (tanh)."""
     if kind == "silu":
-        return lambda g: g / (T.float32(1) + T.exp(-g))
+        return lambda g: g / (T.float32(1) + exp_f32(-g))
     if kind == "none":
         return lambda g: T.float32(0.5) * g * (T.float32(1) + T.erf(g * T.float32(1 / math.sqrt(2))))
     k = math.sqrt(2 / math.pi)
