@@ -23,7 +23,8 @@ class WeightPanels(Pass):
     So the weights of a block of output columns are one contiguous run: a decode GEMV's thread
     streams its panels from memory in one pass (the hardware prefetcher follows one stream, not
     nb rows at a stride), and a prefill GEMM's register tile reads its nb columns of row k as
-    one vector, without packing them first."""
+    one vector, without packing them first. A weight that another op reads too (an LM head tied to
+    the embedding table) is then stored twice, the panels beside the original."""
 
     name = "weight-panels"
     width: int = 32
