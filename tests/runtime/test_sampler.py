@@ -42,6 +42,19 @@ def test_greedy_is_argmax_of_raw_logits(dtype):
     assert out.logprobs == [None] * 8
 
 
+def test_greedy_takes_the_first_maximum_and_a_nan_as_torch_does():
+    logits = torch.randn(6, 4096, generator=torch.Generator().manual_seed(1))  # [B, V]
+    logits[1, 7] = float("nan")
+    logits[2] = 0.5  # all tied: the first
+    logits[3, [9, 3000]] = float("inf")
+    logits[4, :100] = float("-inf")
+    rows = torch.randn(10, 4096)[3:9]  # rows of a larger buffer, as the arena holds the logits
+    rows.copy_(logits)
+    for x in (logits, rows):
+        out = Sampler()(x, [_state(P(temperature=0)) for _ in range(6)])
+        assert out.token_ids == logits.argmax(dim=-1).tolist() == [out.token_ids[0], 7, 0, 9, *out.token_ids[4:]]
+
+
 def _run(
     states: list[SamplingState], steps: int, vocab: int, seed: int, slot_of=None, use_triton=None
 ) -> list[list[int]]:
