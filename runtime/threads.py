@@ -116,9 +116,10 @@ class TvmThreads:
         if now < self._next and threading.get_ident() == self._thread:
             return
         self._next = now + RECHECK_S
-        if threading.get_ident() != self._thread:  # a thread's first step: its pool at full size
+        if threading.get_ident() != self._thread:
             import tvm.runtime
 
+            _configure_pool(0)  # a thread's first step: its whole pool, which another fitter may have shrunk
             self._thread, self._size = threading.get_ident(), tvm.runtime.num_threads()
             self.used, self._last = self._size, None
         busy = busy_seconds(self._cpus)
@@ -134,10 +135,15 @@ class TvmThreads:
         """Run the calling thread's kernels on n threads of its pool (1 .. its size)."""
         n = max(1, min(n, self._size))
         if n != self.used:
-            import tvm_ffi
-
-            tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)  # 1: TVM's kBig, all cores alike
+            _configure_pool(n)
             self.used = n
+
+
+def _configure_pool(n: int) -> None:
+    """Run the calling thread's TVM kernels on n threads of its pool (0: TVM's default, all)."""
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)  # 1: TVM's kBig, all cores alike
 
 
 def _cpus() -> set[int]:

@@ -38,9 +38,10 @@ def test_tvm_workers_are_not_pinned_unless_the_environment_says_so(monkeypatch):
 
 def test_the_tvm_pool_runs_on_the_cores_other_processes_leave_idle(monkeypatch):
     """Cumulative CPU seconds (all processes, this one) one second apart: others idle, then busy
-    on one of the two cores twice, then idle again -> 2, 1, 1, 2 threads of a pool of 2."""
+    on one of the two cores twice -> 2, 2, 1, 1 threads of a pool of 2; then a new fitter on the
+    same thread starts at 2 and goes on with others idle."""
     tvm = pytest.importorskip("tvm")
-    samples = iter([(0.0, 0.0), (1.0, 1.0), (3.0, 2.0), (5.0, 3.0), (7.0, 5.0)])
+    samples = iter([(0.0, 0.0), (1.0, 1.0), (3.0, 2.0), (5.0, 3.0), (6.0, 3.0), (8.0, 5.0)])
     clock = iter(range(100))
     monkeypatch.setenv(threads.TVM_NUM_THREADS, "2")
     monkeypatch.setattr(threads, "_cpus", lambda: {0, 1})
@@ -50,14 +51,19 @@ def test_the_tvm_pool_runs_on_the_cores_other_processes_leave_idle(monkeypatch):
 
     def steps():  # a thread of its own: a pool of its own, sized by TVM_NUM_THREADS now
         pool = threads.TvmThreads()
-        for _ in range(5):
+        for _ in range(4):
             pool.fit()
             used.append((pool.used, tvm.runtime.num_threads()))
+        pool = threads.TvmThreads()  # another engine on this thread starts from the whole pool
+        pool.fit()
+        used.append((pool.used, tvm.runtime.num_threads()))
+        pool.fit()
+        used.append((pool.used, tvm.runtime.num_threads()))
 
     t = threading.Thread(target=steps)
     t.start()
     t.join()
-    assert used == [(2, 2), (2, 2), (1, 1), (1, 1), (2, 2)]
+    assert used == [(2, 2), (2, 2), (1, 1), (1, 1), (2, 2), (2, 2)]
 
 
 def test_an_explicit_count_wins_over_the_environment(monkeypatch):
