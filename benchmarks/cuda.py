@@ -227,16 +227,20 @@ def main() -> None:
         row["weight_bytes"] = manifest["parameters"]["bytes"]
         row["weight_bytes_read_per_step"] = _bytes_read_per_step(cfg)
         row["kiln"] = bench_kiln(art, vocab, row["weight_bytes_read_per_step"], kv, bw, a)
+        report["shapes"][shape] = row
+        _write(report, a.out)  # kept if a later stage fails or runs out of time
         _free()
-        print(json.dumps({shape: row}, indent=1), flush=True)
         if a.peers != "none":
             row["transformers"] = bench_transformers(ckpt, vocab, a)
+            _write(report, a.out)
             _free()
-        report["shapes"][shape] = row
-        print(json.dumps({shape: row}, indent=1), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1))
     print(_table(report))
+
+
+def _write(report: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["shapes"], indent=1), flush=True)
 
 
 def _bytes_read_per_step(cfg: dict) -> int:

@@ -89,6 +89,8 @@ class LinearShape:
     bias: bool
     layout: str
     dtype: torch.dtype
+    gate: tuple[tuple[str, Any], ...] = ()
+    """A gated_linear's attributes (its input is [gate | up], 2K wide), () for a linear."""
 
     @property
     def key(self) -> str:
@@ -120,7 +122,8 @@ def workload(plan: ExecutionPlan) -> tuple[Counter[LinearShape], Counter[Attenti
             if w.kind != "param" or len(w.shape) != 2:
                 continue
             n, k = w.shape if layout == "out_in" else w.shape[::-1]
-            linears[LinearShape(k, n, len(s.inputs) > 2, layout, torch_dtype(w.dtype))] += 1
+            gate = tuple(sorted(s.attrs.items())) if s.kernel == "triton:gated_linear" else ()
+            linears[LinearShape(k, n, len(s.inputs) > 2, layout, torch_dtype(w.dtype), gate)] += 1
         elif s.kernel == "triton:paged_attention":
             q, kc, vc = (buf[i] for i in s.inputs[:3])
             attrs = {**s.attrs, **{k: v for k, v in s.dim_attrs.items() if isinstance(v, int)}}
@@ -132,16 +135,21 @@ def workload(plan: ExecutionPlan) -> tuple[Counter[LinearShape], Counter[Attenti
 # -- linear -------------------------------------------------------------------------------------
 
 
-def _linear_calls(shape: LinearShape, m: int, run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor | None], None]) -> list[Callable[[], None]]:
+def _linear_calls(shape: LinearShape, m: int, choice: linear.LinearChoice) -> list[Callable[[], None]]:
+    """Calls of the launcher that runs `choice` (gated_linear's for a gated shape, so a fused
+    GEMV is timed against the gated kernel plus a GEMM), each on its own copy of the weight."""
     dev = torch.device("cuda")
     copies = max(1, min(16, COLD_BYTES // (shape.k * shape.n * shape.dtype.itemsize)))
     wshape = (shape.n, shape.k) if shape.layout == "out_in" else (shape.k, shape.n)
     ws = [torch.randn(wshape, device=dev, dtype=shape.dtype) * 0.02 for _ in range(copies)]
-    b = torch.randn(shape.n, device=dev, dtype=shape.dtype) if shape.bias else None
-    x = torch.randn(m, shape.k, device=dev, dtype=shape.dtype)
-    y = torch.empty(m, shape.n, device=dev, dtype=shape.dtype)
-    return [lambda w=w: run(y, x, w, b) for w in ws]
+    b = [torch.randn(shape.n, device=dev, dtype=shape.dtype)] if shape.bias else []
+    x = torch.randn(m, shape.k * (2 if shape.gate else 1), device=dev, dtype=shape.dtype)
+    outs = [torch.empty(m, shape.n, device=dev, dtype=shape.dtype)]
+    attrs = dict(shape.gate) if shape.gate else {"weight_layout": shape.layout}
+    if shape.gate:
+        outs.append(torch.empty(m, shape.k, device=dev, dtype=shape.dtype))
+    launch = linear.make_launchers({shape.key: [choice.to_json()]})["gated_linear" if shape.gate else "linear"]
+    return [lambda w=w: launch(outs, [x, w, *b], attrs) for w in ws]
 
 
 def _candidates(shape: LinearShape, bound: int) -> list[tuple[str, Any]]:
@@ -157,21 +165,16 @@ def _candidates(shape: LinearShape, bound: int) -> list[tuple[str, Any]]:
 def tune_linear(shape: LinearShape, max_m: int, deadline: float) -> tuple[list[dict], dict[str, dict]]:
     """The choices of one weight shape per bucket (merged where neighbours agree) and the times
     (each provider's best)."""
-    vendor = linear.make_launcher()
-    attrs = {"weight_layout": shape.layout}
     times: dict[str, dict] = {}
     choices: list[linear.LinearChoice] = []
     for bound in [b for b in linear.BUCKETS if b <= max_m]:
-        torch_us = graph_time_us(_linear_calls(shape, bound, lambda y, x, w, b: vendor([y], [x, w, *(
-            [b] if b is not None else [])], attrs)))
+        torch_us = graph_time_us(_linear_calls(shape, bound, linear.LinearChoice(bound, "torch")))
         best: dict[str, tuple[float, Any]] = {}
         for provider, c in _candidates(shape, bound):
             if time.monotonic() > deadline:
                 break
-            choice = linear.LinearChoice(bound, provider, c)
             try:
-                us = graph_time_us(_linear_calls(shape, bound, lambda y, x, w, b, c=choice: linear.run_choice(
-                    c, y, x, w, b, shape.layout)))
+                us = graph_time_us(_linear_calls(shape, bound, linear.LinearChoice(bound, provider, c)))
             except (RuntimeError, triton.runtime.errors.OutOfResources):
                 continue  # a config this GPU cannot run (shared memory)
             if us < best.get(provider, (float("inf"),))[0]:

@@ -57,7 +57,7 @@ class GemvConfig:
 
 
 KNOBS: dict[str, tuple[Any, ...]] = {
-    "block_n": (2, 4, 8, 16),
+    "block_n": (2, 4, 8, 16, 32),
     "block_k": (256, 512, 1024),
     "num_warps": (4, 8),
 }
