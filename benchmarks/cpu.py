@@ -82,8 +82,8 @@ def _rates(gen, vocab: int, reps: int) -> dict:
 def prepare_kiln(ckpt: Path, target: str, work: Path, threads: int, tune_budget: float) -> dict:
     """Compile the checkpoint for `target` into work/art-<target> and, on the cpu target with a
     budget, tune it as `kiln tune` does (on `threads` TVM threads, the pool the engine serves
-    with): {"artifact": path} plus "tune" (what the tuner did, its table and per-kernel
-    timings) or "error"."""
+    with): {"artifact": path} plus "tune" (what the tuner returned, its table, and "by_kernel":
+    tuning.json's entries) or "error"."""
     try:
         art = kiln.compile(ckpt, work / f"art-{target}", target=target, overwrite=True)
     except KilnError as e:
@@ -98,7 +98,7 @@ def prepare_kiln(ckpt: Path, target: str, work: Path, threads: int, tune_budget:
         t = time.perf_counter()
         done = tune(art, budget=tune_budget, progress=False)
         done["wall_s"] = time.perf_counter() - t
-        done["kernels"] = Artifact(art, target="cpu").read_json(TUNING)["kernels"]
+        done["by_kernel"] = Artifact(art, target="cpu").read_json(TUNING)["kernels"]  # configs, µs before/after
         out["tune"] = done
     return out
 
