@@ -91,9 +91,11 @@ def default_config(layout: str, k: int, n: int) -> dict[str, int]:
     (out_in's transposing pack costs about what 60 rows of its narrow path do at K=768, N=4096;
     in_out's copy is cheap, but at 16 rows the narrow path still ties). Decode steps of at most
     16 rows keep the narrow path of before. A lone row of out_in reads 8 rows of W at a time:
-    10-25% faster than 4 at batch-1 decode on the ~100M Llama's shapes (16 ties 8; 2 slower)."""
+    10-25% faster than 4 at batch-1 decode on the ~100M Llama's shapes (16 ties 8; 2 slower).
+    A lone row over panels keeps 4 partial sums along K: 5-10% faster than 1 on those shapes
+    with their weights read from memory (8: 5-20% slower)."""
     if layout == "panels":
-        return {"mr": 8, "mt": 4, "ku": 1, "ser": SER}
+        return {"mr": 8, "mt": 4, "ku": _block(k, 4), "ser": SER}
     if layout == "out_in":
         nv = _block(n, 32)
         return {"mt": 4, "nb": _block(n, 4), "nb1": min(_block(n, 8), nv), "v": vec_width(k), "nv": nv, "ku": 1,
