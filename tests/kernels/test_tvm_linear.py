@@ -83,3 +83,14 @@ def test_linear_wide_path_configs(layout, config):
         y = torch.full((t, n), float("nan"))
         launch([y], [x, w], {})
         torch.testing.assert_close(y, OPS["linear"].impl(x, w, weight_layout=layout), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_fallback_reads_panels():
+    """The cpu target's torch launcher (an op no TVM kernel covers) takes a panels weight too."""
+    from kiln.kernels import torch_provider
+
+    k, n = 24, 48
+    x, w, b = _randn(5, k), _randn(n, k, seed=1), _randn(n, seed=2)
+    y = torch.full((5, n), float("nan"))
+    torch_provider.launcher("linear")([y], [x, _weight("panels", n, k, 16), b], {"weight_layout": "panels"})
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
