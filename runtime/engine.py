@@ -264,12 +264,15 @@ class LLMEngine:
 
     # -- stepping ----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Run one scheduled batch; outputs for every request that progressed or finished.
         They carry what is new since the request's previous output (delta_token_ids,
         delta_logprobs, delta_text; text is the whole text so far): fold them into whole
         outputs with `OutputAccumulator`. With async scheduling the tokens reported are those
-        of the previous step, read after this one was launched."""
+        of the previous step, read after this one was launched. final_only=True (offline
+        generation; vLLM's FINAL_ONLY output kind) builds outputs only for requests that
+        finished, each then carrying all of its tokens, logprobs and text as its delta: no
+        output object per running request per step."""
         touched: set[str] = set()
         limit = self.kv.max_seq_tokens
         too_long = [r for r in self.scheduler.running if len(r.all_token_ids) > limit]
@@ -284,7 +287,7 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step.requests:
             touched |= self._drain()
-            return [self._output(g) for g in touched]
+            return self._outputs(touched, final_only)
         prev = self._inflight
         batch = self.runner.prepare(step, *((prev.sample.tokens, prev.rows) if prev is not None else ()))
         sampled = batch.sampled
@@ -302,7 +305,7 @@ class LLMEngine:
                     self.kv.forget_uncomputed(req)
                     self._finish(req, "error")
                     touched.add(req.group_id)
-            return [self._output(g) for g in touched]
+            return self._outputs(touched, final_only)
         for req, n in zip(step.requests, step.num_new_tokens, strict=True):
             req.num_computed_tokens += n
         self._inflight = None
@@ -321,6 +324,12 @@ class LLMEngine:
             touched |= self._process(prev)
         if not self.async_scheduling:
             touched |= self._drain()
+        return self._outputs(touched, final_only)
+
+    def _outputs(self, touched: set[str], final_only: bool) -> list[RequestOutput]:
+        if final_only:
+            finished = Status.FINISHED
+            touched = {g for g in touched if all(r.status is finished for r in self.groups[g])}
         return [self._output(g) for g in touched]
 
     def _crosses_long_rope(self) -> bool:

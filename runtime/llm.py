@@ -56,7 +56,7 @@ class LLM:
             while len(final) < len(ids):
                 if not self.engine.has_unfinished_requests():
                     raise RuntimeError("requests were lost: the engine has nothing left to run")
-                for out in map(acc.add, self.engine.step()):
+                for out in map(acc.add, self.engine.step(final_only=True)):
                     if out.finished:
                         final[out.request_id] = out
                         bar.update(1)

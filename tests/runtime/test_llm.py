@@ -113,6 +113,22 @@ def test_stream_deltas_add_up(llm):
     assert streamed == sorted((o.outputs[0].text, tuple(o.outputs[0].token_ids)) for o in final)
 
 
+def test_final_only_steps_report_each_request_once_with_everything(llm):
+    p = SamplingParams(temperature=0.8, seed=5, max_tokens=7, ignore_eos=True, logprobs=2)
+    streamed = {o.request_id: o for o in llm.generate_stream(PROMPTS[:3], p)}  # accumulated snapshots
+    eng = llm.engine
+    ids = [eng.add_request(None, q, p) for q in PROMPTS[:3]]
+    seen: list = []
+    while eng.has_unfinished_requests():
+        seen += eng.step(final_only=True)
+    assert sorted(o.request_id for o in seen) == sorted(ids) and all(o.finished for o in seen)
+    for o in seen:  # the one output carries the whole completion as its delta
+        c = o.outputs[0]
+        assert len(c.delta_token_ids) == 7 and len(c.delta_logprobs) == 7 and c.delta_text == c.text
+    got = sorted((o.outputs[0].text, tuple(o.outputs[0].delta_token_ids)) for o in seen)
+    assert got == sorted((o.outputs[0].text, tuple(o.outputs[0].token_ids)) for o in streamed.values())
+
+
 def test_abort_frees_blocks(artifact):
     llm = LLM(artifact("llama"), block_size=4)
     eng = llm.engine
