@@ -55,7 +55,8 @@ from cpu_floors import format_floors, kernel_floors, load_stats, machine  # noqa
 PROMPT, DECODE = 64, 33
 TUNE_BUDGET = 240.0
 """Seconds of `kiln tune` search per cpu artifact: the whole run (two models) stays under ~20
-minutes on a 2-core machine."""
+minutes on a 2-core machine (llama-100m's tune took 249 s with its rebuild, the rest of its kiln
+cpu row 50 s)."""
 PREFILL = 512
 """Prefill prompt length: 512, or what fits the model's context (the demo model's is 256)."""
 
