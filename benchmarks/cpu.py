@@ -4,8 +4,8 @@
 
 Per model (the bundled demo model, and a ~100M-parameter Llama shape with random weights
 synthesized here by kiln.models.shapes): batch-1 and batch-8 decode tok/s (64-token prompts;
-(B * (N - 1)) tokens over the time between a 1-token and an N-token generation, median of
---reps) and 512-token prefill tok/s (one 512-token prompt, one token out; 223 tokens on the demo
+(B * (N - 1)) tokens over the median time of an N-token generation less the median time of a
+1-token one, --reps of each) and 512-token prefill tok/s (one 512-token prompt, one token out; 223 tokens on the demo
 model, whose context is 256), for
 - kiln's `cpu` target (TVM kernels) and `reference` target, through `LLM.generate`; the cpu
   artifact tuned first as a user would (`kiln tune ARTIFACT --budget SECONDS`, its Python API
@@ -70,12 +70,15 @@ def _rates(gen, vocab: int, reps: int) -> dict:
     out: dict = {"prefill_tokens": PREFILL}
     gen(_ids(1, 8, vocab, 99), 2)  # warm
     for b in (1, 8):
-        rates = []
+        # (DECODE - 1) decode steps: the median time of DECODE tokens less that of 1 (prompt and
+        # first token), each over reps calls; one slow 1-token call would otherwise shrink a
+        # single difference and inflate its rate
+        ones, alls = [], []
         for r in range(reps):
             ids = _ids(b, PROMPT, vocab, r)
-            t1, tn = gen(ids, 1), gen(ids, DECODE)
-            rates.append(b * (DECODE - 1) / (tn - t1))
-        out[f"decode_b{b}_tok_s"] = statistics.median(rates)
+            ones.append(gen(ids, 1))
+            alls.append(gen(ids, DECODE))
+        out[f"decode_b{b}_tok_s"] = b * (DECODE - 1) / (statistics.median(alls) - statistics.median(ones))
     out["prefill_tok_s"] = statistics.median(PREFILL / gen(_ids(1, PREFILL, vocab, 100 + r), 1) for r in range(reps))
     return out
 
@@ -276,7 +279,7 @@ def _run_engine(engine: str, source: Path, vocab: int, reps: int, threads: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,llama-100m")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=available_cores())
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--out", default="benchmarks/results/cpu.json")
