@@ -12,7 +12,7 @@ from kiln.frontend import import_model
 from kiln.ir import run_graph
 from kiln.ir.ops import OPS
 from kiln.ir.step_inputs import is_cache_input, whole_sequence_inputs
-from kiln.kernels.triton_kernels import elementwise, norms
+from kiln.kernels.triton_kernels import elementwise, linear, norms
 from kiln.kernels.triton_kernels.rope import LAUNCHERS
 from kiln.passes import PassManager, get_pass, resolve_pipeline
 from kiln.passes.differential import sample_batch
@@ -232,9 +232,10 @@ def test_cuda_pipeline_graph_on_triton_kernels_matches_the_reference(checkpoint,
     inputs = {n: batch[n] for n in names}
     with torch.no_grad():
         want = run_graph(graph, {k: v.clone() for k, v in inputs.items()}, imported.weights)
-        launched = {**norms.LAUNCHERS, **elementwise.LAUNCHERS, **LAUNCHERS}
+        launched = {**norms.LAUNCHERS, **elementwise.LAUNCHERS, **LAUNCHERS,
+                    "gated_linear": linear.LAUNCHERS["gated_linear"]}
         used = {n.op for n in graph.ops()} & set(launched)
-        assert {"rope_kv_cache_write", "silu_and_mul" if arch == "llama" else "layer_norm"} <= used
+        assert {"rope_kv_cache_write", "gated_linear" if arch == "llama" else "layer_norm"} <= used
         for name in used:
             monkeypatch.setitem(OPS, name, _on_triton(name, launched[name]))
         got = run_graph(graph, inputs, imported.weights)
