@@ -144,32 +144,16 @@ def _warm_up(artifact: str, max_num_seqs: int, max_num_batched_tokens: int) -> d
 
 
 def _warm_tuned_gemms(plan, tuning: dict | None) -> None:
-    """Launch the Triton GEMM or GEMV once with every config tuning.json chose, on each weight
-    shape's dtype, bias and layout, at its bucket's bound, and the GEMV with each gated_linear's
-    activation fused (a bucket the warm-up requests missed must not compile at serve time;
-    neither kernel specializes on the token count)."""
-    import torch
-
-    from kiln.codegen.cuda.tune import workload
-    from kiln.kernels.triton_kernels import gemv, linear
-    from kiln.kernels.triton_kernels.elementwise import act_code
+    """Launch every linear and gated_linear weight shape once per choice tuning.json made, at
+    its bucket's bound, through the launcher the runtime uses (a bucket the warm-up requests
+    missed must not compile at serve time; neither Triton kernel specializes on the token count)."""
+    from kiln.codegen.cuda.tune import linear_call, weight, workload
+    from kiln.kernels.triton_kernels import linear
 
     table = linear.parse_table(((tuning or {}).get("kernels") or {}).get("linear") or {})
-    gated = {(plan.buffers[s.inputs[1]].shape[1], plan.buffers[s.inputs[1]].shape[0], len(s.inputs) > 2,
-              act_code(s.attrs["gate"], s.attrs.get("approximate"))) for s in plan.steps if s.kernel == "triton:gated_linear"}
     for shape in workload(plan)[0]:
         for choice in table.get((shape.k, shape.n), ()):
-            w = torch.zeros((shape.n, shape.k) if shape.layout == "out_in" else (shape.k, shape.n),
-                            dtype=shape.dtype, device="cuda")
-            bias = torch.zeros(shape.n, dtype=shape.dtype, device="cuda") if shape.bias else None
-            y = torch.empty(choice.max_m, shape.n, dtype=shape.dtype, device="cuda")
-            linear.run_choice(choice, y, torch.zeros(choice.max_m, shape.k, dtype=shape.dtype, device="cuda"), w,
-                              bias, shape.layout)
-            if choice.provider != "gemv":
-                continue
-            for act in {a for k, n, b, a in gated if (k, n, b) == (shape.k, shape.n, shape.bias)}:
-                gemv.gemv(y, torch.zeros(choice.max_m, 2 * shape.k, dtype=shape.dtype, device="cuda"), w, bias,
-                          choice.config, act)
+            linear_call(shape, choice.max_m, choice)(weight(shape, 0.0))
 
 
 def main(argv: list[str] | None = None) -> None:

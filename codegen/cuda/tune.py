@@ -135,13 +135,11 @@ def workload(plan: ExecutionPlan) -> tuple[Counter[LinearShape], Counter[Attenti
 # -- linear -------------------------------------------------------------------------------------
 
 
-def _linear_calls(shape: LinearShape, m: int, choice: linear.LinearChoice) -> list[Callable[[], None]]:
-    """Calls of the launcher that runs `choice` (gated_linear's for a gated shape, so a fused
-    GEMV is timed against the gated kernel plus a GEMM), each on its own copy of the weight."""
+def linear_call(shape: LinearShape, m: int, choice: linear.LinearChoice) -> Callable[[torch.Tensor], None]:
+    """call(w): one call of m rows through the launcher that runs `choice` on weight w
+    (gated_linear's for a gated shape, so a fused GEMV is timed against the gated kernel plus a
+    GEMM), on inputs and outputs made once."""
     dev = torch.device("cuda")
-    copies = max(1, min(16, COLD_BYTES // (shape.k * shape.n * shape.dtype.itemsize)))
-    wshape = (shape.n, shape.k) if shape.layout == "out_in" else (shape.k, shape.n)
-    ws = [torch.randn(wshape, device=dev, dtype=shape.dtype) * 0.02 for _ in range(copies)]
     b = [torch.randn(shape.n, device=dev, dtype=shape.dtype)] if shape.bias else []
     x = torch.randn(m, shape.k * (2 if shape.gate else 1), device=dev, dtype=shape.dtype)
     outs = [torch.empty(m, shape.n, device=dev, dtype=shape.dtype)]
@@ -149,7 +147,20 @@ def _linear_calls(shape: LinearShape, m: int, choice: linear.LinearChoice) -> li
     if shape.gate:
         outs.append(torch.empty(m, shape.k, device=dev, dtype=shape.dtype))
     launch = linear.make_launchers({shape.key: [choice.to_json()]})["gated_linear" if shape.gate else "linear"]
-    return [lambda w=w: launch(outs, [x, w, *b], attrs) for w in ws]
+    return lambda w: launch(outs, [x, w, *b], attrs)
+
+
+def weight(shape: LinearShape, scale: float = 0.02) -> torch.Tensor:
+    """A random weight of the shape in its layout, on the GPU (scale 0: zeros)."""
+    wshape = (shape.n, shape.k) if shape.layout == "out_in" else (shape.k, shape.n)
+    return torch.randn(wshape, device="cuda", dtype=shape.dtype) * scale
+
+
+def _linear_calls(shape: LinearShape, m: int, choice: linear.LinearChoice) -> list[Callable[[], None]]:
+    """`linear_call`s, each on its own copy of the weight (together past the L2)."""
+    copies = max(1, min(16, COLD_BYTES // (shape.k * shape.n * shape.dtype.itemsize)))
+    call = linear_call(shape, m, choice)
+    return [lambda w=w: call(w) for w in [weight(shape) for _ in range(copies)]]
 
 
 def _candidates(shape: LinearShape, bound: int) -> list[tuple[str, Any]]:
@@ -321,4 +332,5 @@ def _short(config: dict[str, Any]) -> str:
     return " ".join(f"{k.replace('block_', 'b').replace('num_', '')}={v}" for k, v in config.items() if k != "group_m")
 
 
-__all__ = ["AttentionShape", "LinearShape", "attention_calls", "format_table", "graph_time_us", "tune", "workload"]
+__all__ = ["AttentionShape", "LinearShape", "attention_calls", "format_table", "graph_time_us", "linear_call", "tune",
+           "weight", "workload"]
