@@ -10,10 +10,25 @@ Layouts (T tokens, S sequences, NB cache blocks of BS tokens, MB blocks per tabl
 Work: the query rows of each sequence are cut into tiles of BLOCK_Q tokens. Sequence s's first
 tile id is cu_seqlens[s] // BLOCK_Q + s, so every id is below cdiv(T, BLOCK_Q) + S (a grid from
 shapes alone); program (id, kv head) finds its sequence by binary search over cu_seqlens and
-exits when the id names no tile of it:
+exits when the id names no tile of it, or a sequence whose query length q_len lies outside the
+launch's [MIN_Q, MAX_Q] (MAX_Q 0: no upper bound):
 
     BLOCK_Q 4, cu_seqlens [0, 6, 7, 7], grid cdiv(7, 4) + 3 = 5:
     ids 0 1 -> seq 0 tiles 0 1 | 2 -> seq 1 tile 0 | 3 4 -> seq 2 (no rows): exit
+
+Launches, from shapes alone (no host sync; CUDA-graph safe):
+- decode-sized steps (T <= S): one launch of decode_block_m-row tiles (or the split path below);
+- one sequence (S == 1), or tiles of equal size: one launch of block_m-row tiles;
+- mixed steps (T > S > 1): a 1-token query fills GP rows of its tile (4 of 64 at block_m 64,
+  GP 4: 16x the exps and dots that matter), so two launches share the step: first
+  decode_block_m-row tiles (BLOCK_Q_dec = decode_block_m // GP tokens) over the sequences with
+  q_len <= BLOCK_Q_dec (MAX_Q = BLOCK_Q_dec; this launch also zeroes the padded rows), then
+  block_m-row tiles over the longer ones (MIN_Q = BLOCK_Q_dec + 1); each program of one exits
+  where the other works (after its PDL wait). The decode tiles go first: the longest prefill
+  tiles then end the step, where the next kernel's launch overlaps them.
+
+    decodes and a 390-token chunk, GP 4:  launch 1  BLOCK_Q 4,  MAX_Q 4: 511 decode tiles
+                                          launch 2  BLOCK_Q 16, MIN_Q 5: 25 prefill tiles
 
 GQA: the G = Hq / Hkv query heads of one KV head are packed with the tile's tokens into the
 BLOCK_M rows of tl.dot, row r = (token r // GP, head r % GP), GP = G padded to a power of two.
@@ -37,6 +52,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import Launcher
+from kiln.kernels.triton_kernels import pdl
 
 Tensor = torch.Tensor
 
@@ -49,7 +65,8 @@ class AttentionConfig:
     """Rows of a tile (query tokens x packed heads) of the unified kernel on steps with more
     tokens than sequences (prefill or mixed)."""
     decode_block_m: int = 16
-    """Rows of a tile on decode-sized steps (T <= S) and on the split path."""
+    """Rows of a tile on decode-sized steps (T <= S), on the split path, and of the launch that
+    takes the short sequences (q_len <= decode_block_m // GP) of mixed steps."""
     block_n: int = 64
     """Keys per iteration of the KV loop."""
     num_warps: int = 4
@@ -153,9 +170,11 @@ def _attention_kernel(
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    MIN_Q: tl.constexpr, MAX_Q: tl.constexpr, ZERO_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # the last tiles (the longest, causal) start first
     kvh = tl.program_id(1)
+    pdl.wait(PDL)  # q, the caches and the step's metadata come from earlier kernels
     rows = tl.arange(0, BLOCK_M)
     qi = rows // GP  # token of the row within the tile
     hh = rows % GP
@@ -166,9 +185,10 @@ def _attention_kernel(
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    if not SPLIT:
+    if ZERO_PAD:
         # Padded token rows (outside cu_seqlens[0]:cu_seqlens[S]) belong to no tile: program
-        # pid zeroes those of rows pid*BLOCK_Q .. +BLOCK_Q (the split path's reduce does it there).
+        # pid zeroes those of rows pid*BLOCK_Q .. +BLOCK_Q (the split path's reduce does it there;
+        # on mixed steps the first of the two launches does).
         t = pid * BLOCK_Q + qi
         pad = (t < T) & ((t < tl.load(cu_ptr)) | (t >= tl.load(cu_ptr + S))) & head_ok
         o_ptrs = out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :] * stride_od
@@ -181,7 +201,10 @@ def _attention_kernel(
     q_len = tl.load(cu_ptr + s + 1) - q_start
     ctx = tl.load(seq_lens_ptr + s)
     tile = pid - (q_start // BLOCK_Q + s)
-    if (found < 0) | (tile * BLOCK_Q >= q_len):
+    skip = (found < 0) | (tile * BLOCK_Q >= q_len) | (q_len < MIN_Q)
+    if MAX_Q > 0:  # the other launch of a mixed step takes the longer sequences
+        skip = skip | (q_len > MAX_Q)
+    if skip:
         return
 
     tok = tile * BLOCK_Q + qi  # token of the row within its sequence
@@ -268,8 +291,9 @@ def _reduce_kernel(
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, cu_ptr, sinks_ptr,
     T, S, stride_ot, stride_oh, stride_od,
     HQ: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)  # the partial results of the attention kernel before it
     t = tl.program_id(0)
     h = tl.program_id(1)
     valid = (t >= tl.load(cu_ptr)) & (t < tl.load(cu_ptr + S))  # padded rows are written 0
@@ -356,40 +380,49 @@ def make_launcher(config: AttentionConfig = DEFAULT_CONFIG, decode: AttentionCon
         g = hq // hkv
         gp = triton.next_power_of_2(g)
         c = decode if decode is not None and t <= s else config
-        path = choose_path(c, t, s, hkv, block_tables.shape[1] * bs)
-        block_m = max(c.decode_block_m if path == "split" or t <= s else c.block_m, gp)
-        block_q = block_m // gp
-        split = path == "split"
-        num_splits = c.num_splits if split else 1
+        split = choose_path(c, t, s, hkv, block_tables.shape[1] * bs) == "split"
         dv_pad = _pow2(dv)
-        if split:
-            part_acc = torch.empty(t, hq, num_splits, dv_pad, dtype=torch.float32, device=q.device)
-            part_m = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q.device)
-            part_l = torch.empty_like(part_m)
-        else:
-            part_acc = part_m = part_l = out  # unused
         window = int(attrs.get("sliding_window") or 0)
         softcap = float(attrs.get("softcap") or 0.0)
-        grid = (triton.cdiv(t, block_q) + s, hkv, num_splits)
-        _attention_kernel[grid](
-            out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens,
-            sinks if sinks is not None else q, part_acc, part_m, part_l,
-            t, s, float(attrs["scale"]), softcap, window,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
-            HQ=hq, G=g, GP=gp, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=c.block_n, BS=bs,
-            D=d, DV=dv, D_PAD=_pow2(d), DV_PAD=dv_pad,
-            CAUSAL=bool(attrs["causal"]), SLIDING=window > 0, SOFTCAP=softcap > 0.0,
-            HAS_SINKS=sinks is not None and not split, SPLIT=split, NUM_SPLITS=num_splits,
-            IEEE=k_cache.dtype == torch.float32,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
-        if split:
-            _reduce_kernel[(t, hq)](
-                out, part_acc, part_m, part_l, cu_seqlens, sinks if sinks is not None else q,
-                t, s, *out.stride(),
-                HQ=hq, DV=dv, DV_PAD=dv_pad, NUM_SPLITS=num_splits, HAS_SINKS=sinks is not None,
-                num_warps=c.num_warps,
+        pdl_options = pdl.options(q)
+
+        def attend(block_m: int, min_q: int, max_q: int, zero_pad: bool, num_splits: int,
+                   parts: tuple[Tensor, Tensor, Tensor]) -> None:
+            """One launch of the attention kernel over the sequences with q_len in [min_q, max_q]."""
+            block_q = block_m // gp
+            _attention_kernel[(triton.cdiv(t, block_q) + s, hkv, num_splits)](
+                out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens,
+                sinks if sinks is not None else q, *parts,
+                t, s, float(attrs["scale"]), softcap, window,
+                *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
+                HQ=hq, G=g, GP=gp, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=c.block_n, BS=bs,
+                D=d, DV=dv, D_PAD=_pow2(d), DV_PAD=dv_pad,
+                CAUSAL=bool(attrs["causal"]), SLIDING=window > 0, SOFTCAP=softcap > 0.0,
+                HAS_SINKS=sinks is not None and not split, SPLIT=split, NUM_SPLITS=num_splits,
+                IEEE=k_cache.dtype == torch.float32, MIN_Q=min_q, MAX_Q=max_q, ZERO_PAD=zero_pad,
+                num_warps=c.num_warps, num_stages=c.num_stages, **pdl_options,
             )
+
+        short_m = max(c.decode_block_m, gp)  # the tile rows of decode-sized work
+        long_m = max(c.block_m, gp)
+        if split:
+            parts = (torch.empty(t, hq, c.num_splits, dv_pad, dtype=torch.float32, device=q.device),
+                     torch.empty(t, hq, c.num_splits, dtype=torch.float32, device=q.device),
+                     torch.empty(t, hq, c.num_splits, dtype=torch.float32, device=q.device))
+            attend(short_m, 0, 0, False, c.num_splits, parts)
+            _reduce_kernel[(t, hq)](
+                out, *parts, cu_seqlens, sinks if sinks is not None else q,
+                t, s, *out.stride(),
+                HQ=hq, DV=dv, DV_PAD=dv_pad, NUM_SPLITS=c.num_splits, HAS_SINKS=sinks is not None,
+                num_warps=c.num_warps, **pdl_options,
+            )
+        elif t <= s:
+            attend(short_m, 0, 0, True, 1, (out, out, out))
+        elif s > 1 and short_m < long_m:  # mixed: short queries in small tiles, then the rest
+            attend(short_m, 0, short_m // gp, True, 1, (out, out, out))
+            attend(long_m, short_m // gp + 1, 0, False, 1, (out, out, out))
+        else:
+            attend(long_m, 0, 0, True, 1, (out, out, out))
 
     return launch
 

@@ -174,6 +174,81 @@ def test_triton_attention_path_rule() -> None:
     assert set(KNOBS) <= set(AttentionConfig.__dataclass_fields__)
 
 
+# -- mixed steps: two launches ------------------------------------------------------------------
+
+# block_m 32, decode_block_m 16: at GP 2 (hq 4, hkv 2) the short launch takes q_len <= 8 in tiles
+# of 8 tokens, the long one q_len >= 9 in tiles of 16.
+TWO = make_launcher(AttentionConfig(path="unified", block_m=32, decode_block_m=16, block_n=16))
+# Decodes, speculative-sized queries at and around the bound (3, 8, 9), prefill chunks of
+# several lengths (fresh and continuing a cached context), interleaved.
+STEP = [(21, 1), (40, 17), (9, 8), (1, 1), (33, 33), (30, 9), (65, 1), (12, 3), (50, 21), (7, 1)]
+
+
+class Launches:
+    """Records the attention kernel's launches (grid, constexprs) and runs them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from kiln.kernels.triton_kernels import attention
+
+        self.kernel = attention._attention_kernel
+        self.seen: list[tuple[tuple, dict]] = []
+        monkeypatch.setattr(attention, "_attention_kernel", self)
+
+    def __getitem__(self, grid: tuple):
+        def run(*args, **kw):
+            self.seen.append((grid, {k: kw[k] for k in ("BLOCK_Q", "MIN_Q", "MAX_Q", "ZERO_PAD")}))
+            self.kernel[grid](*args, **kw)
+
+        return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_attention_mixed_two_launches(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    launches = Launches(monkeypatch)
+    batch = make_batch(STEP, dtype=dtype, pad_seqs=2, pad_rows=3)
+    got = run(TWO, batch)
+    assert torch.equal(got[-3:], torch.zeros_like(got[-3:]))  # the padded rows, zeroed once
+    torch.testing.assert_close(got.float(), reference(batch).float(), atol=TOL[dtype], rtol=TOL[dtype])
+    t, s = batch.args[0].shape[0], len(STEP) + 2
+    assert launches.seen == [
+        ((-(-t // 8) + s, 2, 1), {"BLOCK_Q": 8, "MIN_Q": 0, "MAX_Q": 8, "ZERO_PAD": True}),
+        ((-(-t // 16) + s, 2, 1), {"BLOCK_Q": 16, "MIN_Q": 9, "MAX_Q": 0, "ZERO_PAD": False}),
+    ]
+
+
+def test_triton_attention_mixed_one_launch_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One sequence, decode-sized steps, equal tile sizes: one launch, as before.
+    launches = Launches(monkeypatch)
+    check(TWO, make_batch([(40, 21)], pad_rows=2))
+    check(TWO, make_batch([(40, 1), (9, 1)], pad_seqs=1))
+    check(UNIFIED, make_batch(STEP[:4], pad_rows=1))
+    assert [kw["BLOCK_Q"] for _, kw in launches.seen] == [16, 8, 8]
+    assert all(kw["ZERO_PAD"] and kw["MAX_Q"] == 0 for _, kw in launches.seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_attention_mixed_window_freed_blocks(dtype: torch.dtype) -> None:
+    # Both launches skip the blocks that left every query's window (NaN here).
+    batch = make_batch(STEP, window=11, bs=8, dtype=dtype, pad_seqs=1, pad_rows=2)
+    expected = reference(batch)
+    for b in batch.freed:
+        batch.args[1][b] = float("nan")
+        batch.args[2][b] = float("nan")
+    check(TWO, batch, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_attention_mixed_softcap_sinks(dtype: torch.dtype) -> None:
+    check(TWO, make_batch(STEP, softcap=5.0, sinks=True, dtype=dtype, pad_rows=2))
+    check(TWO, make_batch(STEP[:6], causal=False, strided_q=True, dtype=dtype, pad_rows=1))
+
+
+@pytest.mark.parametrize(("hq", "hkv"), [(8, 2), (6, 2), (4, 4)])
+def test_triton_attention_mixed_default_knobs(hq: int, hkv: int) -> None:
+    # The default knobs (block_m 64, decode_block_m 16, block_n 64) at GP 4, 4 (G 3) and 1.
+    check(LAUNCHERS["paged_attention"], make_batch(STEP, hq=hq, hkv=hkv, pad_seqs=1, pad_rows=2, sinks=True))
+
+
 # -- on an H200, in bfloat16 ----------------------------------------------------------------------
 
 
@@ -192,6 +267,24 @@ def test_triton_attention_gpu_bf16(path: str) -> None:
     check(launch, make_batch(_serving_seqs(0), pad_seqs=3, pad_rows=5, **kw))
     check(launch, make_batch(_serving_seqs(1), sinks=True, softcap=30.0, strided_q=True, **kw))
     batch = make_batch(_serving_seqs(2), window=256, **kw)
+    expected = reference(batch)
+    for b in batch.freed:
+        batch.args[1][b] = float("nan")
+        batch.args[2][b] = float("nan")
+    check(launch, batch, expected)
+
+
+@pytest.mark.gpu
+def test_triton_attention_gpu_mixed_step() -> None:
+    # An offline-serving step: many decodes beside prefill chunks, in the default two launches.
+    g = torch.Generator().manual_seed(4)
+    ctx = torch.randint(100, 1500, (96,), generator=g).tolist()
+    seqs = [(c, 1) for c in ctx] + [(800, 390), (130, 130), (600, 5), (300, 4)]
+    launch = LAUNCHERS["paged_attention"]
+    kw = {"hq": 32, "hkv": 8, "d": 128, "bs": 16, "dtype": torch.bfloat16}
+    check(launch, make_batch(seqs, pad_seqs=3, pad_rows=5, **kw))
+    check(launch, make_batch(seqs[::-1], sinks=True, softcap=30.0, strided_q=True, **kw))
+    batch = make_batch(seqs, window=256, **kw)
     expected = reference(batch)
     for b in batch.freed:
         batch.args[1][b] = float("nan")
