@@ -1,10 +1,13 @@
 """Per-kernel GPU timings against their floors: paged attention at the 8B shape (a 2048-token
 prefill beside torch's flash SDPA on the same shapes; decode at batch 1, 32 and 256 over 1024
-tokens) and the sampler's greedy rows. Each is timed as decode steps run it, replayed from a
-CUDA graph over memory that does not fit in L2 (kiln.codegen.cuda.tune.graph_time_us); the
-per-shape linear choices are `kiln tune`'s table. Prints a table, writes JSON.
+tokens; an offline-serving mixed step of 511 decodes and a 390-token prefill chunk, in the
+kernel's two launches and in the single launch it replaced) and the sampler's greedy rows. Each
+is timed as decode steps run it, replayed from a CUDA graph over memory that does not fit in L2
+(kiln.codegen.cuda.tune.graph_time_us); the per-shape linear choices are `kiln tune`'s table.
+Prints a table, writes JSON.
 
     python benchmarks/cuda_kernels.py [--shape llama-3.1-8b] [--out FILE]
+                                      [--only attention attention_mixed sampling]
 """
 
 from __future__ import annotations
@@ -52,13 +55,18 @@ CASES = {"prefill_2048": ([2048], [2048]), "decode_b1_ctx1024": ([1024], [1]),
          "decode_b32_ctx1024": ([1024] * 32, [1] * 32), "decode_b256_ctx1024": ([1024] * 256, [1] * 256)}
 
 
+def _attention_shape(cfg) -> AttentionShape:
+    d = cfg.head_dim
+    return AttentionShape(cfg.num_attention_heads, cfg.num_key_value_heads, d, d, torch.bfloat16,
+                          (("causal", True), ("scale", d ** -0.5), ("sliding_window", None), ("softcap", None)),
+                          False)
+
+
 def attention_table(cfg, bw: float) -> dict:
     """The default paged-attention kernel per case against its floors (KV bytes over the copy
     bandwidth; FLOPs at 793 TFLOP/s), and torch's SDPA (flash) on the prefill's shapes."""
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    shape = AttentionShape(hq, hkv, d, d, torch.bfloat16,
-                           (("causal", True), ("scale", d ** -0.5), ("sliding_window", None), ("softcap", None)),
-                           False)
+    shape = _attention_shape(cfg)
     launch = attention.make_launcher()
     res: dict = {}
     for name, (seqs, q_lens) in CASES.items():
@@ -76,7 +84,40 @@ def attention_table(cfg, bw: float) -> dict:
             row |= {"torch_sdpa_us": sdpa, "sdpa_tflops": flops / sdpa / 1e6}
         res[name] = row
         print(f"attention {name:<22} {us:9.1f} us  floor {max(row['kv_floor_us'], row['flop_floor_us']):8.1f} us"
+              f"  {row['tflops']:6.1f} TFLOP/s"
               + (f"  torch sdpa {row['torch_sdpa_us']:.1f} us" if "torch_sdpa_us" in row else ""), flush=True)
+    return res
+
+
+def mixed_step() -> tuple[list[int], list[int]]:
+    """An offline-serving step (block size 16, as the runtime's default): 511 decodes over
+    contexts uniform in 100..1500, then a 390-token prefill chunk at context 800."""
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(100, 1501, (511,), generator=g).tolist()
+    return [*ctx, 800], [1] * 511 + [390]
+
+
+def attention_mixed_table(cfg) -> dict:
+    """The mixed step in the default launcher's two launches (decode_block_m tiles for the
+    decodes, block_m tiles for the chunk) and in one launch of block_m tiles for all (the
+    launcher before the split: decode_block_m == block_m), beside its 511 decodes alone (one
+    launch of decode tiles: the floor the decodes of the mixed step can reach). KV TB/s: each
+    sequence's context read once, over the kernel time."""
+    shape = _attention_shape(cfg)
+    per_token = shape.hkv * (shape.d + shape.dv) * shape.dtype.itemsize
+    seqs, q_lens = mixed_step()
+    one = attention.make_launcher(attention.AttentionConfig(decode_block_m=attention.DEFAULT_CONFIG.block_m))
+    cases = {"mixed_two_launches": (seqs, q_lens, attention.make_launcher()),
+             "mixed_one_launch": (seqs, q_lens, one),
+             "decodes_alone": (seqs[:-1], q_lens[:-1], attention.make_launcher())}
+    res: dict = {}
+    for name, (ctx, q, launch) in cases.items():
+        us = graph_time_us(attention_calls(shape, ctx, q)(launch))
+        kv = sum(ctx) * per_token
+        res[name] = {"us": us, "kv_bytes": kv, "kv_TBps": kv / us / 1e6, "tokens": sum(q), "seqs": len(ctx)}
+        print(f"attention {name:<22} {us:9.1f} us  KV {kv / 1e9:6.2f} GB at {kv / us / 1e6:5.2f} TB/s", flush=True)
+    res["speedup"] = res["mixed_one_launch"]["us"] / res["mixed_two_launches"]["us"]
+    print(f"attention mixed step: two launches {res['speedup']:.2f}x the single launch", flush=True)
     return res
 
 
@@ -99,11 +140,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--out", default="benchmarks/results/cuda-kernels.json")
+    ap.add_argument("--only", nargs="+", choices=("attention", "attention_mixed", "sampling"),
+                    default=("attention", "attention_mixed", "sampling"), help="the tables to run")
     a = ap.parse_args()
     bw = copy_bandwidth()
+    cfg = shape_config(a.shape)
+    tables = {"attention": ("attention", lambda: attention_table(cfg, bw)),
+              "attention_mixed": ("attention_mixed", lambda: attention_mixed_table(cfg)),
+              "sampling": ("sampling_greedy_us", lambda: sampling_table(128256))}
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "copy_bandwidth_GBps": bw / 1e9, "shape": a.shape,
-              "attention": attention_table(shape_config(a.shape), bw), "sampling_greedy_us": sampling_table(128256)}
+              "copy_bandwidth_GBps": bw / 1e9, "shape": a.shape}
+    report |= {key: table() for name, (key, table) in tables.items() if name in a.only}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
 
