@@ -183,13 +183,13 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt)
             text: str | None = prompt
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids, text = [int(t) for t in prompt["prompt_token_ids"]], prompt.get("prompt")
+            ids, text = list(map(int, prompt["prompt_token_ids"])), prompt.get("prompt")
         else:
             raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
         if not ids:
             raise ValueError("the prompt is empty (it encodes to no tokens)")
         vocab = self.model.vocab_size
-        if any(t < 0 or t >= vocab for t in ids):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(

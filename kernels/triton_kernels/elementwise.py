@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import Launcher
+from kiln.kernels.triton_kernels import pdl
 
 Tensor = torch.Tensor
 
@@ -86,8 +87,9 @@ def gated_value(g, u, ACT: tl.constexpr, X_TY: tl.constexpr):
 
 @triton.jit
 def _gated_kernel(x_ptr, out_ptr, inter, x_n1, x_s0, x_s1, o_n1, o_s0, o_s1,
-                  ACT: tl.constexpr, BLOCK: tl.constexpr):
+                  ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # x: [rows, 2I] = [gate | up]; out: [rows, I].
+    pdl.wait(PDL)
     r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -112,7 +114,7 @@ def launch_gated(outs: list[Tensor], args: list[Any], act: int) -> None:
     block = min(triton.next_power_of_2(inter), _MAX_BLOCK)
     grid = (xn0 * xn1, triton.cdiv(inter, block))
     _gated_kernel[grid](x, out, inter, xn1, xs0, xs1, on1, os0, os1, ACT=act, BLOCK=block,
-                        num_warps=4 if block >= 1024 else 1)
+                        num_warps=4 if block >= 1024 else 1, **pdl.options(x))
 
 
 def _silu_and_mul(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
@@ -138,8 +140,9 @@ def _gelu_and_mul(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) ->
 
 @triton.jit
 def _softcap_kernel(x_ptr, out_ptr, width, x_n1, x_s0, x_s1, o_n1, o_s0, o_s1, cap,
-                    BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, PDL: tl.constexpr):
     # tanh(x / cap) * cap, rounded after the division and the tanh as torch rounds them.
+    pdl.wait(PDL)
     r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -164,13 +167,14 @@ def _softcap(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None
     block = min(triton.next_power_of_2(width), _MAX_BLOCK)
     grid = (xn0 * xn1, triton.cdiv(width, block))
     _softcap_kernel[grid](x, out, width, xn1, xs0, xs1, on1, os0, os1, float(attrs["cap"]), BLOCK=block,
-                          num_warps=4 if block >= 1024 else 1)
+                          num_warps=4 if block >= 1024 else 1, **pdl.options(x))
 
 
 @triton.jit
 def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, width, x_n1, x_s0, x_s1, o_n1, o_s0, o_s1,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
     # out[r] = x[idx[r]] over the row's `width` elements.
+    pdl.wait(PDL)
     r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -195,7 +199,7 @@ def _gather_rows(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> 
     block = min(triton.next_power_of_2(width), _MAX_BLOCK)
     grid = (rows, triton.cdiv(width, block))
     _gather_rows_kernel[grid](x, idx, out, width, 1, x.stride(0), 0, 1, out.stride(0), 0, BLOCK=block,
-                              num_warps=4 if block >= 1024 else 1)
+                              num_warps=4 if block >= 1024 else 1, **pdl.options(x))
 
 
 def _rows_contiguous(t: Tensor) -> bool:

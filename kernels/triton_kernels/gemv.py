@@ -8,6 +8,7 @@ A program owns BLOCK_N weight rows and BLOCK_M rows of x (grid: N / BLOCK_N x M 
 a bucket of at most BLOCK_M rows is one row tile, so each weight row is read once):
 
     acc [BLOCK_M, BLOCK_N, BLOCK_K] = 0                 float32, in registers
+    (the first weight tile loads before the PDL wait: see pdl.py)
     for k0 in 0, BLOCK_K, ... < K:
         w = W[n0 : n0 + BLOCK_N, k0 : k0 + BLOCK_K]     streamed (evict first)
         acc += x[m0 : m0 + BLOCK_M, None, k0 : ...] * w[None]   (no reduction in the loop)
@@ -31,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton_kernels import pdl
 from kiln.kernels.triton_kernels.elementwise import gated_value
 
 Tensor = torch.Tensor
@@ -67,11 +69,29 @@ MAX_M = 4
 """The largest bucket the GEMV is timed on (a larger one is a tensor-core GEMM's)."""
 
 
+@triton.jit
+def _load_w(w_ptrs, n_ok, k_ok, EVEN: tl.constexpr):
+    if EVEN:  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks on the weight
+        return tl.load(w_ptrs, eviction_policy="evict_first")
+    else:
+        return tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _accumulate(acc, w, x_ptrs, x_ok, K, ACT: tl.constexpr):
+    """acc += this chunk's x (act(gate) * up when ACT >= 0) times its weight tile."""
+    x = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+    if ACT >= 0:  # x holds [gate | up]: this chunk's act(gate) * up, in x's dtype
+        up = tl.load(x_ptrs + K, mask=x_ok, other=0.0).to(tl.float32)
+        x = gated_value(x, up, ACT, x_ptrs.dtype.element_ty).to(x_ptrs.dtype.element_ty).to(tl.float32)
+    return acc + x[:, None, :] * w.to(tl.float32)[None, :, :]
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,22 +100,16 @@ def _gemv_kernel(
     n_ok = offs_n < N
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    # The first weight tile streams in while the kernel before this one finishes (weights are
+    # never written); x is that kernel's output, read after the wait.
+    w = _load_w(w_ptrs, n_ok, offs_k < K, EVEN)
+    pdl.wait(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        if EVEN:  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks on the weight
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-            x_ok = m_ok[:, None]
-        else:
-            k_ok = offs_k < K - k
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            x_ok = m_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
-        if ACT >= 0:  # x holds [gate | up]: this chunk's act(gate) * up, in x's dtype
-            up = tl.load(x_ptrs + K, mask=x_ok, other=0.0).to(tl.float32)
-            x = gated_value(x, up, ACT, x_ptr.dtype.element_ty).to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+    acc = _accumulate(acc, w, x_ptrs, m_ok[:, None] & (offs_k < K)[None, :], K, ACT)
+    for k in range(BLOCK_K, K, BLOCK_K):
+        k_ok = offs_k < K - k
+        w = _load_w(w_ptrs + k, n_ok, k_ok, EVEN)
+        acc = _accumulate(acc, w, x_ptrs + k, m_ok[:, None] & k_ok[None, :], K, ACT)
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -122,7 +136,7 @@ def gemv(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, config: GemvConfi
         x, w, bias if bias is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, EVEN=n % c.block_n == 0 and k % c.block_k == 0, ACT=act,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        num_warps=c.num_warps, num_stages=c.num_stages, **pdl.options(x),
     )
 
 

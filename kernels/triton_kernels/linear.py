@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kiln.kernels import Launcher
 from kiln.kernels.torch_provider import launcher as torch_launcher
+from kiln.kernels.triton_kernels import pdl
 from kiln.kernels.triton_kernels.elementwise import act_code, launch_gated
 from kiln.kernels.triton_kernels.gemv import GemvConfig, gemv, supports
 
@@ -67,7 +68,9 @@ def _gemm_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -114,7 +117,7 @@ def gemm(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, config: GemmConfi
         *x.stride(), swn, swk, *y.stride(),
         HAS_BIAS=bias is not None, IEEE=w.dtype == torch.float32,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        num_warps=c.num_warps, num_stages=c.num_stages, **pdl.options(x),
     )
 
 

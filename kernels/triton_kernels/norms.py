@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import Launcher
+from kiln.kernels.triton_kernels import pdl
 from kiln.kernels.triton_kernels.elementwise import row_layout, row_offset
 
 Tensor = torch.Tensor
@@ -58,7 +59,8 @@ def _rms_scale(w_ptr, cols, mask, y, offset, HAS_W: tl.constexpr, W_FP32: tl.con
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, x_n1, x_s0, x_s1, o_n1, o_s0, o_s1, eps, offset,
                      HAS_W: tl.constexpr, W_FP32: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                     ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+                     ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     r = tl.program_id(0)
     xrow = x_ptr + row_offset(r, x_n1, x_s0, x_s1)
     orow = out_ptr + row_offset(r, o_n1, o_s0, o_s1)
@@ -90,8 +92,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, x_n1, x_s0, x_s1, o_n1, o_s0, o_s
 def _fused_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n,
                                x_n1, x_s0, x_s1, r_n1, r_s0, r_s1, o_n1, o_s0, o_s1, h_n1, h_s0, h_s1,
                                eps, offset, HAS_W: tl.constexpr, W_FP32: tl.constexpr,
-                               HAS_OFFSET: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+                               HAS_OFFSET: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                               PDL: tl.constexpr):
     # h = x + residual (in x's dtype) -> sum_ptr; rms_norm(h) -> out_ptr.
+    pdl.wait(PDL)
     r = tl.program_id(0)
     xrow = x_ptr + row_offset(r, x_n1, x_s0, x_s1)
     rrow = res_ptr + row_offset(r, r_n1, r_s0, r_s1)
@@ -151,7 +155,7 @@ def _rms_norm(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> Non
     _rms_norm_kernel[(xn0 * xn1,)](
         x, weight if weight is not None else x, out, n, xn1, xs0, xs1, on1, os0, os1, float(attrs["eps"]), offset,
         **_rms_flags(weight, offset, as_torch or attrs["weight_fp32"]), ONE_BLOCK=n <= block, BLOCK=block,
-        num_warps=warps)
+        num_warps=warps, **pdl.options(x))
 
 
 def _fused_add_rms_norm(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
@@ -169,13 +173,15 @@ def _fused_add_rms_norm(outs: list[Tensor], args: list[Any], attrs: dict[str, An
     _fused_add_rms_norm_kernel[(xn0 * xn1,)](
         x, res, weight if weight is not None else x, out, h, n, xn1, xs0, xs1, *layouts[0], *layouts[1],
         *layouts[2], float(attrs["eps"]), offset, **_rms_flags(weight, offset, attrs["weight_fp32"]),
-        ONE_BLOCK=n <= block, BLOCK=block, num_warps=warps)
+        ONE_BLOCK=n <= block, BLOCK=block, num_warps=warps, **pdl.options(x))
 
 
 @triton.jit
 def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n, x_n1, x_s0, x_s1, o_n1, o_s0, o_s1, eps,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
     # (x - mean) * rstd (* w) (+ b) in float32, one cast to the output's dtype (F.layer_norm).
+    pdl.wait(PDL)
     r = tl.program_id(0)
     xrow = x_ptr + row_offset(r, x_n1, x_s0, x_s1)
     orow = out_ptr + row_offset(r, o_n1, o_s0, o_s1)
@@ -236,7 +242,7 @@ def _layer_norm(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> N
     _layer_norm_kernel[(xn0 * xn1,)](
         x, weight if weight is not None else x, bias if bias is not None else x, out, n,
         xn1, xs0, xs1, on1, os0, os1, float(attrs["eps"]), HAS_W=weight is not None, HAS_B=bias is not None,
-        ONE_BLOCK=n <= block, BLOCK=block, num_warps=warps)
+        ONE_BLOCK=n <= block, BLOCK=block, num_warps=warps, **pdl.options(x))
 
 
 LAUNCHERS: dict[str, Launcher] = {

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import Launcher
+from kiln.kernels.triton_kernels import pdl
 from kiln.kernels.triton_kernels.elementwise import tl_dtype
 
 Tensor = torch.Tensor
@@ -101,7 +102,8 @@ def _long_rows(t, total_lens_ptr, cu_ptr, n_seqs, long_after, BLOCK_S: tl.conste
 def _rope_kernel(x_ptr, x_st, x_sh, o_ptr, o_st, o_sh, pos_ptr, cos_ptr, sin_ptr, c_sp, s_sp,
                  cl_ptr, sl_ptr, cl_sp, sl_sp, total_lens_ptr, cu_ptr, n_seqs, long_after, n_heads, half, rest,
                  R: tl.constexpr, LONG: tl.constexpr, INTERLEAVED: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
+                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     is_long = False
@@ -160,13 +162,15 @@ def _rope(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
     _rope_kernel[(t,)](x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1), positions, cos, sin,
                        cos.stride(0), sin.stride(0), *extra, h, r // 2, rest, R=r, LONG=bool(long),
                        INTERLEAVED=interleaved, BLOCK_H=bh, BLOCK_HALF=bhalf,
-                       BLOCK_REST=triton.next_power_of_2(rest) if rest else 0, num_warps=4)
+                       BLOCK_REST=triton.next_power_of_2(rest) if rest else 0, num_warps=4,
+                       **pdl.options(x))
 
 
 @triton.jit
 def _kv_cache_write_kernel(k_ptr, k_st, k_sh, v_ptr, v_st, v_sh, kc_ptr, kc_ss, kc_sh, vc_ptr, vc_ss, vc_sh,
                            slot_ptr, n_heads, dk, dv, BLOCK_HK: tl.constexpr, BLOCK_DK: tl.constexpr,
-                           BLOCK_HV: tl.constexpr, BLOCK_DV: tl.constexpr):
+                           BLOCK_HV: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     n_written = tl.where(slot >= 0, n_heads, 0)  # a padded row (slot -1) writes nothing
@@ -196,7 +200,7 @@ def _kv_cache_write(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) 
     _kv_cache_write_kernel[(t,)](k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), k_cache,
                                  k_cache.stride(1), k_cache.stride(2), v_cache, v_cache.stride(1), v_cache.stride(2),
                                  slots, h, dk, dv, BLOCK_HK=bhk, BLOCK_DK=bdk, BLOCK_HV=bhv, BLOCK_DV=bdv,
-                                 num_warps=4)
+                                 num_warps=4, **pdl.options(k))
 
 
 @triton.jit
@@ -205,8 +209,9 @@ def _rope_kv_cache_write_kernel(q_ptr, q_st, q_sh, qo_ptr, qo_st, qo_sh, k_ptr, 
                                 c_sp, s_sp, n_q_heads, n_kv_heads, half, rest, dv, R: tl.constexpr,
                                 INTERLEAVED: tl.constexpr, K_ROT_TY: tl.constexpr, BLOCK_HQ: tl.constexpr,
                                 BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
-                                BLOCK_HV: tl.constexpr, BLOCK_DV: tl.constexpr):
+                                BLOCK_HV: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr):
     # q_rot = rope(q) for every row; rope(k) and v into their cache slots (slot -1: not written).
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -246,7 +251,7 @@ def _rope_kv_cache_write(outs: list[Tensor], args: list[Any], attrs: dict[str, A
         v_cache.stride(2), slots, positions, cos, sin, cos.stride(0), sin.stride(0), hq, hk, r // 2, rest, dv,
         R=r, INTERLEAVED=interleaved, K_ROT_TY=tl_dtype(torch.promote_types(k.dtype, cos.dtype)),
         BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_HALF=bhalf, BLOCK_REST=triton.next_power_of_2(rest) if rest else 0,
-        BLOCK_HV=bhv, BLOCK_DV=bdv, num_warps=4)
+        BLOCK_HV=bhv, BLOCK_DV=bdv, num_warps=4, **pdl.options(q))
 
 
 LAUNCHERS: dict[str, Launcher] = {
