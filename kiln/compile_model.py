@@ -22,6 +22,7 @@ from kiln.ir.ops.kernels import LONG_ROPE_META
 from kiln.ir.types import torch_dtype
 from kiln.ir.verifier import verify
 from kiln.models.gguf import GGUFModel
+from kiln.models.quantized import load_quantized
 from kiln.passes import PassManager, get_pass, resolve_pipeline
 from kiln.runtime.artifact import TOKENIZER_DIR, sha256_file
 
@@ -87,7 +88,7 @@ def _compile(ckpt: Checkpoint, model_dir, out: Path, target: str, dtype: str, na
              dump_ir, verify_passes: bool, started: float) -> Path:
     lower = get_lowering(target)
     stages = tqdm(total=4, desc="compile: trace", unit="stage", leave=False, disable=None)
-    imported = import_model(ckpt, torch_dtype(dtype))
+    imported = load_quantized(import_model(ckpt, torch_dtype(dtype)))
     stages.update()
     stages.set_description("compile: passes")
     pm = PassManager(
