@@ -25,6 +25,8 @@ PASSES: dict[str, str] = {
     "gated-linear": "kiln.passes.gated_linear:GatedLinear",
     "fuse-elementwise": "kiln.passes.fuse_elementwise:FuseElementwise",
     "weight-panels": "kiln.passes.weight_panels:WeightPanels",
+    "quantize-weights": "kiln.passes.quantize_weights:QuantizeWeights",
+    "quantized-linear": "kiln.passes.quantized_linear:QuantizedLinear",
 }
 
 # The kernel op set (kiln.ir.ops.kernels): each pass turns one traced pattern into kernel-set ops.
@@ -50,6 +52,10 @@ _SERVING = [
     # -- serving shape: logits only for sampled rows, attention over the paged KV cache
     "last-token-logits",
     "paged-attention",
+    # -- linears over dequantized weights read the packed weights (after merge-projections,
+    # whose cats of dequants it folds into one packed weight, and after last-token-logits,
+    # which finds the LM head by its `linear`)
+    "quantized-linear",
     "dce",
 ]
 
