@@ -18,13 +18,18 @@ from kiln.kernels import Launcher
 
 PREFIX = "triton"
 
-MODULES = ("attention", "norms", "rope", "elementwise", "linear")
+MODULES = ("attention", "norms", "rope", "elementwise", "linear", "quant_linear")
 """The kernel modules of kiln.kernels.triton_kernels, each exposing LAUNCHERS."""
 
 TUNED = {"paged_attention": ("attention", "paged_attention"), "linear": ("linear", "linear"),
          "gated_linear": ("linear", "linear")}
 """Ops whose launcher a tuning.json entry configures -> (their module, the entry's name); the
 module's `from_tuning(entry)` gives its launchers by op name."""
+
+
+PARTIAL = {"quantized_linear": "quant_linear"}
+"""Ops whose Triton kernels compute only some nodes -> the module whose `covers(attrs)` says
+which (the launcher runs the torch reference for the rest; codegen routes those to `torch:`)."""
 
 
 @functools.cache
@@ -40,6 +45,13 @@ def launchers() -> dict[str, Launcher]:
 @functools.cache
 def _tuned(module: str, entry: str) -> dict[str, Launcher]:
     return importlib.import_module(f"kiln.kernels.triton_kernels.{module}").from_tuning(json.loads(entry))
+
+
+def covers(name: str, attrs: Mapping[str, Any]) -> bool:
+    """Whether the Triton kernel of op `name` computes a node with these attributes."""
+    if name not in PARTIAL:
+        return True
+    return importlib.import_module(f"kiln.kernels.triton_kernels.{PARTIAL[name]}").covers(attrs)
 
 
 def launcher(name: str, tuning: Mapping[str, Any] | None = None) -> Launcher | None:

@@ -2,7 +2,9 @@
 `triton:linear`, which calls cuBLAS through torch unless the artifact's tuning.json chose the
 Triton GEMM for a weight shape and bucket (`kiln tune`); the embedding gather goes to torch, and
 any other op runs its torch reference on the GPU, recorded as a fallback (`kiln inspect` lists
-them).
+them). So does a node that its op's Triton kernel does not cover (`triton_provider.covers`):
+`quantized_linear` has kernels for weight-only int4 / int8 only; fp8 weights and W8A8 run the
+reference (dequantizing the whole weight every call) for now.
 
 The compiled binaries are not built here: lowering needs no GPU. `build.py` builds them on the
 GPU the artifact will serve on (compile-model does it when one is present; `kiln tune` does it
@@ -27,7 +29,8 @@ def lower(graph: Graph) -> LoweredModule:
     fallbacks: set[str] = set()
 
     def kernel(node: Node) -> str:
-        if node.op not in VENDOR and triton_provider.launcher(node.op) is not None:
+        if node.op not in VENDOR and triton_provider.launcher(node.op) is not None \
+                and triton_provider.covers(node.op, node.attrs):
             return f"{triton_provider.PREFIX}:{node.op}"
         if torch_provider.launcher(node.op) is None:
             raise UnsupportedOpError(node.op, hint="neither Triton nor torch has a kernel for it")

@@ -1,0 +1,288 @@
+"""quantized_linear of the cuda target over canonical packed integer weights (ir/ops/quant.py),
+weight-only (act "none"): a GEMV for a few rows and a tensor-core GEMM for more.
+
+    x [M, K] (unit stride along K)   qweight uint8 [N, K * bits / 8] (contiguous rows)
+    scales [N, G]   zeros uint8 [N, G] (optional)   g_idx int32 [K] (optional)   bias [N]
+    w[n, k] = dtype(float32(q[n, k] - z[n, g(k)]) * scales[n, g(k)])   (the reference's rounding)
+    y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
+
+bits 4: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high nibble); a tile of
+BLOCK_P bytes covers 2 * BLOCK_P input channels and is read once.
+
+GEMV (M <= MAX_M, decode steps; as gemv.py, PDL protocol included): a program owns BLOCK_N
+weight rows and BLOCK_M rows of x:
+
+    acc [BLOCK_M, BLOCK_N, BLOCK_P] = 0                       float32
+    (the first packed tile loads before the PDL wait: weights are never written)
+    for p0 in 0, BLOCK_P, ... < K * bits / 8:
+        b = qweight[n0 : n0 + BLOCK_N, p0 : p0 + BLOCK_P]     streamed once (evict first)
+        bits 4: acc += x[:, 2j] * w(b & 15) + x[:, 2j + 1] * w(b >> 4)   (x read at stride 2)
+        bits 8: acc += x[:, j] * w(b)
+    y[m, n] = sum over the last axis of acc
+
+GEMM (more rows): BLOCK_M x BLOCK_N tiles of y looping over K in BLOCK_K steps; each step
+dequantizes its [BLOCK_N, BLOCK_K] weight tile in registers (int4: the two nibble planes
+interleaved back into channel order) and feeds tl.dot in x's dtype (ieee for float32).
+
+A group's scale and zero are gathered per input channel, which serves group sizes smaller than a
+tile and act-order g_idx alike; when no g_idx is given and the group size is a multiple of the
+tile's channels (per-channel scales, or groups of 128 with BLOCK_K 128), each tile loads one
+scale per row instead (SCALAR_GROUP).
+
+Formats this file does not compute (fp8 weights, activation quantization W8A8 / fp8) run the
+op's torch reference: `covers` says which, and the cuda lowering routes the others to `torch:`
+so `kiln inspect` lists them as fallbacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels import Launcher
+from kiln.kernels.torch_provider import launcher as torch_launcher
+from kiln.kernels.triton_kernels import pdl
+
+Tensor = torch.Tensor
+
+MAX_M = 4
+"""The most rows the GEMV serves (more: the GEMM)."""
+
+
+@dataclass(frozen=True)
+class QGemvConfig:
+    """The GEMV's knobs (block_p: packed bytes per tile)."""
+
+    block_n: int = 4
+    block_p: int = 256
+    num_warps: int = 4
+
+
+@dataclass(frozen=True)
+class QGemmConfig:
+    """The GEMM's knobs (block_k: input channels per tile, at least 32)."""
+
+    block_m: int = 32
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def covers(attrs: dict[str, Any]) -> bool:
+    """Whether these kernels compute a quantized_linear of these attributes (weight-only
+    packed integers of 4 or 8 bits); the rest runs the torch reference."""
+    return attrs.get("format") == "int" and attrs.get("act") == "none" and attrs.get("bits") in (4, 8)
+
+
+@triton.jit
+def _dequant(q, k, k_first, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, W_DTYPE: tl.constexpr,
+             BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr,
+             SCALAR_GROUP: tl.constexpr):
+    """float32 [BLOCK_N, C] weights (rounded through W_DTYPE as the reference rounds them) of the
+    int32 codes q [BLOCK_N, C] at input channels k [C] of rows offs_n."""
+    k_ok = k < K
+    if SCALAR_GROUP:  # one group for the whole tile
+        g1 = k_first // GROUP
+        s = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + g1, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        if HAS_Z:
+            z = tl.load(z_ptr + offs_n.to(tl.int64) * stride_zn + g1, mask=n_ok, other=0).to(tl.int32)[:, None]
+        else:
+            z = 1 << (BITS - 1)
+    else:
+        if HAS_G:
+            g = tl.load(g_ptr + k, mask=k_ok, other=0)
+        else:
+            g = k // GROUP
+        ok = n_ok[:, None] & k_ok[None, :]
+        s = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + offs_n[:, None].to(tl.int64) * stride_zn + g[None, :], mask=ok, other=0).to(tl.int32)
+        else:
+            z = 1 << (BITS - 1)
+    return ((q - z).to(tl.float32) * s).to(W_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _gemv_tile(acc, b, p0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
+               stride_sn, stride_zn, K, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
+               HAS_G: tl.constexpr, SCALAR_GROUP: tl.constexpr):
+    """acc += this tile's x times its weights (b: the packed bytes [BLOCK_N, BLOCK_P])."""
+    w_dtype = x_ptr.dtype.element_ty
+    b = b.to(tl.int32)
+    x_row = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    if BITS == 4:
+        k_lo = 2 * (p0 + offs_p)
+        w_lo = _dequant(b & 15, k_lo, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
+                        BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+        w_hi = _dequant(b >> 4, k_lo + 1, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
+                        w_dtype, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+        ok = m_ok[:, None] & (k_lo < K)[None, :]
+        x_lo = tl.load(x_row + k_lo[None, :], mask=ok, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_row + k_lo[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
+        acc += x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
+    else:
+        k = p0 + offs_p
+        w = _dequant(b, k, p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
+                     BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+        x = tl.load(x_row + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def _qgemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALAR_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    q_ptrs = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_p[None, :]
+    # The first packed tile streams in while the kernel before this one finishes (see pdl.py).
+    b = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_p < KP)[None, :], other=0, eviction_policy="evict_first")
+    pdl.wait(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_P], dtype=tl.float32)
+    acc = _gemv_tile(acc, b, 0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
+                     stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+    for p0 in range(BLOCK_P, KP, BLOCK_P):
+        b = tl.load(q_ptrs + p0, mask=n_ok[:, None] & (offs_p < KP - p0)[None, :], other=0,
+                    eviction_policy="evict_first")
+        acc = _gemv_tile(acc, b, p0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
+                         stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+    y = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _qgemm_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALAR_GROUP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl.wait(PDL)
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pm = first_m + (pid % per_group) % group
+    pn = (pid % per_group) // group
+
+    BLOCK_P: tl.constexpr = BLOCK_K * BITS // 8
+    offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    q_ptrs = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_p[None, :]
+    w_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        p0 = k0 * BITS // 8
+        b = tl.load(q_ptrs + p0, mask=n_ok[:, None] & (offs_p < KP - p0)[None, :], other=0).to(tl.int32)
+        if BITS == 4:
+            k_lo = k0 + 2 * offs_p
+            w_lo = _dequant(b & 15, k_lo, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
+                            BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+            w_hi = _dequant(b >> 4, k_lo + 1, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
+                            w_dtype, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+            w = tl.interleave(w_lo, w_hi)  # [BLOCK_N, BLOCK_K] in channel order
+        else:
+            w = _dequant(b, k0 + offs_k, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
+                         BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+        a = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+        wt = tl.trans(w.to(w_dtype))
+        if IEEE:  # float32: no TF32, for parity with the reference
+            acc = tl.dot(a, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, wt, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def quant_linear(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, g_idx: Tensor | None,
+                 bias: Tensor | None, bits: int, group_size: int, gemv: QGemvConfig | None = None,
+                 gemm: QGemmConfig | None = None) -> None:
+    """y [M, N] = x [M, K] @ dequant_int(qweight, scales, zeros, g_idx)^T (+ bias): the GEMV for
+    at most MAX_M rows, else the GEMM. x and y 2-D with unit stride along their last axis;
+    qweight, scales and zeros with unit stride along their rows."""
+    m, k = x.shape
+    n, kp = qweight.shape
+    if bits not in (4, 8) or kp * 8 // bits != k or y.shape != (m, n) or scales.shape[0] != n:
+        raise ValueError(f"quant_linear: x {tuple(x.shape)}, {bits}-bit qweight {tuple(qweight.shape)}, scales "
+                         f"{tuple(scales.shape)} and y {tuple(y.shape)} do not fit")
+    if x.stride(1) != 1 or y.stride(1) != 1 or qweight.stride(1) != 1 or scales.stride(1) != 1 \
+            or zeros is not None and zeros.stride(1) != 1:
+        raise ValueError("quant_linear: x, y, qweight, scales and zeros need a unit stride along their last axis")
+    if m == 0:
+        return
+    common = dict(
+        BITS=bits, GROUP=group_size, HAS_Z=zeros is not None, HAS_G=g_idx is not None, HAS_BIAS=bias is not None,
+    )
+    ptrs = (x, qweight, scales, zeros if zeros is not None else qweight, g_idx if g_idx is not None else qweight,
+            bias if bias is not None else scales, y, m, n, k, kp,
+            x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, y.stride(0))
+    if m <= MAX_M:
+        c = gemv or QGemvConfig()
+        block_m = triton.next_power_of_2(m)
+        tile_k = c.block_p * 8 // bits
+        grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, block_m))
+        _qgemv_kernel[grid](
+            *ptrs, **common, SCALAR_GROUP=g_idx is None and group_size % tile_k == 0,
+            BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_P=c.block_p, num_warps=c.num_warps, **pdl.options(x),
+        )
+        return
+    c = gemm or QGemmConfig()
+    grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
+    _qgemm_kernel[grid](
+        *ptrs, **common, SCALAR_GROUP=g_idx is None and group_size % c.block_k == 0, IEEE=x.dtype == torch.float32,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        num_warps=c.num_warps, num_stages=c.num_stages, **pdl.options(x),
+    )
+
+
+def _launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
+    """The quantized_linear launcher: these kernels where `covers` says, else the reference."""
+    if not covers(attrs):
+        _reference(outs, args, attrs)
+        return
+    x, qweight, scales, *rest = args
+    zeros = rest.pop(0) if attrs["has_zeros"] else None
+    g_idx = rest.pop(0) if attrs["has_g_idx"] else None
+    bias = rest.pop(0) if attrs["has_bias"] else None
+    k, n = x.shape[-1], outs[0].shape[-1]
+    x2 = x.reshape(-1, k) if x.stride(-1) == 1 else x.contiguous().view(-1, k)
+    y = outs[0]
+    y2 = y.view(-1, n) if y.is_contiguous() else torch.empty(y.shape, dtype=y.dtype, device=y.device).view(-1, n)
+    quant_linear(y2, x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous() if zeros is not None else None,
+                 g_idx, bias, attrs["bits"], attrs["group_size"])
+    if y2.data_ptr() != y.data_ptr():
+        y.copy_(y2.view(y.shape))
+
+
+_reference = torch_launcher("quantized_linear")
+
+LAUNCHERS: dict[str, Launcher] = {"quantized_linear": _launch}
+
+__all__ = ["LAUNCHERS", "MAX_M", "QGemmConfig", "QGemvConfig", "covers", "quant_linear"]

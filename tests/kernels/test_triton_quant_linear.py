@@ -1,0 +1,164 @@
+"""The cuda target's quantized_linear kernels (GEMV and GEMM over packed int4 / int8 weights)
+against the op's torch reference: in Triton's interpreter (float32 / float16, small shapes) and,
+marked gpu, compiled in bfloat16 at model shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.ir.graph import Graph, input_node, param_node
+from kiln.ir.ops import OPS
+from kiln.ir.ops.quant import dequant_int, pack_int
+from kiln.ir.types import TensorType
+from kiln.kernels.triton_kernels.quant_linear import (
+    LAUNCHERS,
+    MAX_M,
+    QGemmConfig,
+    QGemvConfig,
+    covers,
+    quant_linear,
+)
+from kiln.passes.base import make
+
+REF = OPS["quantized_linear"].impl
+
+
+def operands(n: int, k: int, bits: int, group: int, zeros: bool, g_idx: bool, dtype: torch.dtype,
+             device: str = "cpu", seed: int = 0) -> dict:
+    """Random canonical packed weights with the op's attributes (weights of magnitude ~0.05)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 1 << bits, (n, k), generator=g)
+    groups = k // group
+    scale = 0.08 / (1 << (bits - 1))
+    ops = {
+        "qweight": pack_int(q, bits),
+        "scales": ((torch.rand(n, groups, generator=g) + 0.5) * scale).to(dtype),
+        "zeros": torch.randint(0, 1 << bits, (n, groups), generator=g, dtype=torch.uint8) if zeros else None,
+        "g_idx": (torch.arange(k) // group)[torch.randperm(k, generator=g)].to(torch.int32) if g_idx else None,
+        "bias": (torch.randn(n, generator=g) * 0.1).to(dtype),
+    }
+    return {name: t.to(device) if t is not None else None for name, t in ops.items()}
+
+
+def reference(x: torch.Tensor, ops: dict, bits: int, group: int) -> torch.Tensor:
+    """The op's weight (dequant_int, in x's dtype) times x in float32 (a CPU float16 matmul
+    would round differently), checked against the op's torch reference."""
+    dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[x.dtype]
+    extra = [t for t in (ops["zeros"], ops["g_idx"]) if t is not None]
+    w = dequant_int(ops["qweight"], ops["scales"], *extra, bits=bits, group_size=group, dtype=dtype)
+    want = x.float() @ w.float().T + ops["bias"].float()
+    full = REF(x, ops["qweight"], ops["scales"], *extra, ops["bias"], format="int", act="none", bits=bits,
+               group_size=group, dtype=dtype, has_zeros=ops["zeros"] is not None, has_g_idx=ops["g_idx"] is not None,
+               has_bias=True)
+    torch.testing.assert_close(full.float(), want, rtol=2e-2, atol=2e-2)
+    return want
+
+
+CASES = [  # bits, group size (None: all of K), zeros, g_idx
+    (4, 32, True, False),
+    (4, 64, False, False),
+    (4, None, True, False),
+    (4, 32, True, True),
+    (8, 32, False, False),
+    (8, 64, True, True),
+    (8, None, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 21])
+@pytest.mark.parametrize("bits,group,zeros,g_idx", CASES)
+def test_matches_the_reference(bits, group, zeros, g_idx, m, dtype):
+    n, k = 24, 128
+    group = group or k
+    ops = operands(n, k, bits, group, zeros, g_idx, dtype)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * 0.5).to(dtype)
+    y = torch.empty(m, n, dtype=dtype)
+    # small tiles: several K steps and a partial N tile in every path
+    quant_linear(y, x, ops["qweight"], ops["scales"], ops["zeros"], ops["g_idx"], ops["bias"], bits, group,
+                 gemv=QGemvConfig(block_n=16, block_p=32), gemm=QGemmConfig(block_m=16, block_n=16, block_k=32))
+    want = reference(x, ops, bits, group)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
+
+
+def test_the_launcher_takes_the_op_operands_and_leading_axes():
+    bits, group = 4, 32
+    ops = operands(16, 64, bits, group, True, False, torch.float32)
+    x = torch.randn(2, 3, 64)
+    attrs = dict(format="int", bits=bits, group_size=group, act="none", dtype="float32", has_zeros=True,
+                 has_g_idx=False, has_bias=True)
+    args = [x, ops["qweight"], ops["scales"], ops["zeros"], ops["bias"]]
+    y = torch.empty(2, 3, 16)
+    LAUNCHERS["quantized_linear"]([y], args, attrs)
+    torch.testing.assert_close(y, REF(*args, **attrs), rtol=1e-5, atol=1e-5)
+    assert MAX_M < 6  # 6 rows: the GEMM
+
+
+def test_fp8_and_activation_quantization_run_the_reference():
+    g = torch.Generator().manual_seed(0)
+    qweight = torch.randn(8, 32, generator=g).to(torch.float8_e4m3fn)
+    scales = torch.rand(8, 1, generator=g) + 0.5
+    x = torch.randn(3, 32, generator=g)
+    attrs = dict(format="fp8", block_n=1, block_k=32, act="int8", dtype="float32", has_zeros=False,
+                 has_g_idx=False, has_bias=False)
+    assert not covers(attrs)
+    assert not covers({**attrs, "format": "int", "bits": 4, "group_size": 32})  # W4A8: act int8
+    y = torch.empty(3, 8)
+    LAUNCHERS["quantized_linear"]([y], [x, qweight, scales], attrs)
+    torch.testing.assert_close(y, REF(x, qweight, scales, **attrs), rtol=0, atol=0)
+
+
+def test_the_cuda_lowering_lists_what_the_kernels_do_not_cover_as_fallbacks():
+    from kiln.codegen.cuda import lower
+
+    x = input_node("x", TensorType("float32", ("T", 32)))
+    int4 = make("quantized_linear", [x, param_node("a.qweight", TensorType("uint8", (8, 16))),
+                                     param_node("a.scales", TensorType("float32", (8, 1)))],
+                format="int", bits=4, group_size=32, act="none", dtype="float32", has_zeros=False, has_g_idx=False,
+                has_bias=False)
+    fp8 = make("quantized_linear", [int4, param_node("b.qweight", TensorType("float8_e4m3fn", (8, 8))),
+                                    param_node("b.scales", TensorType("float32", (1, 1)))],
+               format="fp8", block_n=8, block_k=8, act="none", dtype="float32", has_zeros=False, has_g_idx=False,
+               has_bias=False)
+    graph = Graph([], []).with_nodes([x], [fp8])
+    lowered = lower(graph)
+    assert [s.kernel for s in lowered.plan.steps] == ["triton:quantized_linear", "torch:quantized_linear"]
+    assert lowered.fallbacks == ["quantized_linear"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 64, 300])
+@pytest.mark.parametrize("bits,group,zeros,g_idx", [(4, 128, True, False), (4, 128, False, True), (8, None, False, False),
+                                                    (4, 32, True, False)])
+def test_bfloat16_on_the_gpu(bits, group, zeros, g_idx, m):
+    n, k = 4096, 2048
+    group = group or k
+    ops = operands(n, k, bits, group, zeros, g_idx, torch.bfloat16, device="cuda")
+    x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    quant_linear(y, x, ops["qweight"], ops["scales"], ops["zeros"], ops["g_idx"], ops["bias"], bits, group)
+    want = reference(x, ops, bits, group)
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_the_gemv_launches_inside_a_cuda_graph():
+    bits, group, n, k = 4, 128, 2048, 1024
+    ops = operands(n, k, bits, group, True, False, torch.bfloat16, device="cuda")
+    x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+
+    def run():
+        quant_linear(y, x, ops["qweight"], ops["scales"], ops["zeros"], None, ops["bias"], bits, group)
+
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y.float(), reference(x, ops, bits, group), rtol=2e-2, atol=2e-2)
