@@ -1,0 +1,212 @@
+"""quantized_linear over canonical packed integer weights (ir/ops/quant.py), weight-only:
+
+    x [M, K]   qweight uint8 [N, K * bits / 8]   scales [N, G]   zeros uint8 [N, G] (optional)
+    w[n, k] = dtype(float32(q[n, k] - z[n, k // group]) * scales[n, k // group])   (z: 2^(bits-1)
+              without zeros; bits 4: byte j holds k = 2j in its low nibble, 2j + 1 in its high one)
+    y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
+
+Act-order g_idx, fp8 weights and activation quantization are not built here: those nodes run
+the op's torch reference (the cpu lowering lists them as fallbacks).
+
+Schedule: one parallel loop over blocks of nb output columns (rows of the packed weight); each
+task serves every row of x for its columns, by one of two paths chosen by the row count M:
+
+    narrow (M < pm: decode steps, and the rows the wide path leaves), rows in tiles of mt then
+        one at a time; per tile the task's packed rows are read once, unpacked in the inner loop:
+
+            for each chunk of v input channels (one group: v divides the group size):
+              wv[j, :] = dequant(qweight[n0 + j, chunk])            nb x v float32, registers
+              acc[i, j, :] += x[m0 + i, chunk] * wv[j, :]           mt x nb x v lanes
+            y[m0 + i, n0 + j] = sum of acc[i, j, :]
+
+    wide (M >= pm, prefill): the task's nb columns dequantized once into a panel P [K, nb]
+        float32, then register tiles of mr rows (acc[mr, nb]: one broadcast of x[m, k] against
+        the panel's row P[k, :]), as linear.py's wide path over a packed weight.
+
+Knobs (`KNOBS`, searched by `kiln tune`): nb, v, mt, mr, pm and ser (the most KiB of packed
+weight x rows run on the calling thread, no fork and join of TVM's pool).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from tvm.script import tirx as T
+
+from kiln.kernels.tvm_kernels import (
+    AS_IS,
+    FLOATS,
+    MAT,
+    Kernel,
+    OpInfo,
+    keep_params,
+    name_of,
+    short,
+    vec_width,
+)
+from kiln.kernels.tvm_kernels.tir import F32, rounded_to
+
+KNOBS = {"quantized_linear": {"nb": (2, 4, 8, 16, 32), "v": (4, 8, 16, 32), "mt": (1, 2, 4, 8), "mr": (4, 8, 12),
+                              "pm": (8, 16, 32, 64), "ser": (0, 64, 256, 1024)}}
+"""The search space: output columns per task (nb), input-channel lanes (v: divides the group size
+and K), rows per narrow tile (mt), rows per wide register tile (mr), fewest rows that take the
+wide path (pm), serial bound in KiB (ser). A value that does not divide the shape is no schedule
+of it."""
+
+
+def _block(n: int, widest: int) -> int:
+    b = widest
+    while b > 1 and n % b:
+        b //= 2
+    return b
+
+
+def default_config(k: int, n: int, group: int) -> dict[str, int]:
+    """The schedule built without tuning: 16 columns per task, lanes of the widest vector up to
+    16 that divides the group, 4-row narrow tiles, 8-row wide tiles from 32 rows on."""
+    return {"nb": _block(n, 16), "v": vec_width(math.gcd(k, group), 16), "mt": 4, "mr": 8, "pm": 32, "ser": 1024}
+
+
+def resolve(k: int, n: int, group: int, bits: int, config: Mapping[str, int] | None) -> dict[str, int] | None:
+    """The full config of this shape (defaults for missing knobs), or None when a value does not
+    divide it."""
+    c = default_config(k, n, group)
+    c.update({key: int(v) for key, v in (config or {}).items() if key in c})
+    ok = n % c["nb"] == 0 and k % c["v"] == 0 and group % c["v"] == 0 and (bits == 8 or c["v"] % 2 == 0)
+    return c if ok and c["ser"] >= 0 and min(v for key, v in c.items() if key != "ser") >= 1 else None
+
+
+def _func(k: int, n: int, group: int, bits: int, dt: str, sdt: str, bdt: str, has_z: bool, has_b: bool,
+          c: Mapping[str, int]):
+    nb, v, mt, mr, pm = c["nb"], c["v"], c["mt"], c["mr"], c["pm"]
+    kp, g = k * bits // 8, k // group
+    rnd = rounded_to(dt)
+    half = 1 << (bits - 1)
+    ser_bytes = c["ser"] * 1024
+    serial = n * kp <= ser_bytes  # else no row count runs serially: no serial copy built
+
+    def weight(Q, S, Z, row, kk, grp):
+        """The float32 weight at (row, kk) of group grp, rounded through dt as the reference."""
+        if bits == 8:
+            code = T.Cast("int32", Q[row, kk])
+        else:
+            code = T.bitwise_and(T.shift_right(T.Cast("int32", Q[row, kk // 2]), (kk % 2) * 4), T.int32(15))
+        z = T.Cast("int32", Z[row, grp]) if has_z else T.int32(half)
+        return rnd(T.Cast(F32, code - z) * T.Cast(F32, S[row, grp]))
+
+    @T.macro
+    def narrow(X, Q, S, Z, Bias, Y, t, m0, rows):
+        acc = T.alloc_buffer((rows, nb, v), F32, scope="local")
+        wv = T.alloc_buffer((nb, v), F32, scope="local")
+        for i, j in T.grid(rows, nb):
+            for q in T.vectorized(v):
+                acc[i, j, q] = T.float32(0)
+        for kb in range(k // v):
+            for j in T.unroll(nb):
+                for q in T.vectorized(v):
+                    wv[j, q] = weight(Q, S, Z, t * nb + j, kb * v + q, kb * v // group)
+            for i in T.unroll(rows):
+                for j in T.unroll(nb):
+                    for q in T.vectorized(v):
+                        acc[i, j, q] = acc[i, j, q] + T.Cast(F32, X[m0 + i, kb * v + q]) * wv[j, q]
+        for i, j in T.grid(rows, nb):
+            for q in range(1, v):
+                acc[i, j, 0] = acc[i, j, 0] + acc[i, j, q]
+            if has_b:
+                Y[m0 + i, t * nb + j] = T.Cast(dt, acc[i, j, 0] + T.Cast(F32, Bias[t * nb + j]))
+            else:
+                Y[m0 + i, t * nb + j] = T.Cast(dt, acc[i, j, 0])
+
+    @T.macro
+    def task(t, X, Q, S, Z, Bias, Y, M):
+        if M >= pm:
+            # wide: the task's columns dequantized once, P[k, j] = w[t * nb + j, k]
+            P = T.alloc_buffer((k, nb), F32)
+            for kk in range(k):
+                for j in T.vectorized(nb):
+                    P[kk, j] = weight(Q, S, Z, t * nb + j, kk, kk // group)
+            for mb in range(M // mr):
+                acc = T.alloc_buffer((mr, nb), F32, scope="local")
+                for i in T.unroll(mr):
+                    for q in T.vectorized(nb):
+                        acc[i, q] = T.float32(0)
+                for kk in range(k):
+                    for i in T.unroll(mr):
+                        for q in T.vectorized(nb):
+                            acc[i, q] = acc[i, q] + T.Cast(F32, X[mb * mr + i, kk]) * P[kk, q]
+                for i in T.unroll(mr):
+                    for q in T.vectorized(nb):
+                        if has_b:
+                            Y[mb * mr + i, t * nb + q] = T.Cast(dt, acc[i, q] + T.Cast(F32, Bias[t * nb + q]))
+                        else:
+                            Y[mb * mr + i, t * nb + q] = T.Cast(dt, acc[i, q])
+        # narrow: the rows the wide path left (all of them below pm), mt at a time, then one
+        r0 = T.meta_var(T.if_then_else(M >= pm, M // mr * mr, T.int64(0)))
+        r1 = T.meta_var(r0 + (M - r0) // mt * mt)
+        for mb in range((M - r0) // mt):
+            narrow(X, Q, S, Z, Bias, Y, t, r0 + mb * mt, mt)
+        for m in range(M - r1):
+            narrow(X, Q, S, Z, Bias, Y, t, r1 + m, 1)
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, q_h: T.handle, s_h: T.handle, z_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int64()
+        sx0, sy0 = T.int64(), T.int64()
+        X = T.match_buffer(x_h, (M, k), dt, strides=(sx0, 1), offset_factor=1)
+        Q = T.match_buffer(q_h, (n, kp), "uint8", offset_factor=1)
+        S = T.match_buffer(s_h, (n, g), sdt, offset_factor=1)
+        Z = T.match_buffer(z_h, (n, g), "uint8", offset_factor=1)
+        Bias = T.match_buffer(b_h, (n,), bdt, offset_factor=1)
+        Y = T.match_buffer(y_h, (M, n), dt, strides=(sy0, 1), offset_factor=1)
+        if serial:
+            if M * (n * kp) <= ser_bytes:
+                for t in range(n // nb):
+                    task(t, X, Q, S, Z, Bias, Y, M)
+            else:
+                for t in T.parallel(n // nb):
+                    task(t, X, Q, S, Z, Bias, Y, M)
+        else:
+            for t in T.parallel(n // nb):
+                task(t, X, Q, S, Z, Bias, Y, M)
+
+    return func
+
+
+def quantized_linear(info: OpInfo, config: Mapping[str, int] | None = None) -> Kernel | None:
+    """The kernel of a weight-only int4 / int8 quantized_linear node without g_idx (schedule
+    `config`, None: the default); None for the nodes it does not cover. A config that does not
+    divide the shape is a ValueError."""
+    a = info.attrs
+    if a.get("format") != "int" or a.get("act") != "none" or a.get("bits") not in (4, 8) or a.get("has_g_idx"):
+        return None
+    x, qweight, scales = info.inputs[:3]
+    zeros = info.inputs[3] if a["has_zeros"] else None
+    bias = info.inputs[-1] if a["has_bias"] else None
+    if x is None or x.dtype not in FLOATS or scales is None or scales.dtype not in FLOATS:
+        return None
+    if bias is not None and bias.dtype not in FLOATS:
+        return None
+    bits, n, kp = a["bits"], *qweight.shape
+    if not isinstance(n, int) or not isinstance(kp, int):
+        return None
+    k = kp * 8 // bits
+    group = a["group_size"]
+    if not isinstance(group, int) or k % group or scales.shape != (n, k // group):
+        return None
+    c = resolve(k, n, group, bits, config)
+    if c is None:
+        raise ValueError(f"quantized_linear k={k} n={n} group={group}: config {dict(config or {})} does not divide "
+                         "the shape")
+    bdt = bias.dtype if bias is not None else F32
+    func = _func(k, n, group, bits, x.dtype, scales.dtype, bdt, zeros is not None, bias is not None, c)
+    name = name_of("quantized_linear", f"k{k}n{n}", f"int{bits}", f"g{group}", "z" if zeros is not None else "",
+                   short(x.dtype), f"s{short(scales.dtype)}", f"b{short(bdt)}" if bias is not None else "")
+    keep = (0, 1, 2, *((3,) if zeros is not None else ()), *((4,) if bias is not None else ()), 5)
+    ins = tuple(range(len(info.inputs)))  # x, qweight, scales[, zeros][, bias]: every op input
+    present = (MAT, *(AS_IS,) * (len(ins) - 1), MAT)
+    return Kernel(name, keep_params(func, keep), ins, (0,), present)
+
+
+BUILDERS = {"quantized_linear": quantized_linear}
