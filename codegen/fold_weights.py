@@ -15,6 +15,10 @@ import torch
 from kiln.ir.graph import Graph, Node, param_node
 from kiln.ir.interpreter import WeightFn, run_graph
 
+RUNTIME_OPS = frozenset({"dequant_int", "dequant_fp8"})
+"""Ops computed at run time even over params alone: a packed weight's decompression (folding it
+would store the float weight and undo the quantization); what they read still folds."""
+
 
 def _derived_name(n: Node, sources: list[str]) -> str:
     if len(sources) == 1:
@@ -32,7 +36,8 @@ def fold_weights(graph: Graph, weights: WeightFn) -> tuple[Graph, dict[str, Call
     param a function computing its tensor. A value folds when it depends on no graph input and
     is not larger than the params it reads (an expand or a broadcast stays in the graph), or
     when it is built on a static `arange`: a table over positions (rope's cos/sin, [P, R]
-    from an inv_freq of R/2), stored once instead of recomputing transcendentals every step."""
+    from an inv_freq of R/2), stored once instead of recomputing transcendentals every step.
+    RUNTIME_OPS (dequantization) never fold: the packed params they read are stored instead."""
     weight_only: dict[Node, list[Node]] = {}
     ranged: set[Node] = set()  # weight-only values computed from a static arange
     for n in graph.nodes:
@@ -43,7 +48,7 @@ def fold_weights(graph: Graph, weights: WeightFn) -> tuple[Graph, dict[str, Call
         elif n.op == "arange" and all(isinstance(d, int) for d in n.type.shape):
             weight_only[n] = []
             ranged.add(n)
-        elif n.op != "input" and n.inputs and all(i in weight_only for i in n.inputs):
+        elif n.op not in ("input", *RUNTIME_OPS) and n.inputs and all(i in weight_only for i in n.inputs):
             weight_only[n] = list(dict.fromkeys(p for i in n.inputs for p in weight_only[i]))
             if any(i in ranged for i in n.inputs):
                 ranged.add(n)

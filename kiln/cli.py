@@ -25,13 +25,20 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="run every pass's output against its input on random inputs; fail on a mismatch")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--quantize", default=None, metavar="{int8,fp8,int4}",
+                   help="quantize the linear layers: int8 (W8A8, per-channel weights, per-token activations), "
+                   "fp8 (float8_e4m3fn weights and activations), int4 (weight-only, groups of 128); "
+                   "the LM head and embeddings stay in --dtype")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="UTF-8 text for int4's activation-aware scales (AWQ); without it int4 rounds to nearest")
 
 
 def _compile(args: argparse.Namespace) -> int:
     import kiln
 
     out = kiln.compile(args.model_dir, args.output, target=args.target, dtype=args.dtype, passes=args.passes,
-                       dump_ir=args.dump_ir, verify_passes=args.verify, overwrite=args.force)
+                       dump_ir=args.dump_ir, verify_passes=args.verify, overwrite=args.force,
+                       quantize=args.quantize, calibration=args.calibration)
     print(f"wrote {out}")
     return 0
 

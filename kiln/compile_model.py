@@ -16,6 +16,14 @@ import kiln
 from kiln.codegen.artifact_writer import write_artifact
 from kiln.codegen.fold_weights import fold_weights
 from kiln.codegen.targets import MODEL_DTYPES, get_lowering
+from kiln.compile_quantize import (
+    QuantizeRequest,
+    check_not_quantized,
+    check_request,
+    quantization_record,
+    quantize_pass,
+    with_quantize_pass,
+)
 from kiln.frontend import import_model
 from kiln.frontend.checkpoint import TOKENIZER_FILES, Checkpoint, load_checkpoint
 from kiln.ir.ops.kernels import LONG_ROPE_META
@@ -38,12 +46,16 @@ def compile(
     dump_ir: str | Path | None = None,
     verify_passes: bool = False,
     overwrite: bool = False,
+    quantize: str | None = None,
+    calibration: str | Path | None = None,
 ) -> Path:
     """Compile a Hugging Face checkpoint directory (or a GGUF file) into an artifact directory.
 
     `passes` edits the target's pipeline ("+name,-name") or replaces it ("a,b,c"); `dump_ir`
     writes the IR after each pass; `verify_passes` runs each pass's output against its input
-    on random inputs and raises VerifyError on a mismatch.
+    on random inputs and raises VerifyError on a mismatch. `quantize` (int8 | fp8 | int4) quantizes
+    the linear layers (the quantize-weights pass, before the target's fusions); `calibration`, a
+    UTF-8 text file, gives int4 AWQ's activation-aware scales (kiln.compile_quantize).
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype '{dtype}' is not supported; accepted: {', '.join(MODEL_DTYPES)}")
@@ -51,12 +63,17 @@ def compile(
     if out.exists() and not overwrite:
         raise FileExistsError(f"output '{out}' exists; remove it or pass overwrite=True (--force)")
     get_lowering(target)
+    request = check_request(quantize, calibration)
     names = resolve_pipeline(target, passes)
+    if request is not None:
+        names = with_quantize_pass(names)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=".kiln-gguf-") as gguf_dir:
         # A file can only be a GGUF checkpoint (GGUFModel says so when it is not one).
         ckpt = open_gguf(model_dir, gguf_dir) if Path(model_dir).is_file() else load_checkpoint(model_dir)
-        return _compile(ckpt, model_dir, out, target, dtype, names, dump_ir, verify_passes, started)
+        if request is not None:
+            check_not_quantized(ckpt)
+        return _compile(ckpt, model_dir, out, target, dtype, names, dump_ir, verify_passes, started, request)
 
 
 @dataclass
@@ -85,14 +102,15 @@ def open_gguf(path: str | Path, work_dir: str | Path) -> Checkpoint:
 
 
 def _compile(ckpt: Checkpoint, model_dir, out: Path, target: str, dtype: str, names: list[str],
-             dump_ir, verify_passes: bool, started: float) -> Path:
+             dump_ir, verify_passes: bool, started: float, request: QuantizeRequest | None = None) -> Path:
     lower = get_lowering(target)
     stages = tqdm(total=4, desc="compile: trace", unit="stage", leave=False, disable=None)
     imported = load_quantized(import_model(ckpt, torch_dtype(dtype)))
     stages.update()
     stages.set_description("compile: passes")
+    quantizer = quantize_pass(request, imported, ckpt) if request is not None else None
     pm = PassManager(
-        [get_pass(n) for n in names],
+        [quantizer if n == "quantize-weights" and quantizer else get_pass(n) for n in names],
         dump_dir=Path(dump_ir) if dump_ir else None,
         check_numerics=verify_passes,
         weights=imported.weights,
@@ -124,6 +142,7 @@ def _compile(ckpt: Checkpoint, model_dir, out: Path, target: str, dtype: str, na
         "source": {"path": str(Path(model_dir).resolve()), "sha256": {f.name: sha256_file(f) for f in ckpt.source_files}},
         "pipeline": names,
         "passes": pm.report,
+        **({"quantization": quantization_record(graph, request)} if request is not None else {}),
         "compile_seconds": None,
     }
     staging = Path(tempfile.mkdtemp(prefix=".kiln-", dir=out.parent if out.parent.exists() else None))

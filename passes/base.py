@@ -14,6 +14,9 @@ class Pass:
     """Base class: subclasses set `name`, take options as fields, and implement apply()."""
 
     name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    """False for a pass that changes what the graph computes by design (quantize-weights):
+    --verify does not compare its output with its input."""
 
     def apply(self, graph: Graph) -> Graph:
         """Return the transformed graph (the input graph is never mutated)."""

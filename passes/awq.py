@@ -1,0 +1,124 @@
+"""The quantize-weights pass's calibration: AWQ's activation-aware per-channel scales.
+
+Runs the graph in the reference interpreter on calibration tokens, keeps the input of every
+quantized linear, and for each group of linears sharing one input x [R, K] searches (AWQ,
+Lin et al. 2023, its `auto_scale`)
+
+    s = mean|x|^alpha / sqrt(max * min),   alpha in 0, 1/grid, ..., 1
+    minimizing  sum over the group of  mean((x / s) @ Q(W * s)^T - x @ W^T)^2
+
+where Q is the int4 round-to-nearest quantization the pass will apply (ir/ops/quantize.py).
+alpha 0 is plain round-to-nearest, so a chosen scale is never worse on the calibration rows.
+The pass multiplies W's columns by s and divides x by s (or the norm weight before it).
+
+It lives in passes/ beside the pass it parametrizes (as rope_tables.py does for rope): it
+reads only the IR, its interpreter and its ops; the compile driver tokenizes the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from kiln.errors import KilnError
+from kiln.ir.graph import Graph, Node
+from kiln.ir.interpreter import WeightFn, run_graph
+from kiln.ir.ops.quantize import int_dequantize, int_quantize
+from kiln.ir.step_inputs import INPUT_IDS, POSITION_IDS, whole_sequence_inputs
+from kiln.passes.quantize_weights import (
+    DEFAULT_GROUP_SIZE,
+    int4_group_size,
+    quantized_linears,
+    weight_name,
+)
+
+GRID = 10
+"""alpha steps: 0, 0.1, ..., 1."""
+MAX_ROWS = 4096
+"""Calibration rows (tokens) a group's search uses at most (evenly strided over all rows)."""
+
+
+def _inputs(graph: Graph, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    lengths = [len(s) for s in seqs]
+    names = {n.name for n in graph.inputs}
+    out = whole_sequence_inputs(lengths, names, {}, 16)
+    out[INPUT_IDS.name] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    out[POSITION_IDS.name] = torch.cat([torch.arange(n) for n in lengths])
+    missing = [n.name for n in graph.inputs if n.name not in out]
+    if missing:
+        raise KilnError(f"calibration does not know how to make graph input(s) {', '.join(missing)}")
+    return {n.name: out[n.name].reshape(1, -1) if n.type.rank == 2 and out[n.name].dim() == 1 else out[n.name]
+            for n in graph.inputs}
+
+
+def collect_inputs(graph: Graph, weights: WeightFn, seqs: Sequence[Sequence[int]],
+                   tokens_per_step: int = 2048) -> dict[Node, torch.Tensor]:
+    """For each input node of a quantized linear, its float32 rows [R, K] over the calibration
+    sequences (at most MAX_ROWS, evenly strided)."""
+    xs = list(dict.fromkeys(n.inputs[0] for n in quantized_linears(graph)))
+    probe = graph.with_nodes(graph.inputs, xs)
+    rows: dict[Node, list[torch.Tensor]] = {x: [] for x in xs}
+    batches: list[list[Sequence[int]]] = [[]]
+    for s in seqs:
+        if batches[-1] and sum(map(len, batches[-1])) + len(s) > tokens_per_step:
+            batches.append([])
+        batches[-1].append(s)
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="calibration", unit="batch", disable=None):
+            for x, v in zip(xs, run_graph(probe, _inputs(graph, batch), weights), strict=True):
+                rows[x].append(v.reshape(-1, v.shape[-1]).float())
+    out = {}
+    for x, parts in rows.items():
+        r = torch.cat(parts)
+        out[x] = r[:: max(1, -(-len(r) // MAX_ROWS))]
+    return out
+
+
+def _weight(w: Node, weights: WeightFn) -> torch.Tensor:
+    return run_graph(Graph([], []).with_nodes([], [w]), {}, weights)[0].float()
+
+
+def search_scale(x: torch.Tensor, ws: Sequence[torch.Tensor], group_size: int = DEFAULT_GROUP_SIZE,
+                 grid: int = GRID) -> tuple[torch.Tensor | None, float, float]:
+    """(the best scale [K] or None when alpha 0 wins, its alpha, its error / round-to-nearest's)
+    for the linears ws [N_i, K] reading x [R, K]."""
+    k = x.shape[1]
+    group = int4_group_size(k, group_size)
+    mean = x.abs().mean(dim=0).clamp(min=1e-4)
+    refs = [x @ w.T for w in ws]
+    best: tuple[float, float, torch.Tensor | None] = (float("inf"), 0.0, None)
+    base = None
+    for i in range(grid + 1):
+        alpha = i / grid
+        s = mean.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, y in zip(ws, refs, strict=True):
+            q, sc, z = int_quantize(w * s, 4, group)
+            err += ((x / s) @ int_dequantize(q, sc, z, 4).T - y).pow(2).mean().item()
+        base = err if base is None else base
+        if err < best[0]:
+            best = (err, alpha, s if i else None)
+    return best[2], best[1], best[0] / base if base else 1.0
+
+
+def awq_scales(graph: Graph, weights: WeightFn, seqs: Sequence[Sequence[int]],
+               group_size: int = DEFAULT_GROUP_SIZE) -> tuple[dict[str, tuple[float, ...]], dict[str, float]]:
+    """(weight name -> scale [K] for the quantize-weights pass, weight name -> chosen alpha) from
+    the calibration token sequences `seqs` (module docstring)."""
+    xs = collect_inputs(graph, weights, seqs)
+    members: dict[Node, list[Node]] = {}
+    for n in quantized_linears(graph):
+        members.setdefault(n.inputs[0], []).append(n)
+    scales: dict[str, tuple[float, ...]] = {}
+    alphas: dict[str, float] = {}
+    for x, linears in tqdm(members.items(), desc="awq search", unit="group", disable=None):
+        ws = [_weight(m.inputs[1], weights) for m in linears]
+        s, alpha, _ = search_scale(xs[x], ws, group_size)
+        for m in linears:
+            alphas[weight_name(m.inputs[1])] = alpha
+            if s is not None:
+                scales[weight_name(m.inputs[1])] = tuple(s.tolist())
+    return scales, alphas

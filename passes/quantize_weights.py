@@ -1,0 +1,176 @@
+"""quantize-weights: compile-time quantization of the linear layers (W8A8 int8, fp8, int4 weight-only)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from kiln.errors import KilnError
+from kiln.ir.graph import Graph, Node, const_node
+from kiln.ir.types import TensorType
+from kiln.passes.base import Pass, make, weight_only
+
+METHODS: dict[str, dict[str, object]] = {
+    "int8": {"bits": 8, "act": "int8", "weights": "int8, per output channel, symmetric"},
+    "fp8": {"bits": 8, "act": "float8_e4m3fn", "weights": "float8_e4m3fn, per output channel"},
+    "int4": {"bits": 4, "act": None, "weights": "int4, per group, asymmetric (zeros)"},
+}
+"""--quantize values: weight bits, the activations' quant_act format (None: weight-only)."""
+DEFAULT_GROUP_SIZE = 128
+
+
+def int4_group_size(k: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """The group of a K-input linear: group_size when it divides K, else the largest even divisor
+    of K below it (688 -> 86); KilnError for an odd K (two 4-bit weights share a byte)."""
+    if k % 2:
+        raise KilnError(f"int4 quantization needs an even number of input channels; a linear has {k}")
+    if k % group_size == 0:
+        return group_size
+    return max(g for g in range(2, min(group_size, k) + 1, 2) if k % g == 0)
+
+
+def quantized_linears(graph: Graph) -> list[Node]:
+    """The linears the pass quantizes: a 2-D weight-only weight in the checkpoint's [N, K] layout,
+    except the LM head (a linear an output reaches without passing another linear)."""
+    heads: set[Node] = set()
+    stack, seen = list(graph.outputs), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "linear":
+            heads.add(n)
+        else:
+            stack.extend(n.inputs)
+    return [
+        n for n in graph.nodes
+        if n.op == "linear" and n not in heads and n.attrs.get("weight_layout", "out_in") == "out_in"
+        and n.inputs[1].type.rank == 2 and weight_only(n.inputs[1]) and isinstance(n.inputs[1].type.shape[1], int)
+    ]
+
+
+def weight_name(w: Node) -> str:
+    """The name that keys a weight (AWQ scales, the manifest): its first param's."""
+    stack = [w]
+    while stack:
+        n = stack.pop()
+        if n.op == "param":
+            return n.name
+        stack.extend(reversed(n.inputs))
+    raise KilnError("a quantized linear's weight reads no param")
+
+
+def _vector(values: tuple[float, ...] | list[float], dtype: str) -> Node:
+    return const_node([float(v) for v in values], TensorType(dtype, (len(values),)))
+
+
+def _norm_weight(x: Node) -> int | None:
+    """Which operand of x = mul(a, w) is a norm's weight: weight-only, [K], a param or a cast of
+    one (so that w / s is the same norm with another weight); None when x is not that."""
+    if x.op != "mul":
+        return None
+    k = x.type.shape[-1]
+    for i, w in enumerate(x.inputs):
+        base = w.inputs[0] if w.op == "cast" else w
+        if base.op == "param" and w.type.rank == 1 and w.type.shape[0] == k and x.inputs[1 - i].type.rank > 1:
+            return i
+    return None
+
+
+@dataclass(frozen=True)
+class QuantizeWeights(Pass):
+    """Matches: every `linear(x, W[, b])` with a weight-only W [N, K] in the checkpoint's layout,
+    except the LM head (embeddings are not linears: both stay in the model dtype).
+    Emits, by `method`:
+
+        int8  linear(quant_act(x){int8}, dequant_int(quantize_int(W){part=qweight|scales}){bits 8, group K})
+        fp8   linear(quant_act(x){float8_e4m3fn}, dequant_fp8(quantize_fp8(W){part=...}){block 1 x K})
+        int4  linear(x', dequant_int(quantize_int(W'){part=qweight|scales|zeros}){bits 4, group 128})
+
+    one quant_act per activation (sibling projections keep sharing their input). With AWQ
+    `act_scales` (weight name -> per-input-channel scale s, one s for the linears that share an
+    input), W' = W * s (columns) and x' = x / s: when x is a norm's output `mul(w_norm, y)` the
+    1/s goes into the norm's weight (mul(w_norm, 1/s), folded at compile time), else x' is
+    mul(x, 1/s). Weight folding computes the quantize_* parts into packed params; the result is
+    graph.meta["quantization"]. Numerics change by design: --verify does not compare this pass
+    with its input."""
+
+    name = "quantize-weights"
+    exact: ClassVar[bool] = False
+    method: str = "int4"
+    group_size: int = DEFAULT_GROUP_SIZE
+    act_scales: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def apply(self, graph: Graph) -> Graph:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantization {self.method!r}; accepted: {', '.join(METHODS)}")
+        if any(n.op in ("dequant_int", "dequant_fp8") for n in graph.nodes):
+            raise KilnError("the model is already quantized (its graph dequantizes packed weights); compile it "
+                            "without --quantize")
+        spec = METHODS[self.method]
+        by_input: dict[Node, list[Node]] = {}
+        for n in quantized_linears(graph):
+            by_input.setdefault(n.inputs[0], []).append(n)
+        users = graph.users()
+        replace: dict[Node, Node] = {}
+        groups: dict[str, int] = {}
+        for x, members in by_input.items():
+            scales = {tuple(self.act_scales[weight_name(m.inputs[1])]) for m in members
+                      if weight_name(m.inputs[1]) in self.act_scales}
+            if len(scales) > 1:
+                raise KilnError(f"AWQ scales differ between linears sharing one input ({len(members)} linears)")
+            s = scales.pop() if scales else None
+            new_x = x
+            if spec["act"] is not None:
+                new_x = make("quant_act", [x], format=spec["act"])
+            elif s is not None:
+                inv = tuple(1.0 / v for v in s)
+                at = _norm_weight(x)
+                if at is not None and set(users[x]) == set(members) and x not in graph.outputs:
+                    w = x.inputs[at]
+                    ins = list(x.inputs)
+                    ins[at] = make("mul", [w, _vector(inv, w.type.dtype)])
+                    replace[x] = make("mul", ins)
+                else:
+                    new_x = make("mul", [x, _vector(inv, x.type.dtype)])
+            for m in members:
+                w = m.inputs[1]
+                if s is not None:
+                    w = make("mul", [w, _vector(s, w.type.dtype)])
+                dq, group = self._dequant(w)
+                groups[weight_name(m.inputs[1])] = group
+                replace[m] = make("linear", [new_x, dq, *m.inputs[2:]], **m.attrs)
+        out = graph.substitute(replace) if replace else graph
+        out.meta = {**graph.meta, "quantization": self.describe(groups)}
+        return out
+
+    def _dequant(self, w: Node) -> tuple[Node, int]:
+        dtype = w.type.dtype
+        n, k = w.type.shape
+        if self.method == "fp8":
+            parts = [make("quantize_fp8", [w], part=p) for p in ("qweight", "scales")]
+            return make("dequant_fp8", parts, block_n=1, block_k=k, dtype=dtype), k
+        bits = int(METHODS[self.method]["bits"])
+        group = k if bits == 8 else int4_group_size(k, self.group_size)
+        names = ("qweight", "scales", "zeros") if bits == 4 else ("qweight", "scales")
+        parts = [make("quantize_int", [w], bits=bits, group_size=group, part=p) for p in names]
+        return make("dequant_int", parts, bits=bits, group_size=group, dtype=dtype), group
+
+    def describe(self, groups: dict[str, int]) -> dict[str, object]:
+        """What the manifest records: method, bits, group size (and the linears given another),
+        activations, whether AWQ scales were applied, how many linears."""
+        spec = METHODS[self.method]
+        group: object = "per output channel" if spec["bits"] == 8 else self.group_size
+        return {
+            "method": self.method,
+            "bits": spec["bits"],
+            "weights": spec["weights"],
+            "activations": f"{spec['act']}, per token, dynamic" if spec["act"] else "model dtype (weight-only)",
+            "group_size": group,
+            "group_size_overrides": {k: g for k, g in groups.items() if spec["bits"] == 4 and g != self.group_size},
+            "awq": bool(self.act_scales),
+            "linears": len(groups),
+            "lm_head": "model dtype",
+        }
