@@ -37,6 +37,7 @@ class FP8:
     @classmethod
     def read(cls, opts: Options) -> FP8:
         opts.one_of("activation_scheme", ("dynamic",), default="dynamic")
+        opts.one_of("fmt", ("e4m3",), default="e4m3")  # DeepSeek-V3's spelling of the weights' format
         block = opts.get("weight_block_size", (128, 128))
         if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
             raise CheckpointError(f"{opts.where}: quantization_config's weight_block_size {block!r} is not supported; "

@@ -35,6 +35,7 @@ class GPTQ:
     group_size: int
     """Input channels per group; -1: one group per output channel."""
     desc_act: bool
+    """Act-order: each linear's g_idx permutes its groups (it must be stored)."""
     zero_offset: int
     skip: tuple[str, ...]
     """modules_to_not_convert: names (or name suffixes) left dense."""
@@ -66,8 +67,18 @@ class GPTQ:
         scale_dtype = store.expect(f"{module}.scales", (g, n), ("float16", "bfloat16", "float32"))
         params = {"qweight": TensorType("uint8", (n, k * b // 8)), "scales": TensorType(scale_dtype, (n, g)),
                   "zeros": TensorType("uint8", (n, g))}
-        if self.desc_act:
+        # g_idx is kept only where it is not k // group_size (act-order); it is read here, as
+        # the graph's types depend on it (K integers per linear).
+        act_order = False
+        if store.has(f"{module}.g_idx"):
             store.expect(f"{module}.g_idx", (k,), ("int32", "int64"))
+            g_idx = store.read(f"{module}.g_idx").to(torch.int32)
+            if g_idx.min() < 0 or g_idx.max() >= g:
+                raise CheckpointError(f"{store.ckpt.path}: {module}.g_idx names groups outside [0, {g})")
+            act_order = not torch.equal(g_idx, torch.arange(k, dtype=torch.int32) // group)
+        elif self.desc_act:
+            raise CheckpointError(f"{store.ckpt.path}: desc_act is set but {module} has no g_idx")
+        if act_order:
             params["g_idx"] = TensorType("int32", (k,))
 
         def repack() -> dict[str, Any]:
@@ -78,11 +89,8 @@ class GPTQ:
                                       "(a v1 zero-point overflow), which kiln's uint8 zeros cannot hold")
             out = {"qweight": pack_int(q.T.contiguous(), b), "scales": store.read(f"{module}.scales").T.contiguous(),
                    "zeros": zeros.T.contiguous().to(torch.uint8)}
-            if self.desc_act:
-                g_idx = store.read(f"{module}.g_idx").to(torch.int32)
-                if g_idx.min() < 0 or g_idx.max() >= g:
-                    raise CheckpointError(f"{store.ckpt.path}: {module}.g_idx names groups outside [0, {g})")
-                out["g_idx"] = g_idx
+            if act_order:
+                out["g_idx"] = store.read(f"{module}.g_idx").to(torch.int32)
             return out
 
         return QuantizedLinear("dequant_int", {"bits": b, "group_size": group}, params, repack)

@@ -105,7 +105,9 @@ def write_pair(base: Path, out: Path, tensors: dict[str, torch.Tensor], dense: d
     return qdir, ddir
 
 
-def gptq_checkpoint(base: Path, out: Path, bits=4, group_size=128, sym=True, desc_act=False, seed=0, **extra):
+def gptq_checkpoint(base: Path, out: Path, bits=4, group_size=128, sym=True, desc_act=False, seed=0, v2=False,
+                    **extra):
+    """GPTQ's v1 layout ("gptq": qzeros store zero - 1), or GPTQModel's "gptq_v2" (zero as is)."""
     gen = torch.Generator().manual_seed(seed)
     tensors, dense = {}, {}
     shapes = {k.removesuffix(".weight"): v.shape for k, v in load_file(base / "model.safetensors").items()}
@@ -114,12 +116,12 @@ def gptq_checkpoint(base: Path, out: Path, bits=4, group_size=128, sym=True, des
         groups = 1 if group_size == -1 else k // group_size
         q, z, s, g = draw_int(gen, n, k, bits, groups, sym, desc_act)
         tensors[f"{m}.qweight"] = torch.from_numpy(pack_rows(q.numpy(), bits))
-        tensors[f"{m}.qzeros"] = torch.from_numpy(pack_cols((z - 1).numpy(), bits))  # v1: zero - 1
+        tensors[f"{m}.qzeros"] = torch.from_numpy(pack_cols((z if v2 else z - 1).numpy(), bits))
         tensors[f"{m}.scales"] = s
         tensors[f"{m}.g_idx"] = g.to(torch.int32)
         dense[f"{m}.weight"] = dense_int(q, z, s, g)
     qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
-          "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "checkpoint_format": "gptq",
+          "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "checkpoint_format": "gptq_v2" if v2 else "gptq",
           "model_name_or_path": None, "model_file_base_name": None, **extra}
     return write_pair(base, out, tensors, dense, qc)
 
@@ -156,22 +158,29 @@ def fp8_checkpoint(base: Path, out: Path, seed=2, **extra):
     return write_pair(base, out, tensors, dense, qc)
 
 
-def compressed_tensors_checkpoint(base: Path, out: Path, kind="int", seed=3, weights=None, acts=None, **extra):
-    """llm-compressor's W8A8: int8 (or float8) weights with per-channel scales [N, 1], dynamic
-    per-token activations."""
+def compressed_tensors_checkpoint(base: Path, out: Path, kind="int", seed=3, weights=None, acts=None,
+                                  weight_only=False, **extra):
+    """llm-compressor's W8A8: int8 (or float8) weights with per-channel scales [N, 1] (or per
+    tensor [1], per group [N, K / group_size], per block [ceil(N / bn), ceil(K / bk)]), dynamic
+    per-token activations (none when `weight_only`)."""
     gen = torch.Generator().manual_seed(seed)
     tensors, dense = {}, {}
     shapes = {k.removesuffix(".weight"): v.shape for k, v in load_file(base / "model.safetensors").items()}
+    strategy = (weights or {}).get("strategy", "channel")
     for m in MODULES:
         n, k = shapes[m]
+        bn, bk = {"tensor": (n, k), "channel": (1, k)}.get(strategy) or \
+            ((1, (weights or {}).get("group_size")) if strategy == "group" else tuple(weights["block_structure"]))
+        scale_shape = (1,) if strategy == "tensor" else (-(-n // bn), -(-k // bk))
         if kind == "int":
             q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-            s = ((torch.rand(n, 1, generator=gen) + 0.5) * 2e-3).half()
+            s = ((torch.rand(scale_shape, generator=gen) + 0.5) * 2e-3).half()
         else:
             q = (torch.randn(n, k, generator=gen) * 100).to(torch.float8_e4m3fn)
-            s = (torch.rand(n, 1, generator=gen) + 0.5) * 1e-3
+            s = (torch.rand(scale_shape, generator=gen) + 0.5) * 1e-3
         tensors[f"{m}.weight"], tensors[f"{m}.weight_scale"] = q, s
-        dense[f"{m}.weight"] = q.float() * s.float()
+        s2 = s.float().reshape(-(-n // bn), -(-k // bk))
+        dense[f"{m}.weight"] = q.float() * s2.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
     scheme = {"num_bits": 8, "type": kind, "symmetric": True, "dynamic": False, "strategy": "channel",
               "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax",
               "observer_kwargs": {}, **(weights or {})}
@@ -180,7 +189,8 @@ def compressed_tensors_checkpoint(base: Path, out: Path, kind="int", seed=3, wei
            "observer_kwargs": {}, **(acts or {})}
     fmt = "int-quantized" if kind == "int" else "float-quantized"
     qc = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-          "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme, "input_activations": act,
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme,
+                                        "input_activations": None if weight_only else act,
                                         "output_activations": None, "format": fmt}},
           "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}, "global_compression_ratio": None,
           **extra}
@@ -268,13 +278,25 @@ def base(tmp_path_factory) -> Path:
 
 CASES = {
     "gptq-4bit-g128-sym": (gptq_checkpoint, {}, None),
-    "gptq-4bit-g32-asym": (gptq_checkpoint, {"group_size": 32, "sym": False}, None),
+    "gptq-4bit-g32-asym-act-order": (gptq_checkpoint, {"group_size": 32, "sym": False, "desc_act": True}, None),
     "gptq-8bit-g64-act-order": (gptq_checkpoint, {"bits": 8, "group_size": 64, "sym": False, "desc_act": True}, None),
-    "gptq-4bit-per-channel-act-order": (gptq_checkpoint, {"group_size": -1, "desc_act": True}, None),
+    "gptq-4bit-per-channel": (gptq_checkpoint, {"group_size": -1}, None),
     "awq-4bit-g64": (awq_checkpoint, {}, None),
     "fp8-block": (fp8_checkpoint, {}, None),
     "int8-w8a8": (compressed_tensors_checkpoint, {}, torch.int8),
     "fp8-w8a8-channel": (compressed_tensors_checkpoint, {"kind": "float"}, torch.float8_e4m3fn),
+}
+WEIGHT_CASES = {  # more layouts, checked for their weights only
+    "gptq-v2-4bit-g64-asym": (gptq_checkpoint, {"group_size": 64, "sym": False, "v2": True}, None),
+    "gptq-8bit-per-channel-sym": (gptq_checkpoint, {"bits": 8, "group_size": -1}, None),
+    "awq-4bit-g128": (awq_checkpoint, {"group_size": 128}, None),
+    "int8-group-weight-only": (compressed_tensors_checkpoint,
+                               {"weights": {"strategy": "group", "group_size": 32}, "weight_only": True}, None),
+    "int8-per-tensor": (compressed_tensors_checkpoint, {"weights": {"strategy": "tensor"}}, torch.int8),
+    "fp8-per-tensor": (compressed_tensors_checkpoint, {"kind": "float", "weights": {"strategy": "tensor"}},
+                       torch.float8_e4m3fn),
+    "fp8-block-compressed-tensors": (compressed_tensors_checkpoint, {"kind": "float", "weights": {
+        "strategy": "block", "block_structure": [128, 128]}}, torch.float8_e4m3fn),
 }
 CPU_CASES = ("gptq-4bit-g128-sym", "int8-w8a8")
 
@@ -285,7 +307,7 @@ def pair(base, tmp_path_factory):
 
     def get(case: str) -> tuple[Path, Path]:
         if case not in cache:
-            make, kw, _ = CASES[case]
+            make, kw, _ = {**CASES, **WEIGHT_CASES}[case]
             cache[case] = make(base, tmp_path_factory.mktemp(case), **kw)
         return cache[case]
 
@@ -306,7 +328,7 @@ def compiled(pair, tmp_path_factory):
 
 # ---- tests ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *WEIGHT_CASES])
 def test_dequantized_weights_equal_known_weights(case, pair):
     qdir, ddir = pair(case)
     known = load_file(ddir / "model.safetensors")
@@ -340,6 +362,35 @@ def test_dense_modules_stay_dense(pair):
     assert params["model.layers.0.mlp.down_proj.qweight"].dtype == "uint8"
     assert params["model.layers.0.mlp.down_proj.qweight"].shape == (128, 128)  # [N, K/2]
     assert params["model.layers.0.mlp.down_proj.scales"].shape == (128, 2)  # [N, G]
+
+
+def test_g_idx_kept_only_for_act_order(pair):
+    """A stored g_idx equal to k // group_size is dropped; an act-order one is a dequant input."""
+    for case, kept in [("gptq-4bit-g128-sym", False), ("gptq-4bit-g32-asym-act-order", True)]:
+        names = {p.name for p in load_quantized(import_model(pair(case)[0])).graph.params}
+        assert ("model.layers.0.self_attn.q_proj.g_idx" in names) == kept, case
+
+
+def test_unconsumed_quantized_tensor_is_refused(pair, tmp_path):
+    """A quantized tensor that no traced linear weight reads is named, not silently skipped."""
+    qdir = pair("gptq-4bit-g128-sym")[0]
+    bad = tmp_path / "bad"
+    shutil.copytree(qdir, bad)
+    state = load_file(bad / "model.safetensors")
+    state["model.layers.0.mlp.experts.qweight"] = state["model.layers.0.mlp.up_proj.qweight"].clone()
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.experts\.qweight' belongs to no linear"):
+        load_quantized(import_model(bad))
+
+
+def test_act_order_without_g_idx_is_refused(pair, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pair("gptq-4bit-g32-asym-act-order")[0], bad)
+    state = load_file(bad / "model.safetensors")
+    del state["model.layers.0.self_attn.q_proj.g_idx"]
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match="desc_act is set but model.layers.0.self_attn.q_proj has no g_idx"):
+        load_quantized(import_model(bad))
 
 
 def test_modules_to_not_convert_left_dense(base, tmp_path):
