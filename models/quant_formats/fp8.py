@@ -8,7 +8,8 @@ Per linear of weight [N, K], with blocks [bn, bk] = weight_block_size (128 x 128
 
     w[n, k] = weight[n, k] * weight_scale_inv[n // bn, k // bk]
 
-(the "inverse" is of the quantization's scale: the stored value multiplies.) Activations are
+(the "inverse" is of the quantization's scale: the stored value multiplies; float32, or the
+power-of-two float8_e8m0fnu of newer checkpoints, read as float32 exactly.) Activations are
 left in the model's dtype: kiln runs these checkpoints as weight-only FP8.
 """
 
@@ -50,7 +51,7 @@ class FP8:
         n, k = weight.shape
         bn, bk = self.block
         store.expect(f"{module}.weight", (n, k), ("float8_e4m3fn",))
-        store.expect(f"{module}.weight_scale_inv", (-(-n // bn), -(-k // bk)), ("float32", "bfloat16", "float16"))
+        store.expect(f"{module}.weight_scale_inv", (-(-n // bn), -(-k // bk)), ("float32", "bfloat16", "float16", "float8_e8m0fnu"))
         params = {"qweight": TensorType("float8_e4m3fn", (n, k)),
                   "scales": TensorType("float32", (-(-n // bn), -(-k // bk)))}
 

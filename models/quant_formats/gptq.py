@@ -24,7 +24,9 @@ from kiln.ir.types import TensorType
 from kiln.models.quant_formats.common import Options, QuantizedLinear, Store, unpack_words
 
 ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
-"""checkpoint_format -> what the dequant adds to a stored zero (v1 stores zero - 1)."""
+"""checkpoint_format -> what the dequant adds to a stored zero (v1 stores zero - 1). A v1 field
+of 2^bits - 1 (a zero of 0 that wrapped when packed) reads as 2^bits, as the exllama / vLLM
+kernels read it (AutoGPTQ's torch path masks it back to 0); 8-bit's 256 is refused."""
 
 
 @dataclass(frozen=True)

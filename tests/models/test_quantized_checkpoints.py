@@ -142,8 +142,9 @@ def awq_checkpoint(base: Path, out: Path, group_size=64, seed=1, **extra):
     return write_pair(base, out, tensors, dense, qc)
 
 
-def fp8_checkpoint(base: Path, out: Path, seed=2, **extra):
-    """FineGrainedFP8: 128 x 128 blocks (k_proj / v_proj's 64 rows: a partial block)."""
+def fp8_checkpoint(base: Path, out: Path, seed=2, e8m0=False, **extra):
+    """FineGrainedFP8: 128 x 128 blocks (k_proj / v_proj's 64 rows: a partial block); float32
+    scales, or power-of-two float8_e8m0fnu ones."""
     gen = torch.Generator().manual_seed(seed)
     tensors, dense = {}, {}
     shapes = {k.removesuffix(".weight"): v.shape for k, v in load_file(base / "model.safetensors").items()}
@@ -151,7 +152,10 @@ def fp8_checkpoint(base: Path, out: Path, seed=2, **extra):
         n, k = shapes[m]
         w8 = (torch.randn(n, k, generator=gen) * 100).to(torch.float8_e4m3fn)
         s = (torch.rand(-(-n // 128), -(-k // 128), generator=gen) + 0.5) * 1e-3
-        tensors[f"{m}.weight"], tensors[f"{m}.weight_scale_inv"] = w8, s
+        if e8m0:
+            s = torch.exp2(torch.randint(-12, -8, s.shape, generator=gen).float())
+        tensors[f"{m}.weight"] = w8
+        tensors[f"{m}.weight_scale_inv"] = s.to(torch.float8_e8m0fnu) if e8m0 else s
         dense[f"{m}.weight"] = w8.float() * s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
           "modules_to_not_convert": None, **extra}
@@ -290,6 +294,7 @@ WEIGHT_CASES = {  # more layouts, checked for their weights only
     "gptq-v2-4bit-g64-asym": (gptq_checkpoint, {"group_size": 64, "sym": False, "v2": True}, None),
     "gptq-8bit-per-channel-sym": (gptq_checkpoint, {"bits": 8, "group_size": -1}, None),
     "awq-4bit-g128": (awq_checkpoint, {"group_size": 128}, None),
+    "fp8-block-e8m0-scales": (fp8_checkpoint, {"e8m0": True}, None),
     "int8-group-weight-only": (compressed_tensors_checkpoint,
                                {"weights": {"strategy": "group", "group_size": 32}, "weight_only": True}, None),
     "int8-per-tensor": (compressed_tensors_checkpoint, {"weights": {"strategy": "tensor"}}, torch.int8),
@@ -362,6 +367,16 @@ def test_dense_modules_stay_dense(pair):
     assert params["model.layers.0.mlp.down_proj.qweight"].dtype == "uint8"
     assert params["model.layers.0.mlp.down_proj.qweight"].shape == (128, 128)  # [N, K/2]
     assert params["model.layers.0.mlp.down_proj.scales"].shape == (128, 2)  # [N, G]
+
+
+def test_fp8_packing_agrees_with_transformers(pair):
+    """The test's FP8 packer against an independent reader: transformers dequantizes
+    FineGrainedFP8 checkpoints at load without a GPU, to the same known weights."""
+    qdir, ddir = pair("fp8-block")
+    state = AutoModelForCausalLM.from_pretrained(qdir, dtype=torch.float32).state_dict()
+    known = load_file(ddir / "model.safetensors")
+    for m in MODULES:
+        torch.testing.assert_close(state[f"{m}.weight"], known[f"{m}.weight"], rtol=0, atol=0, msg=m)
 
 
 def test_g_idx_kept_only_for_act_order(pair):
