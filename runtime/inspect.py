@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.ir.cost import NOMINAL, kernel_coverage
+from kiln.ir.graph import Graph
+from kiln.ir.ops.quant_linear import packed_bytes
 from kiln.ir.serialize import loads
+from kiln.ir.types import TensorType
 from kiln.runtime.artifact import GRAPH, read_json, read_manifest, verify_hashes
 from kiln.runtime.kernel_binaries import BUILD_INFO
 from kiln.runtime.tvm_library import BUILD_INFO as CPU_BUILD_INFO
@@ -38,11 +41,47 @@ def _kernels(root: Path, m: dict) -> list[str]:
             f"{b.get('triton')}, torch {b.get('torch')}; {b.get('graphs')} decode CUDA graphs at load"]
 
 
+def _quant_format(attrs: dict, k: object) -> str:
+    """A quantized matmul's weight format in words: int4 group 128 zeros act-order, fp8 blocks
+    128x128, with its activation quantization."""
+    if attrs["format"] == "int":
+        group = "per-channel" if attrs["group_size"] == k else f"group {attrs['group_size']}"
+        words = [f"int{attrs['bits']}", group, "zeros" if attrs["has_zeros"] else "symmetric"]
+        words += ["act-order"] if attrs["has_g_idx"] else []
+    else:
+        words = ["fp8 e4m3", f"blocks {attrs['block_n']}x{attrs['block_k']}"]
+    return " ".join(words) + ("" if attrs["act"] == "none" else f", act {attrs['act']}")
+
+
+def quantized_matmuls(graph: Graph) -> list[str]:
+    """The quantized matmuls' lines: how many, their packed bytes against the dense weights they
+    replace, then one line per format and weight shape [N, K] with its count and bytes each."""
+    kinds: dict[tuple[str, str], list[int]] = {}
+    dense = 0
+    for n in graph.nodes:
+        if n.op != "quantized_linear":
+            continue
+        types = [i.type for i in n.inputs]
+        k, rows = types[0].shape[-1], types[1].shape[0]
+        key = (_quant_format(n.attrs, k), f"[{rows}, {k}]")
+        kinds.setdefault(key, [0, packed_bytes(types, n.attrs)])[0] += 1
+        dense += TensorType(n.attrs["dtype"], (rows, k)).nbytes({})
+    if not kinds:
+        return []
+    count = sum(c for c, _ in kinds.values())
+    total = sum(c * b for c, b in kinds.values())
+    return [
+        f"quantized  {count} matmuls, {_human(total)} of packed weights (dense: {_human(dense)})",
+        *(f"  {fmt:42s} {shape:13s} x{c:<4d} {_human(b)} each" for (fmt, shape), (c, b) in kinds.items()),
+    ]
+
+
 def describe(path: str | Path, verify: bool = False) -> tuple[str, bool]:
     """Summary text (model, target, ops by kind, kernel-set coverage, parameters, passes,
     fallbacks, files) and whether every content hash matched (True when not verifying)."""
     m = read_manifest(path)
-    cov = kernel_coverage(loads((Path(path) / GRAPH).read_text()))
+    graph = loads((Path(path) / GRAPH).read_text())
+    cov = kernel_coverage(graph)
     model = m["model"]
     lines = [
         f"artifact   {Path(path)}",
@@ -55,6 +94,7 @@ def describe(path: str | Path, verify: bool = False) -> tuple[str, bool]:
         f"kernel set {cov.flop_share:.2%} of FLOPs (a {NOMINAL['T']}-token step), "
         f"{cov.weight_share:.2%} of weight bytes",
         "other ops  " + (", ".join(f"{k} {v}" for k, v in cov.other_ops.most_common()) or "none"),
+        *quantized_matmuls(graph),
         "passes",
         *(
             f"  {i:2d}. {p['pass']:22s} {p['nodes']:5d} ops"

@@ -29,9 +29,13 @@ tile and act-order g_idx alike; when no g_idx is given and the group size is a m
 tile's channels (per-channel scales, or groups of 128 with BLOCK_K 128), each tile loads one
 scale per row instead (SCALAR_GROUP).
 
-Formats this file does not compute (fp8 weights, activation quantization W8A8 / fp8) run the
-op's torch reference: `covers` says which, and the cuda lowering routes the others to `torch:`
-so `kiln inspect` lists them as fallbacks.
+Activation quantization (W8A8, W4A8; act int8 or float8_e4m3fn) runs quant_act's torch
+reference on x into a temporary first (a few small kernels), then these kernels on its values:
+the reference's numerics, with the weight still read packed; a fused per-row quantization of x
+inside the kernels (and int8 tensor-core products) is later work. fp8 weights run the op's
+torch reference (the whole weight dequantized every call): `covers` says which nodes these
+kernels compute, and the cuda lowering routes the others to `torch:` so `kiln inspect` lists
+them as fallbacks.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.ir.ops.quant import quant_act
+from kiln.ir.ops.quant_linear import ACTS
 from kiln.kernels import Launcher
 from kiln.kernels.torch_provider import launcher as torch_launcher
 from kiln.kernels.triton_kernels import pdl
@@ -75,9 +81,9 @@ class QGemmConfig:
 
 
 def covers(attrs: dict[str, Any]) -> bool:
-    """Whether these kernels compute a quantized_linear of these attributes (weight-only
-    packed integers of 4 or 8 bits); the rest runs the torch reference."""
-    return attrs.get("format") == "int" and attrs.get("act") == "none" and attrs.get("bits") in (4, 8)
+    """Whether these kernels compute a quantized_linear of these attributes (packed integers of
+    4 or 8 bits; activations quantized or not); the rest runs the torch reference."""
+    return attrs.get("format") == "int" and attrs.get("act") in ACTS and attrs.get("bits") in (4, 8)
 
 
 @triton.jit
@@ -271,6 +277,8 @@ def _launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
     zeros = rest.pop(0) if attrs["has_zeros"] else None
     g_idx = rest.pop(0) if attrs["has_g_idx"] else None
     bias = rest.pop(0) if attrs["has_bias"] else None
+    if attrs["act"] != "none":  # W8A8 / W4A8: the activations' rounding first, as the reference
+        x = quant_act(x, format=attrs["act"])
     k, n = x.shape[-1], outs[0].shape[-1]
     x2 = x.reshape(-1, k) if x.stride(-1) == 1 else x.contiguous().view(-1, k)
     y = outs[0]

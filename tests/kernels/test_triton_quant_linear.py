@@ -96,7 +96,22 @@ def test_the_launcher_takes_the_op_operands_and_leading_axes():
     assert MAX_M < 6  # 6 rows: the GEMM
 
 
-def test_fp8_and_activation_quantization_run_the_reference():
+@pytest.mark.parametrize("act", ["int8", "float8_e4m3fn"])
+def test_activation_quantization_runs_quant_act_then_the_kernels(act):
+    bits, group = 8, 64
+    ops = operands(16, 64, bits, group, False, False, torch.float32)
+    attrs = dict(format="int", bits=bits, group_size=group, act=act, dtype="float32", has_zeros=False,
+                 has_g_idx=False, has_bias=True)
+    assert covers(attrs)
+    for m in (1, 6):
+        x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
+        args = [x, ops["qweight"], ops["scales"], ops["bias"]]
+        y = torch.empty(m, 16)
+        LAUNCHERS["quantized_linear"]([y], args, attrs)
+        torch.testing.assert_close(y, REF(*args, **attrs), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_weights_run_the_reference():
     g = torch.Generator().manual_seed(0)
     qweight = torch.randn(8, 32, generator=g).to(torch.float8_e4m3fn)
     scales = torch.rand(8, 1, generator=g) + 0.5
@@ -104,7 +119,6 @@ def test_fp8_and_activation_quantization_run_the_reference():
     attrs = dict(format="fp8", block_n=1, block_k=32, act="int8", dtype="float32", has_zeros=False,
                  has_g_idx=False, has_bias=False)
     assert not covers(attrs)
-    assert not covers({**attrs, "format": "int", "bits": 4, "group_size": 32})  # W4A8: act int8
     y = torch.empty(3, 8)
     LAUNCHERS["quantized_linear"]([y], [x, qweight, scales], attrs)
     torch.testing.assert_close(y, REF(x, qweight, scales, **attrs), rtol=0, atol=0)

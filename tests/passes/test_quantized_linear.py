@@ -279,3 +279,17 @@ def test_pipelines_keep_merged_packed_weights(target):
     result = PassManager([get_pass(n) for n in names]).run(graph)
     assert [n.op for n in result.ops()].count("quantized_linear") == 1
     assert not any(n.op == "dequant_int" for n in result.nodes)
+
+
+def test_inspect_lists_each_format_and_shape_with_its_bytes():
+    from kiln.runtime.inspect import quantized_matmuls
+
+    _, result = _merged_then_quantized(_qkv("own"))
+    lines = quantized_matmuls(result)
+    # q: qweight 8 x 8 bytes + scales 8 x 2 x 4 + zeros 8 x 2 + g_idx 16 x 4 = 208 bytes; k, v: 136
+    assert lines[0] == "quantized  3 matmuls, 480 B of packed weights (dense: 1.0 KiB)"
+    assert lines[1].split() == ["int4", "group", "8", "zeros", "act-order", "[8,", "16]", "x1", "208", "B", "each"]
+    assert lines[2].split()[-5:] == ["16]", "x2", "136", "B", "each"]
+    _, w8a8 = rewrite("quantized-linear", W8A8_FP8_BEFORE, W8A8_FP8_AFTER)
+    assert quantized_matmuls(w8a8)[1].startswith("  fp8 e4m3 blocks 1x16, act int8 ")
+    assert quantized_matmuls(parse_graph(UNCHANGED["dense"])) == []
