@@ -1,12 +1,16 @@
-"""quantized_linear over canonical packed integer weights (ir/ops/quant.py), weight-only:
+"""quantized_linear over canonical packed integer weights (ir/ops/quant.py), weight-only or
+with int8 activations (W8A8 / W4A8):
 
     x [M, K]   qweight uint8 [N, K * bits / 8]   scales [N, G]   zeros uint8 [N, G] (optional)
     w[n, k] = dtype(float32(q[n, k] - z[n, k // group]) * scales[n, k // group])   (z: 2^(bits-1)
               without zeros; bits 4: byte j holds k = 2j in its low nibble, 2j + 1 in its high one)
     y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
 
-Act-order g_idx, fp8 weights and activation quantization are not built here: those nodes run
-the op's torch reference (the cpu lowering lists them as fallbacks).
+With act "int8" each row of x goes through quant_act's rounding as the kernel reads it (its
+scale, max |x| / 127, computed at the start of each row tile): the reference's values exactly,
+multiplied in float32 (no int8 dot products yet). Act-order g_idx, fp8 weights and fp8
+activations are not built here: those nodes run the op's torch reference (the cpu lowering lists
+them as fallbacks).
 
 Schedule: one parallel loop over blocks of nb output columns (rows of the packed weight); each
 task serves every row of x for its columns, by one of two paths chosen by the row count M:
@@ -40,6 +44,7 @@ from collections.abc import Mapping
 
 from tvm.script import tirx as T
 
+from kiln.ir.ops.quant import QMAX
 from kiln.kernels.tvm_kernels import (
     AS_IS,
     FLOATS,
@@ -84,7 +89,7 @@ def resolve(k: int, n: int, group: int, bits: int, config: Mapping[str, int] | N
 
 
 def _func(k: int, n: int, group: int, bits: int, dt: str, sdt: str, bdt: str, has_z: bool, has_b: bool,
-          c: Mapping[str, int]):
+          act: bool, c: Mapping[str, int]):
     nb, v, mt, mr, pm = c["nb"], c["v"], c["mt"], c["mr"], c["pm"]
     kp, g = k * bits // 8, k // group
     rnd = rounded_to(dt)
@@ -102,6 +107,29 @@ def _func(k: int, n: int, group: int, bits: int, dt: str, sdt: str, bdt: str, ha
         z = T.Cast("int32", Z[row, grp]) if has_z else T.int32(half)
         return rnd(T.Cast(F32, code - z) * T.Cast(F32, S[row, grp]))
 
+    def xval(X, m, kk, sc):
+        """x[m, kk] in float32; with act, through quant_act's int8 rounding at the row's scale sc
+        (x / s rounded half to even, clamped, times s, rounded to x's dtype: the reference's
+        bits, whatever order the lanes run in)."""
+        x = T.Cast(F32, X[m, kk])
+        if not act:
+            return x
+        return rnd(T.max(T.min(T.nearbyint(x / sc), T.float32(127)), T.float32(-128)) * sc)
+
+    @T.macro
+    def row_scales(X, m0, rows, SC):
+        """SC[i] = max |x[m0 + i, :]| / 127 (1 for an all-zero row): quant_act's int8 scale."""
+        amax = T.alloc_buffer((v,), F32, scope="local")
+        for i in range(rows):
+            for q in T.vectorized(v):
+                amax[q] = T.float32(0)
+            for kb in range(k // v):
+                for q in T.vectorized(v):
+                    amax[q] = T.max(amax[q], T.fabs(T.Cast(F32, X[m0 + i, kb * v + q])))
+            for q in range(1, v):
+                amax[0] = T.max(amax[0], amax[q])
+            SC[i] = T.if_then_else(amax[0] == T.float32(0), T.float32(1), amax[0] / T.float32(QMAX["int8"]))
+
     def code4(Q, row, byte, high):
         """The 4-bit code of nibble `high` of byte `byte` of packed row `row`."""
         b = T.Cast("int32", Q[row, byte])
@@ -118,6 +146,9 @@ def _func(k: int, n: int, group: int, bits: int, dt: str, sdt: str, bdt: str, ha
         acc = T.alloc_buffer((rows, nb, lanes), F32, scope="local")
         wv = T.alloc_buffer((2, nb, lanes), F32, scope="local")
         xv = T.alloc_buffer((2, rows, lanes), F32, scope="local")
+        SC = T.alloc_buffer((rows,), F32, scope="local")
+        if act:
+            row_scales(X, m0, rows, SC)
         for i, j in T.grid(rows, nb):
             for q in T.vectorized(lanes):
                 acc[i, j, q] = T.float32(0)
@@ -130,13 +161,13 @@ def _func(k: int, n: int, group: int, bits: int, dt: str, sdt: str, bdt: str, ha
                 for i in T.unroll(rows):
                     for j in T.unroll(nb):
                         for q in T.vectorized(v):
-                            acc[i, j, q] = acc[i, j, q] + T.Cast(F32, X[m0 + i, kb * v + q]) * wv[0, j, q]
+                            acc[i, j, q] = acc[i, j, q] + xval(X, m0 + i, kb * v + q, SC[i]) * wv[0, j, q]
             else:
                 for i in T.unroll(rows):
                     for q in T.vectorized(lanes):
-                        xv[0, i, q] = T.Cast(F32, X[m0 + i, kb * v + 2 * q])
+                        xv[0, i, q] = xval(X, m0 + i, kb * v + 2 * q, SC[i])
                     for q in T.vectorized(lanes):
-                        xv[1, i, q] = T.Cast(F32, X[m0 + i, kb * v + 2 * q + 1])
+                        xv[1, i, q] = xval(X, m0 + i, kb * v + 2 * q + 1, SC[i])
                 for j in T.unroll(nb):
                     for q in T.vectorized(lanes):
                         wv[0, j, q] = dequant(Q, S, Z, t * nb + j, grp, code4(Q, t * nb + j, kb * lanes + q, False))
@@ -164,13 +195,16 @@ def _func(k: int, n: int, group: int, bits: int, dt: str, sdt: str, bdt: str, ha
                     P[kk, j] = weight(Q, S, Z, t * nb + j, kk, kk // group)
             for mb in range(M // mr):
                 acc = T.alloc_buffer((mr, nb), F32, scope="local")
+                SC2 = T.alloc_buffer((mr,), F32, scope="local")
+                if act:
+                    row_scales(X, mb * mr, mr, SC2)
                 for i in T.unroll(mr):
                     for q in T.vectorized(nb):
                         acc[i, q] = T.float32(0)
                 for kk in range(k):
                     for i in T.unroll(mr):
                         for q in T.vectorized(nb):
-                            acc[i, q] = acc[i, q] + T.Cast(F32, X[mb * mr + i, kk]) * P[kk, q]
+                            acc[i, q] = acc[i, q] + xval(X, mb * mr + i, kk, SC2[i]) * P[kk, q]
                 for i in T.unroll(mr):
                     for q in T.vectorized(nb):
                         if has_b:
@@ -215,7 +249,8 @@ def quantized_linear(info: OpInfo, config: Mapping[str, int] | None = None) -> K
     `config`, None: the default); None for the nodes it does not cover. A config that does not
     divide the shape is a ValueError."""
     a = info.attrs
-    if a.get("format") != "int" or a.get("act") != "none" or a.get("bits") not in (4, 8) or a.get("has_g_idx"):
+    if a.get("format") != "int" or a.get("act") not in ("none", "int8") or a.get("bits") not in (4, 8) \
+            or a.get("has_g_idx"):
         return None
     x, qweight, scales = info.inputs[:3]
     zeros = info.inputs[3] if a["has_zeros"] else None
@@ -236,8 +271,10 @@ def quantized_linear(info: OpInfo, config: Mapping[str, int] | None = None) -> K
         raise ValueError(f"quantized_linear k={k} n={n} group={group}: config {dict(config or {})} does not divide "
                          "the shape")
     bdt = bias.dtype if bias is not None else F32
-    func = _func(k, n, group, bits, x.dtype, scales.dtype, bdt, zeros is not None, bias is not None, c)
+    act = a["act"] == "int8"
+    func = _func(k, n, group, bits, x.dtype, scales.dtype, bdt, zeros is not None, bias is not None, act, c)
     name = name_of("quantized_linear", f"k{k}n{n}", f"int{bits}", f"g{group}", "z" if zeros is not None else "",
+                   "a8" if act else "",
                    short(x.dtype), f"s{short(scales.dtype)}", f"b{short(bdt)}" if bias is not None else "")
     keep = (0, 1, 2, *((3,) if zeros is not None else ()), *((4,) if bias is not None else ()), 5)
     ins = tuple(range(len(info.inputs)))  # x, qweight, scales[, zeros][, bias]: every op input

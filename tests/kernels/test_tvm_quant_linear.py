@@ -1,8 +1,8 @@
-"""The cpu target's TVM quantized_linear (weight-only int4 / int8) against the op's torch
+"""The cpu target's TVM quantized_linear (int4 / int8 weights) against the op's torch
 reference: group sizes 16-64 and one group per row, with and without zeros and bias, decode
 rows (narrow tiles and a tail), prefill rows (the wide path's dequantized panel plus a
-narrow tail), strided activations, 16-bit dtypes and tuned schedules; nodes it does not cover
-(g_idx, fp8, activation quantization) run the reference and are listed as fallbacks."""
+narrow tail), int8 activations (W8A8, W4A8), strided activations, 16-bit dtypes and tuned
+schedules; nodes it does not cover (g_idx, fp8) run the reference and are listed as fallbacks."""
 
 from __future__ import annotations
 
@@ -64,6 +64,17 @@ def test_matches_the_reference(bits, group, zeros, bias):
         x = torch.randn(t, 64, generator=torch.Generator().manual_seed(t))
         y, want = _run(x, ops, attrs)
         torch.testing.assert_close(y, want, rtol=TOL[x.dtype], atol=TOL[x.dtype])
+
+
+@pytest.mark.parametrize("bits,group,dtype", [(8, 64, torch.float32), (4, 32, torch.float32), (8, 32, torch.bfloat16)])
+def test_int8_activations_round_as_quant_act(bits, group, dtype):
+    ops, attrs = _case(32, 64, bits, group, bits == 4, True, dtype)
+    attrs["act"] = "int8"
+    for t in (1, 6, 37):  # narrow tiles, a tail, the wide path
+        x = torch.randn(t, 64, generator=torch.Generator().manual_seed(t)).to(dtype)
+        x[0] = 0  # an all-zero row stays zero
+        y, want = _run(x, ops, attrs)
+        torch.testing.assert_close(y.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
