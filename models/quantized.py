@@ -94,7 +94,7 @@ def load_quantized(imported: Imported) -> Imported:
     replace: dict[Node, Node] = {}
     quantized_inputs: dict[tuple[Node, str], Node] = {}  # one quant_act per input and format
     for p in graph.params:
-        if not p.name.endswith(".weight") or p.type.rank != 2 or p in replace:
+        if not p.name.endswith(".weight") or p.type.rank != 2:
             continue
         module = p.name.removesuffix(".weight")
         plan = fmt.plan(module, p.type, store)

@@ -379,6 +379,16 @@ def test_fp8_packing_agrees_with_transformers(pair):
         torch.testing.assert_close(state[f"{m}.weight"], known[f"{m}.weight"], rtol=0, atol=0, msg=m)
 
 
+def test_gptq_with_dense_biases(tmp_path):
+    """qwen2's q/k/v biases stay dense params beside the GPTQ weights."""
+    base = build_checkpoint("qwen2", tmp_path / "base", config_overrides={"hidden_size": 128, "intermediate_size": 256})
+    qdir, ddir = gptq_checkpoint(base, tmp_path / "q", group_size=32, sym=False)
+    art = kiln.compile(qdir, tmp_path / "art")
+    model = reference_model(ddir, None)
+    check_logits(art, model)
+    assert kiln_greedy(art) == reference_greedy(model)
+
+
 def test_g_idx_kept_only_for_act_order(pair):
     """A stored g_idx equal to k // group_size is dropped; an act-order one is a dequant input."""
     for case, kept in [("gptq-4bit-g128-sym", False), ("gptq-4bit-g32-asym-act-order", True)]:
