@@ -61,7 +61,14 @@ def check_request(quantize: str | None, calibration: str | Path | None) -> Quant
 
 
 def check_not_quantized(ckpt: Checkpoint) -> None:
-    """ValueError when the checkpoint is quantized already (quantization_config in config.json)."""
+    """ValueError when the checkpoint is quantized already: quantization_config in config.json,
+    or a GGUF file with quantized tensors (Q4_0, Q8_0, K-quants, ...)."""
+    gguf = getattr(ckpt, "gguf", None)
+    if gguf is not None:
+        kinds = sorted({t.tensor_type.name for t in gguf.reader.tensors} - {"F32", "F16", "BF16"})
+        if kinds:
+            raise ValueError(f"'{gguf.path}' is already quantized ({', '.join(kinds)} tensors); compile it without "
+                             "--quantize, or quantize a float checkpoint")
     qc = getattr(ckpt.config, "quantization_config", None)
     if qc is not None:
         method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)

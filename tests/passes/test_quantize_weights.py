@@ -259,3 +259,8 @@ def test_errors(checkpoint, tmp_path, capsys):
     (quantized / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="already quantized"):
         kiln.compile(quantized, tmp_path / "q", quantize="int4")
+    from kiln.models.tiny_gguf import write_gguf
+
+    gguf = write_gguf(ckpt, tmp_path / "tiny.gguf")  # Q8_0 / Q4_0 tensors
+    with pytest.raises(ValueError, match="already quantized"):
+        kiln.compile(gguf, tmp_path / "g", quantize="int8")
