@@ -79,6 +79,18 @@ def _norm_weight(x: Node) -> int | None:
     return None
 
 
+def _scalable_producer(x: Node, users: dict[Node, list[Node]], quantized: set[Node], graph: Graph) -> Node | None:
+    """The linear L (quantized, no bias, read by x alone) when x = mul(a, L(..)): x / s is then
+    the same graph with L's weight rows divided by s (SwiGLU's up projection before down)."""
+    if x.op != "mul":
+        return None
+    for u in x.inputs:
+        if u in quantized and len(u.inputs) == 2 and users[u] == [x] and u not in graph.outputs \
+                and u.type.shape[-1] == x.type.shape[-1]:
+            return u
+    return None
+
+
 @dataclass(frozen=True)
 class QuantizeWeights(Pass):
     """Matches: every `linear(x, W[, b])` with a weight-only W [N, K] in the checkpoint's layout,
@@ -92,8 +104,9 @@ class QuantizeWeights(Pass):
     one quant_act per activation (sibling projections keep sharing their input). With AWQ
     `act_scales` (weight name -> per-input-channel scale s, one s for the linears that share an
     input), W' = W * s (columns) and x' = x / s: when x is a norm's output `mul(w_norm, y)` the
-    1/s goes into the norm's weight (mul(w_norm, 1/s), folded at compile time), else x' is
-    mul(x, 1/s). Weight folding computes the quantize_* parts into packed params; the result is
+    1/s goes into the norm's weight (mul(w_norm, 1/s), folded at compile time); when x is
+    `mul(a, linear(h, U))` (SwiGLU's act(gate) * up) into U's rows before U is quantized (a row
+    scale leaves round-to-nearest's relative error as it was); else x' is mul(x, 1/s). Weight folding computes the quantize_* parts into packed params; the result is
     graph.meta["quantization"]. Numerics change by design: --verify does not compare this pass
     with its input."""
 
@@ -114,34 +127,47 @@ class QuantizeWeights(Pass):
         for n in quantized_linears(graph):
             by_input.setdefault(n.inputs[0], []).append(n)
         users = graph.users()
+        quantized = {m for members in by_input.values() for m in members}
         replace: dict[Node, Node] = {}
         groups: dict[str, int] = {}
+        new_inputs: dict[Node, Node] = {}
+        col_scales: dict[Node, tuple[float, ...]] = {}
+        row_scales: dict[Node, tuple[float, ...]] = {}  # a producing linear's rows times 1/s
         for x, members in by_input.items():
             scales = {tuple(self.act_scales[weight_name(m.inputs[1])]) for m in members
                       if weight_name(m.inputs[1]) in self.act_scales}
             if len(scales) > 1:
                 raise KilnError(f"AWQ scales differ between linears sharing one input ({len(members)} linears)")
             s = scales.pop() if scales else None
-            new_x = x
+            new_inputs[x] = x
             if spec["act"] is not None:
-                new_x = make("quant_act", [x], format=spec["act"])
+                new_inputs[x] = make("quant_act", [x], format=spec["act"])
             elif s is not None:
+                col_scales.update(dict.fromkeys(members, s))
                 inv = tuple(1.0 / v for v in s)
-                at = _norm_weight(x)
-                if at is not None and set(users[x]) == set(members) and x not in graph.outputs:
+                sole = set(users[x]) == set(members) and x not in graph.outputs
+                at = _norm_weight(x) if sole else None
+                producer = _scalable_producer(x, users, quantized, graph) if sole else None
+                if at is not None:
                     w = x.inputs[at]
                     ins = list(x.inputs)
                     ins[at] = make("mul", [w, _vector(inv, w.type.dtype)])
                     replace[x] = make("mul", ins)
+                elif producer is not None:
+                    row_scales[producer] = inv
                 else:
-                    new_x = make("mul", [x, _vector(inv, x.type.dtype)])
+                    new_inputs[x] = make("mul", [x, _vector(inv, x.type.dtype)])
+        for x, members in by_input.items():
             for m in members:
                 w = m.inputs[1]
-                if s is not None:
-                    w = make("mul", [w, _vector(s, w.type.dtype)])
+                if m in col_scales:
+                    w = make("mul", [w, _vector(col_scales[m], w.type.dtype)])
+                if m in row_scales:
+                    rows = [[v] for v in row_scales[m]]
+                    w = make("mul", [w, const_node(rows, TensorType(w.type.dtype, (len(rows), 1)))])
                 dq, group = self._dequant(w)
                 groups[weight_name(m.inputs[1])] = group
-                replace[m] = make("linear", [new_x, dq, *m.inputs[2:]], **m.attrs)
+                replace[m] = make("linear", [new_inputs[x], dq, *m.inputs[2:]], **m.attrs)
         out = graph.substitute(replace) if replace else graph
         out.meta = {**graph.meta, "quantization": self.describe(groups)}
         return out

@@ -129,6 +129,62 @@ def test_int4_awq_folds_into_the_norm():
     assert result.meta["quantization"]["awq"] is True
 
 
+SWIGLU_BEFORE = """graph {
+  %input_ids = input : i64[T]
+  @embed = param : f32[16,4]
+  %0 = embedding(@embed, %input_ids) : f32[T,4]
+  @gate = param : f32[4,4]
+  %1 = linear(%0, @gate) : f32[T,4]
+  @up = param : f32[4,4]
+  %2 = linear(%0, @up) : f32[T,4]
+  %3 = silu(%1) : f32[T,4]
+  %4 = mul(%3, %2) : f32[T,4]
+  @down = param : f32[4,4]
+  %5 = linear(%4, @down) : f32[T,4]
+  @head = param : f32[16,4]
+  %6 = linear(%5, @head) : f32[T,16]
+  return %6
+}"""
+
+# AWQ on the down projection: its input's 1/s goes into the up projection's rows
+SWIGLU_AWQ_AFTER = """graph {
+  %input_ids = input : i64[T]
+  @embed = param : f32[16,4]
+  %0 = embedding(@embed, %input_ids) : f32[T,4]
+  @gate = param : f32[4,4]
+  %1 = quantize_int(@gate) {"bits": 4, "group_size": 4, "part": "qweight"} : u8[4,2]
+  %2 = quantize_int(@gate) {"bits": 4, "group_size": 4, "part": "scales"} : f32[4,1]
+  %3 = quantize_int(@gate) {"bits": 4, "group_size": 4, "part": "zeros"} : u8[4,1]
+  %4 = dequant_int(%1, %2, %3) {"bits": 4, "group_size": 4, "dtype": "float32"} : f32[4,4]
+  %5 = linear(%0, %4) : f32[T,4]
+  %6 = silu(%5) : f32[T,4]
+  @up = param : f32[4,4]
+  %7 = const() {"value": [[0.5], [0.25], [2.0], [1.0]]} : f32[4,1]
+  %8 = mul(@up, %7) : f32[4,4]
+  %9 = quantize_int(%8) {"bits": 4, "group_size": 4, "part": "qweight"} : u8[4,2]
+  %10 = quantize_int(%8) {"bits": 4, "group_size": 4, "part": "scales"} : f32[4,1]
+  %11 = quantize_int(%8) {"bits": 4, "group_size": 4, "part": "zeros"} : u8[4,1]
+  %12 = dequant_int(%9, %10, %11) {"bits": 4, "group_size": 4, "dtype": "float32"} : f32[4,4]
+  %13 = linear(%0, %12) : f32[T,4]
+  %14 = mul(%6, %13) : f32[T,4]
+  @down = param : f32[4,4]
+  %15 = const() {"value": [2.0, 4.0, 0.5, 1.0]} : f32[4]
+  %16 = mul(@down, %15) : f32[4,4]
+  %17 = quantize_int(%16) {"bits": 4, "group_size": 4, "part": "qweight"} : u8[4,2]
+  %18 = quantize_int(%16) {"bits": 4, "group_size": 4, "part": "scales"} : f32[4,1]
+  %19 = quantize_int(%16) {"bits": 4, "group_size": 4, "part": "zeros"} : u8[4,1]
+  %20 = dequant_int(%17, %18, %19) {"bits": 4, "group_size": 4, "dtype": "float32"} : f32[4,4]
+  %21 = linear(%14, %20) : f32[T,4]
+  @head = param : f32[16,4]
+  %22 = linear(%21, @head) : f32[T,16]
+  return %22
+}"""
+
+
+def test_int4_awq_folds_into_the_up_projection():
+    rewrite(QuantizeWeights(method="int4", group_size=4, act_scales={"down": (2.0, 4.0, 0.5, 1.0)}),
+            SWIGLU_BEFORE, SWIGLU_AWQ_AFTER)
+
 # -- the quantizers: round to nearest, within half a step of the weight
 
 
