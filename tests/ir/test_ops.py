@@ -206,6 +206,19 @@ CASES: list[Case] = [
     Case("gather_rows", ["f32[T,4]", "i64[2]"], {}, "f32[2,4]", {1: lambda t: torch.tensor([0, t - 1])}),
     Case("expert_linear", ["f32[T,8]", "f32[3,5,8]", "i64[T]"], {}, "f32[T,5]",
          {2: lambda t: torch.arange(t) % 3}),
+    # quantized weights (ir/ops/quant.py, quant_linear.py): canonical packed ints, fp8 blocks
+    Case("dequant_int", ["u8[6,4]", "f16[6,2]", "u8[6,2]"], {"bits": 4, "group_size": 4, "dtype": "float32"},
+         "f32[6,8]"),
+    Case("dequant_int", ["u8[6,8]", "f32[6,2]", "i32[8]"], {"bits": 8, "group_size": 4, "dtype": "bfloat16"},
+         "bf16[6,8]", {2: lambda t: torch.arange(8, dtype=torch.int32) % 2}),
+    Case("dequant_fp8", ["f8e4m3[6,8]", "f32[2,1]"], {"block_n": 4, "block_k": 8, "dtype": "float16"}, "f16[6,8]"),
+    Case("quant_act", ["f32[T,8]"], {"format": "int8"}, "f32[T,8]"),
+    Case("quantized_linear", ["f32[T,8]", "u8[6,4]", "f32[6,2]", "u8[6,2]", "f32[6]"],
+         {"format": "int", "bits": 4, "group_size": 4, "act": "none", "dtype": "float32", "has_zeros": True,
+          "has_g_idx": False, "has_bias": True}, "f32[T,6]"),
+    Case("quantized_linear", ["bf16[2,T,8]", "f8e4m3[6,8]", "f32[6,1]"],
+         {"format": "fp8", "block_n": 1, "block_k": 8, "act": "float8_e4m3fn", "dtype": "bfloat16",
+          "has_zeros": False, "has_g_idx": False, "has_bias": False}, "bf16[2,T,6]"),
 ]  # fmt: skip
 
 
