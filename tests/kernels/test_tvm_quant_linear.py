@@ -1,8 +1,8 @@
 """The cpu target's TVM quantized_linear (int4 / int8 weights) against the op's torch
 reference: group sizes 16-64 and one group per row, with and without zeros and bias, decode
 rows (narrow tiles and a tail), prefill rows (the wide path's dequantized panel plus a
-narrow tail), int8 activations (W8A8, W4A8), strided activations, 16-bit dtypes and tuned
-schedules; nodes it does not cover (g_idx, fp8) run the reference and are listed as fallbacks."""
+narrow tail), int8 activations (W8A8, W4A8), act-order g_idx, strided activations, 16-bit
+dtypes and tuned schedules; fp8 nodes run the reference and are listed as fallbacks."""
 
 from __future__ import annotations
 
@@ -102,6 +102,18 @@ def test_a_config_that_does_not_divide_the_shape_is_refused():
         _run(torch.randn(1, 64), ops, attrs, {"v": 32})  # lanes past the group
 
 
+@pytest.mark.parametrize("bits,act", [(4, "none"), (8, "none"), (4, "int8")])
+def test_act_order_groups(bits, act):
+    g = torch.Generator().manual_seed(5)
+    ops, attrs = _case(32, 64, bits, 16, True, True)
+    g_idx = (torch.arange(64) // 16)[torch.randperm(64, generator=g)].to(torch.int32)
+    ops.insert(3, g_idx)  # after zeros, before bias
+    attrs |= {"has_g_idx": True, "act": act}
+    for t in (1, 5, 40):
+        y, want = _run(torch.randn(t, 64, generator=g), ops, attrs)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_cpu_lowering_runs_the_reference_for_what_tvm_does_not_build():
     from kiln.codegen.cpu import lower
 
@@ -121,6 +133,7 @@ def test_the_cpu_lowering_runs_the_reference_for_what_tvm_does_not_build():
                has_bias=False)
     lowered = lower(Graph([], []).with_nodes([x], [fp8]))
     kernels = [s.kernel for s in lowered.plan.steps]
-    assert kernels[0].startswith("tvm:quantized_linear_k32n16_int4")
-    assert kernels[1:] == ["torch:quantized_linear", "torch:quantized_linear"]
+    assert kernels[0].startswith("tvm:quantized_linear_k32n16_int4_g32")
+    assert kernels[1].startswith("tvm:quantized_linear_k16n16_int4_gidx2")
+    assert kernels[2] == "torch:quantized_linear"
     assert lowered.fallbacks == ["quantized_linear"]
