@@ -3,7 +3,7 @@
     python benchmarks/quant_quality.py [--target reference] [--windows 170]
 
 Compiles models/demo once per variant (float32; --quantize fp8, int8, int4 round-to-nearest,
-int4 with AWQ calibration), runs kiln.load_artifact(OUT).forward over the demo's validation
+int4 with AWQ calibration; int8 and int4 + AWQ with --quantize-lm-head), runs kiln.load_artifact(OUT).forward over the demo's validation
 split (models/demo_data.py: the held-out stdlib files, fixed non-overlapping 256-token windows,
 as models/train_demo.py evaluates) and reports the mean next-token cross entropy and its
 increase over float32. The AWQ calibration text is training-split files (never validation).
@@ -34,6 +34,8 @@ VARIANTS: list[tuple[str, dict, float | None]] = [
     ("int8", {"quantize": "int8"}, 0.5),
     ("int4 (round to nearest)", {"quantize": "int4"}, None),
     ("int4 + AWQ calibration", {"quantize": "int4", "calibration": True}, 3.0),
+    ("int8, LM head too", {"quantize": "int8", "quantize_lm_head": True}, None),
+    ("int4 + AWQ, LM head too", {"quantize": "int4", "calibration": True, "quantize_lm_head": True}, None),
 ]
 """(name, compile options, allowed loss increase in %)."""
 

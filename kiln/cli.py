@@ -31,6 +31,8 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
                    "the LM head and embeddings stay in --dtype")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="UTF-8 text for int4's activation-aware scales (AWQ); without it int4 rounds to nearest")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the LM head too (by default it stays in --dtype)")
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -38,7 +40,8 @@ def _compile(args: argparse.Namespace) -> int:
 
     out = kiln.compile(args.model_dir, args.output, target=args.target, dtype=args.dtype, passes=args.passes,
                        dump_ir=args.dump_ir, verify_passes=args.verify, overwrite=args.force,
-                       quantize=args.quantize, calibration=args.calibration)
+                       quantize=args.quantize, calibration=args.calibration,
+                       quantize_lm_head=args.quantize_lm_head)
     print(f"wrote {out}")
     return 0
 

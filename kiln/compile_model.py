@@ -48,6 +48,7 @@ def compile(
     overwrite: bool = False,
     quantize: str | None = None,
     calibration: str | Path | None = None,
+    quantize_lm_head: bool = False,
 ) -> Path:
     """Compile a Hugging Face checkpoint directory (or a GGUF file) into an artifact directory.
 
@@ -55,7 +56,8 @@ def compile(
     writes the IR after each pass; `verify_passes` runs each pass's output against its input
     on random inputs and raises VerifyError on a mismatch. `quantize` (int8 | fp8 | int4) quantizes
     the linear layers (the quantize-weights pass, before the target's fusions); `calibration`, a
-    UTF-8 text file, gives int4 AWQ's activation-aware scales (kiln.compile_quantize).
+    UTF-8 text file, gives int4 AWQ's activation-aware scales (kiln.compile_quantize);
+    `quantize_lm_head` quantizes the LM head too (it stays in `dtype` by default).
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype '{dtype}' is not supported; accepted: {', '.join(MODEL_DTYPES)}")
@@ -63,7 +65,7 @@ def compile(
     if out.exists() and not overwrite:
         raise FileExistsError(f"output '{out}' exists; remove it or pass overwrite=True (--force)")
     get_lowering(target)
-    request = check_request(quantize, calibration)
+    request = check_request(quantize, calibration, quantize_lm_head)
     names = resolve_pipeline(target, passes)
     if request is not None:
         names = with_quantize_pass(names)

@@ -33,19 +33,24 @@ class QuantizeRequest:
     """Its content."""
     group_size: int = DEFAULT_GROUP_SIZE
     """int4's group of input channels."""
+    lm_head: bool = False
+    """Whether the LM head is quantized too."""
 
 
-def check_request(quantize: str | None, calibration: str | Path | None) -> QuantizeRequest | None:
+def check_request(quantize: str | None, calibration: str | Path | None,
+                  lm_head: bool = False) -> QuantizeRequest | None:
     """The checked request, None for no quantization; ValueError / FileNotFoundError naming what
     is wrong: an unknown method, a calibration file without int4, a missing or empty file."""
     if quantize is None:
         if calibration is not None:
             raise ValueError("--calibration needs --quantize int4 (AWQ scales are for int4 weights)")
+        if lm_head:
+            raise ValueError("--quantize-lm-head needs --quantize")
         return None
     if quantize not in METHODS:
         raise ValueError(f"unknown --quantize value {quantize!r}; accepted: {', '.join(METHODS)}")
     if calibration is None:
-        return QuantizeRequest(quantize)
+        return QuantizeRequest(quantize, lm_head=lm_head)
     if quantize != "int4":
         raise ValueError(f"--calibration applies to --quantize int4 only (AWQ scales), not {quantize}")
     path = Path(calibration)
@@ -57,7 +62,7 @@ def check_request(quantize: str | None, calibration: str | Path | None) -> Quant
         raise ValueError(f"calibration file '{path}' is not UTF-8 text ({e})") from None
     if not text.strip():
         raise ValueError(f"calibration file '{path}' is empty; give it text like the model's inputs")
-    return QuantizeRequest(quantize, path, text)
+    return QuantizeRequest(quantize, path, text, lm_head=lm_head)
 
 
 def check_not_quantized(ckpt: Checkpoint) -> None:
@@ -104,13 +109,14 @@ def quantize_pass(request: QuantizeRequest, imported: Imported, ckpt: Checkpoint
     """The quantize-weights pass of the request; with a calibration file its AWQ scales, searched
     on the imported graph (progress bars over the calibration and the search)."""
     if request.calibration is None:
-        return QuantizeWeights(method=request.method, group_size=request.group_size)
+        return QuantizeWeights(method=request.method, group_size=request.group_size, lm_head=request.lm_head)
     from kiln.passes.awq import awq_scales
 
     limit = imported.graph.meta.get("max_position_embeddings") or CALIBRATION_SEQ_LEN
     seqs = calibration_sequences(ckpt, request.text, min(CALIBRATION_SEQ_LEN, int(limit)))
-    scales, _ = awq_scales(imported.graph, imported.weights, seqs, request.group_size)
-    return QuantizeWeights(method=request.method, group_size=request.group_size, act_scales=scales)
+    scales, _ = awq_scales(imported.graph, imported.weights, seqs, request.group_size, request.lm_head)
+    return QuantizeWeights(method=request.method, group_size=request.group_size, act_scales=scales,
+                           lm_head=request.lm_head)
 
 
 def quantization_record(graph: Graph, request: QuantizeRequest) -> dict[str, object]:

@@ -53,27 +53,29 @@ def _inputs(graph: Graph, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tens
             for n in graph.inputs}
 
 
-def collect_inputs(graph: Graph, weights: WeightFn, seqs: Sequence[Sequence[int]],
-                   tokens_per_step: int = 2048) -> dict[Node, torch.Tensor]:
-    """For each input node of a quantized linear, its float32 rows [R, K] over the calibration
-    sequences (at most MAX_ROWS, evenly strided)."""
-    xs = list(dict.fromkeys(n.inputs[0] for n in quantized_linears(graph)))
+def collect_inputs(graph: Graph, weights: WeightFn, seqs: Sequence[Sequence[int]], tokens_per_step: int = 2048,
+                   lm_head: bool = False) -> dict[Node, tuple[torch.Tensor, torch.Tensor]]:
+    """For each input node of a quantized linear: (its float32 rows [R, K] over the calibration
+    sequences, at most MAX_ROWS evenly strided and kept as each step runs; mean |x| [K] over
+    every row)."""
+    xs = list(dict.fromkeys(n.inputs[0] for n in quantized_linears(graph, lm_head)))
     probe = graph.with_nodes(graph.inputs, xs)
     rows: dict[Node, list[torch.Tensor]] = {x: [] for x in xs}
+    sums: dict[Node, torch.Tensor] = {}
     batches: list[list[Sequence[int]]] = [[]]
     for s in seqs:
         if batches[-1] and sum(map(len, batches[-1])) + len(s) > tokens_per_step:
             batches.append([])
         batches[-1].append(s)
+    total = sum(map(len, seqs))
+    stride = max(1, -(-total // MAX_ROWS))
     with torch.no_grad():
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=None):
             for x, v in zip(xs, run_graph(probe, _inputs(graph, batch), weights), strict=True):
-                rows[x].append(v.reshape(-1, v.shape[-1]).float())
-    out = {}
-    for x, parts in rows.items():
-        r = torch.cat(parts)
-        out[x] = r[:: max(1, -(-len(r) // MAX_ROWS))]
-    return out
+                v = v.reshape(-1, v.shape[-1]).float()
+                sums[x] = sums.get(x, 0) + v.abs().sum(dim=0)
+                rows[x].append(v[::stride].clone())
+    return {x: (torch.cat(parts), sums[x] / total) for x, parts in rows.items()}
 
 
 def _weight(w: Node, weights: WeightFn) -> torch.Tensor:
@@ -81,12 +83,12 @@ def _weight(w: Node, weights: WeightFn) -> torch.Tensor:
 
 
 def search_scale(x: torch.Tensor, ws: Sequence[torch.Tensor], group_size: int = DEFAULT_GROUP_SIZE,
-                 grid: int = GRID) -> tuple[torch.Tensor | None, float, float]:
+                 grid: int = GRID, mean_abs: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float, float]:
     """(the best scale [K] or None when alpha 0 wins, its alpha, its error / round-to-nearest's)
-    for the linears ws [N_i, K] reading x [R, K]."""
+    for the linears ws [N_i, K] reading x [R, K]; mean_abs [K] defaults to x's."""
     k = x.shape[1]
     group = int4_group_size(k, group_size)
-    mean = x.abs().mean(dim=0).clamp(min=1e-4)
+    mean = (x.abs().mean(dim=0) if mean_abs is None else mean_abs).clamp(min=1e-4)
     refs = [x @ w.T for w in ws]
     best: tuple[float, float, torch.Tensor | None] = (float("inf"), 0.0, None)
     base = None
@@ -105,18 +107,19 @@ def search_scale(x: torch.Tensor, ws: Sequence[torch.Tensor], group_size: int = 
 
 
 def awq_scales(graph: Graph, weights: WeightFn, seqs: Sequence[Sequence[int]],
-               group_size: int = DEFAULT_GROUP_SIZE) -> tuple[dict[str, tuple[float, ...]], dict[str, float]]:
+               group_size: int = DEFAULT_GROUP_SIZE, lm_head: bool = False) -> tuple[dict[str, tuple[float, ...]], dict[str, float]]:
     """(weight name -> scale [K] for the quantize-weights pass, weight name -> chosen alpha) from
     the calibration token sequences `seqs` (module docstring)."""
-    xs = collect_inputs(graph, weights, seqs)
+    xs = collect_inputs(graph, weights, seqs, lm_head=lm_head)
     members: dict[Node, list[Node]] = {}
-    for n in quantized_linears(graph):
+    for n in quantized_linears(graph, lm_head):
         members.setdefault(n.inputs[0], []).append(n)
     scales: dict[str, tuple[float, ...]] = {}
     alphas: dict[str, float] = {}
     for x, linears in tqdm(members.items(), desc="awq search", unit="group", disable=None):
         ws = [_weight(m.inputs[1], weights) for m in linears]
-        s, alpha, _ = search_scale(xs[x], ws, group_size)
+        rows, mean_abs = xs[x]
+        s, alpha, _ = search_scale(rows, ws, group_size, mean_abs=mean_abs)
         for m in linears:
             alphas[weight_name(m.inputs[1])] = alpha
             if s is not None:

@@ -30,9 +30,9 @@ def int4_group_size(k: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
     return max(g for g in range(2, min(group_size, k) + 1, 2) if k % g == 0)
 
 
-def quantized_linears(graph: Graph) -> list[Node]:
+def quantized_linears(graph: Graph, lm_head: bool = False) -> list[Node]:
     """The linears the pass quantizes: a 2-D weight-only weight in the checkpoint's [N, K] layout,
-    except the LM head (a linear an output reaches without passing another linear)."""
+    except, unless `lm_head`, the LM head (a linear an output reaches without passing another)."""
     heads: set[Node] = set()
     stack, seen = list(graph.outputs), set()
     while stack:
@@ -46,7 +46,7 @@ def quantized_linears(graph: Graph) -> list[Node]:
             stack.extend(n.inputs)
     return [
         n for n in graph.nodes
-        if n.op == "linear" and n not in heads and n.attrs.get("weight_layout", "out_in") == "out_in"
+        if n.op == "linear" and (lm_head or n not in heads) and n.attrs.get("weight_layout", "out_in") == "out_in"
         and n.inputs[1].type.rank == 2 and weight_only(n.inputs[1]) and isinstance(n.inputs[1].type.shape[1], int)
     ]
 
@@ -94,7 +94,7 @@ def _scalable_producer(x: Node, users: dict[Node, list[Node]], quantized: set[No
 @dataclass(frozen=True)
 class QuantizeWeights(Pass):
     """Matches: every `linear(x, W[, b])` with a weight-only W [N, K] in the checkpoint's layout,
-    except the LM head (embeddings are not linears: both stay in the model dtype).
+    except the LM head unless `lm_head` (embeddings are not linears: they stay in the model dtype).
     Emits, by `method`:
 
         int8  linear(quant_act(x){int8}, dequant_int(quantize_int(W){part=qweight|scales}){bits 8, group K})
@@ -115,6 +115,7 @@ class QuantizeWeights(Pass):
     method: str = "int4"
     group_size: int = DEFAULT_GROUP_SIZE
     act_scales: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    lm_head: bool = False
 
     def apply(self, graph: Graph) -> Graph:
         if self.method not in METHODS:
@@ -124,7 +125,7 @@ class QuantizeWeights(Pass):
                             "without --quantize")
         spec = METHODS[self.method]
         by_input: dict[Node, list[Node]] = {}
-        for n in quantized_linears(graph):
+        for n in quantized_linears(graph, self.lm_head):
             by_input.setdefault(n.inputs[0], []).append(n)
         users = graph.users()
         quantized = {m for members in by_input.values() for m in members}
@@ -198,5 +199,5 @@ class QuantizeWeights(Pass):
             "group_size_overrides": {k: g for k, g in groups.items() if spec["bits"] == 4 and g != self.group_size},
             "awq": bool(self.act_scales),
             "linears": len(groups),
-            "lm_head": "model dtype",
+            "lm_head": "quantized" if self.lm_head else "model dtype",
         }

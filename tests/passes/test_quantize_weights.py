@@ -123,6 +123,13 @@ def test_w8a8_before_after(method, after):
     assert result.meta["quantization"]["linears"] == 2  # the LM head stays float
 
 
+def test_lm_head_only_when_asked():
+    graph, _ = rewrite(QuantizeWeights(method="int8"), BEFORE, INT8_AFTER)
+    result = QuantizeWeights(method="int8", lm_head=True).apply(graph)
+    assert result.meta["quantization"]["linears"] == 3 and result.meta["quantization"]["lm_head"] == "quantized"
+    assert not any(n.op == "linear" and n.inputs[1].op == "param" for n in result.nodes)
+
+
 def test_int4_awq_folds_into_the_norm():
     _, result = rewrite(QuantizeWeights(method="int4", group_size=4, act_scales={"q": SCALE, "k": SCALE}),
                         BEFORE, INT4_AWQ_AFTER)
@@ -283,11 +290,12 @@ def test_cli_int4_calibration_verify(checkpoint, tmp_path, capsys):
     calib.write_text("def add(a, b):\n    return a + b\n" * 40, encoding="utf-8")
     out = tmp_path / "art"
     rc = compile_model_main([str(checkpoint("llama")), "-o", str(out), "--quantize", "int4",
-                             "--calibration", str(calib), "--verify"])
+                             "--calibration", str(calib), "--verify", "--quantize-lm-head"])
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "manifest.json").read_text())
     q = m["quantization"]
     assert q["awq"] is True and q["bits"] == 4 and q["group_size"] == 128
+    assert q["linears"] == 15 and q["lm_head"] == "quantized"
     assert set(q["group_size_overrides"].values()) == {64}  # K = 64 < 128: one group a row
     assert len(q["calibration"]["sha256"]) == 64 and "quantize-weights" in m["pipeline"]
     assert m["pipeline"].index("quantize-weights") < m["pipeline"].index("merge-projections")
@@ -302,6 +310,7 @@ def test_errors(checkpoint, tmp_path, capsys):
         (["--quantize", "int3"], "unknown --quantize value 'int3'; accepted: int8, fp8, int4"),
         (["--quantize", "int8", "--calibration", str(empty)], "applies to --quantize int4 only"),
         (["--calibration", str(empty)], "--calibration needs --quantize int4"),
+        (["--quantize-lm-head"], "--quantize-lm-head needs --quantize"),
         (["--quantize", "int4", "--calibration", str(empty)], "is empty"),
         (["--quantize", "int4", "--calibration", str(tmp_path / "nope.txt")], "does not exist"),
     ]
