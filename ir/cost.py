@@ -35,7 +35,7 @@ def node_flops(n: Node, b: Mapping[str, int] = NOMINAL) -> int:
     if n.op in SOURCE_OPS or n.op in MOVEMENT:
         return 0
     ins = [i.type for i in n.inputs]
-    if n.op == "linear":  # N from the result: the weight's layout places it (out_in, in_out, panels)
+    if n.op in ("linear", "quantized_linear"):  # N from the result: the weight's layout places it
         return 2 * ins[0].numel(b) * evaluate(n.type.shape[-1], b)
     if n.op == "expert_linear":
         x, w = ins[0], ins[1]
