@@ -30,23 +30,32 @@ def int4_group_size(k: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
     return max(g for g in range(2, min(group_size, k) + 1, 2) if k % g == 0)
 
 
-def quantized_linears(graph: Graph, lm_head: bool = False) -> list[Node]:
-    """The linears the pass quantizes: a 2-D weight-only weight in the checkpoint's [N, K] layout,
-    except, unless `lm_head`, the LM head (a linear an output reaches without passing another)."""
-    heads: set[Node] = set()
-    stack, seen = list(graph.outputs), set()
+def _linears_reaching(roots: list[Node]) -> set[Node]:
+    """The linears whose results reach `roots` without passing another linear."""
+    found: set[Node] = set()
+    stack, seen = list(roots), set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
         if n.op == "linear":
-            heads.add(n)
+            found.add(n)
         else:
             stack.extend(n.inputs)
+    return found
+
+
+def quantized_linears(graph: Graph, lm_head: bool = False) -> list[Node]:
+    """The linears the pass quantizes: a 2-D weight-only weight in the checkpoint's [N, K] layout,
+    except MoE routers (a linear a `topk` reaches without passing another: a rounded logit would
+    pick other experts) and, unless `lm_head`, the LM head (the same, from a graph output)."""
+    keep = _linears_reaching([n for n in graph.nodes if n.op == "topk"])
+    if not lm_head:
+        keep |= _linears_reaching(list(graph.outputs))
     return [
         n for n in graph.nodes
-        if n.op == "linear" and (lm_head or n not in heads) and n.attrs.get("weight_layout", "out_in") == "out_in"
+        if n.op == "linear" and n not in keep and n.attrs.get("weight_layout", "out_in") == "out_in"
         and n.inputs[1].type.rank == 2 and weight_only(n.inputs[1]) and isinstance(n.inputs[1].type.shape[1], int)
     ]
 
@@ -94,7 +103,8 @@ def _scalable_producer(x: Node, users: dict[Node, list[Node]], quantized: set[No
 @dataclass(frozen=True)
 class QuantizeWeights(Pass):
     """Matches: every `linear(x, W[, b])` with a weight-only W [N, K] in the checkpoint's layout,
-    except the LM head unless `lm_head` (embeddings are not linears: they stay in the model dtype).
+    except MoE routers and, unless `lm_head`, the LM head (embeddings are not linears: they stay
+    in the model dtype).
     Emits, by `method`:
 
         int8  linear(quant_act(x){int8}, dequant_int(quantize_int(W){part=qweight|scales}){bits 8, group K})

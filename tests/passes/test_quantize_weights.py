@@ -329,3 +329,13 @@ def test_errors(checkpoint, tmp_path, capsys):
     gguf = write_gguf(ckpt, tmp_path / "tiny.gguf")  # Q8_0 / Q4_0 tensors
     with pytest.raises(ValueError, match="already quantized"):
         kiln.compile(gguf, tmp_path / "g", quantize="int8")
+
+
+def test_moe_router_and_lm_head_stay_float(checkpoint):
+    from kiln.passes.quantize_weights import quantized_linears, weight_name
+
+    graph = import_model(str(checkpoint("mixtral"))).graph
+    kept = {weight_name(n.inputs[1]) for n in graph.nodes if n.op == "linear"} - {
+        weight_name(n.inputs[1]) for n in quantized_linears(graph)}
+    assert kept == {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight", "lm_head.weight"}
+    assert "lm_head.weight" in {weight_name(n.inputs[1]) for n in quantized_linears(graph, lm_head=True)}
