@@ -213,6 +213,12 @@ CASES: list[Case] = [
          "bf16[6,8]", {2: lambda t: torch.arange(8, dtype=torch.int32) % 2}),
     Case("dequant_fp8", ["f8e4m3[6,8]", "f32[2,1]"], {"block_n": 4, "block_k": 8, "dtype": "float16"}, "f16[6,8]"),
     Case("quant_act", ["f32[T,8]"], {"format": "int8"}, "f32[T,8]"),
+    # compile-time weight quantization (ir/ops/quantize.py): the parts weight folding packs
+    Case("quantize_int", ["f32[6,8]"], {"bits": 4, "group_size": 4, "part": "qweight"}, "u8[6,4]"),
+    Case("quantize_int", ["bf16[6,8]"], {"bits": 4, "group_size": 4, "part": "zeros"}, "u8[6,2]"),
+    Case("quantize_int", ["f32[6,8]"], {"bits": 8, "group_size": 8, "part": "scales"}, "f32[6,1]"),
+    Case("quantize_fp8", ["f16[6,8]"], {"part": "qweight"}, "f8e4m3[6,8]"),
+    Case("quantize_fp8", ["f32[6,8]"], {"part": "scales"}, "f32[6,1]"),
     Case("quantized_linear", ["f32[T,8]", "u8[6,4]", "f32[6,2]", "u8[6,2]", "f32[6]"],
          {"format": "int", "bits": 4, "group_size": 4, "act": "none", "dtype": "float32", "has_zeros": True,
           "has_g_idx": False, "has_bias": True}, "f32[T,6]"),
