@@ -206,20 +206,7 @@ def main() -> None:
     print(f"{report['gpu']}: copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     for shape in a.shapes.split(","):
         a.shape = shape
-        ckpt, art = work / shape / "ckpt", work / shape / "artifact"
-        if not (ckpt / "config.json").exists():
-            synthesize_checkpoint(shape, ckpt, torch.bfloat16, "cuda")
-        t = time.perf_counter()
-        kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True)
-        row: dict = {"compile_s": time.perf_counter() - t}
-        if a.tune_budget > 0:
-            from kiln.codegen.cuda.tune import tune
-
-            t = time.perf_counter()
-            tuned = tune(art, budget=a.tune_budget)
-            row["tune_s"] = time.perf_counter() - t
-            row["tune_table"] = tuned["table"]
-            print(tuned["table"], flush=True)
+        ckpt, art, row = build_artifact(shape, work, a.tune_budget)
         manifest = json.loads((art / "manifest.json").read_text())
         cfg = json.loads((ckpt / "config.json").read_text())
         vocab = cfg["vocab_size"]
@@ -235,6 +222,27 @@ def main() -> None:
             _write(report, a.out)
             _free()
     print(_table(report))
+
+
+def build_artifact(shape: str, work: Path, tune_budget: float) -> tuple[Path, Path, dict]:
+    """(checkpoint, artifact, {compile_s, tune_s, tune_table}) of `shape` under `work`: the
+    checkpoint synthesized once, compiled for cuda in bf16, then tuned for tune_budget seconds
+    (0: untuned; the before/after table is printed)."""
+    ckpt, art = work / shape / "ckpt", work / shape / "artifact"
+    if not (ckpt / "config.json").exists():
+        synthesize_checkpoint(shape, ckpt, torch.bfloat16, "cuda")
+    t = time.perf_counter()
+    kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True)
+    row: dict = {"compile_s": time.perf_counter() - t}
+    if tune_budget > 0:
+        from kiln.codegen.cuda.tune import tune
+
+        t = time.perf_counter()
+        tuned = tune(art, budget=tune_budget)
+        row["tune_s"] = time.perf_counter() - t
+        row["tune_table"] = tuned["table"]
+        print(tuned["table"], flush=True)
+    return ckpt, art, row
 
 
 def _write(report: dict, out: str) -> None:

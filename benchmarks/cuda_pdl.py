@@ -19,13 +19,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import kiln
-from kiln.models.shapes import synthesize_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda import build_artifact  # noqa: E402
 
 _RUN = """
 import json, statistics, sys
@@ -67,16 +68,7 @@ def main() -> None:
     report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "kiln": kiln.__version__,
                     "shapes": {}}
     for shape in a.shapes.split(","):
-        ckpt, art = Path(a.work) / shape / "ckpt", Path(a.work) / shape / "artifact"
-        if not (ckpt / "config.json").exists():
-            synthesize_checkpoint(shape, ckpt, torch.bfloat16, "cuda")
-        t = time.perf_counter()
-        kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True)
-        row: dict = {"compile_s": time.perf_counter() - t}
-        if a.tune_budget > 0:
-            from kiln.codegen.cuda.tune import tune
-
-            row["tune_table"] = tune(art, budget=a.tune_budget)["table"]
+        _, art, row = build_artifact(shape, Path(a.work), a.tune_budget)
         row["off"] = serve(art, False, a.reps)
         row["on"] = serve(art, True, a.reps)
         report["shapes"][shape] = row
