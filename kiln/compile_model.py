@@ -69,6 +69,9 @@ def compile(
     names = resolve_pipeline(target, passes)
     if request is not None:
         names = with_quantize_pass(names)
+    elif "quantize-weights" in names:
+        raise ValueError("the quantize-weights pass comes with --quantize int8|fp8|int4 (quantize= in kiln.compile), "
+                         "which places it before the fusions; do not name it in --passes")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=".kiln-gguf-") as gguf_dir:
         # A file can only be a GGUF checkpoint (GGUFModel says so when it is not one).

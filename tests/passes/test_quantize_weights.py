@@ -311,6 +311,7 @@ def test_errors(checkpoint, tmp_path, capsys):
         (["--quantize", "int8", "--calibration", str(empty)], "applies to --quantize int4 only"),
         (["--calibration", str(empty)], "--calibration needs --quantize int4"),
         (["--quantize-lm-head"], "--quantize-lm-head needs --quantize"),
+        (["--passes", "+quantize-weights"], "comes with --quantize"),
         (["--quantize", "int4", "--calibration", str(empty)], "is empty"),
         (["--quantize", "int4", "--calibration", str(tmp_path / "nope.txt")], "does not exist"),
     ]
