@@ -83,13 +83,16 @@ def _rates(gen, vocab: int, reps: int) -> dict:
     return out
 
 
-def prepare_kiln(ckpt: Path, target: str, work: Path, threads: int, tune_budget: float) -> dict:
-    """Compile the checkpoint for `target` into work/art-<target> and, on the cpu target with a
+def prepare_kiln(ckpt: Path, target: str, work: Path, threads: int, tune_budget: float,
+                 quantize: str | None = None) -> dict:
+    """Compile the checkpoint for `target` (its linear layers quantized by `quantize`: int8 |
+    int4 | fp8, or not) into work/art-<target>[-<quantize>] and, on the cpu target with a
     budget, tune it as `kiln tune` does (on `threads` TVM threads, the pool the engine serves
     with): {"artifact": path} plus "tune" (what the tuner returned, its table, and "by_kernel":
     tuning.json's entries) or "error"."""
     try:
-        art = kiln.compile(ckpt, work / f"art-{target}", target=target, overwrite=True)
+        art = kiln.compile(ckpt, work / "-".join(["art", target, *([quantize] if quantize else [])]), target=target,
+                           overwrite=True, quantize=quantize)
     except KilnError as e:
         return {"error": str(e)}
     out: dict = {"artifact": str(art)}
@@ -216,7 +219,9 @@ def ort_engine(ckpt: Path, work: Path, vocab: int, reps: int) -> dict:
     return _rates(gen, vocab, reps)
 
 
-ENGINES = ("kiln cpu", "kiln reference", "transformers eager", "torch.compile", "onnxruntime")
+ENGINES = ("kiln cpu", "kiln cpu int8", "kiln cpu int4", "kiln reference", "transformers eager", "torch.compile",
+           "onnxruntime")
+"""Engines; "kiln TARGET [QUANTIZE]" compiles for TARGET with `--quantize QUANTIZE`."""
 
 
 def _cpu_busy() -> tuple[float, float]:
@@ -244,8 +249,8 @@ def run_engine(engine: str, ckpt: Path, work: Path, vocab: int, reps: int, threa
     t = time.perf_counter()
     try:
         if engine.startswith("kiln "):
-            target = engine.removeprefix("kiln ")
-            res = _in_fresh_process(prepare_kiln, ckpt, target, work, threads, tune_budget)
+            target, _, quantize = engine.removeprefix("kiln ").partition(" ")
+            res = _in_fresh_process(prepare_kiln, ckpt, target, work, threads, tune_budget, quantize or None)
             if "artifact" in res:
                 res |= _in_fresh_process(_run_engine, engine, Path(res.pop("artifact")), vocab, reps, threads,
                                          limits, PREFILL)
@@ -268,7 +273,7 @@ def _run_engine(engine: str, source: Path, vocab: int, reps: int, threads: int, 
     PREFILL = prefill
     torch.set_num_threads(threads)
     if engine.startswith("kiln "):
-        return kiln_engine(source, engine.removeprefix("kiln "), vocab, reps, threads, limits)
+        return kiln_engine(source, engine.removeprefix("kiln ").partition(" ")[0], vocab, reps, threads, limits)
     if engine == "onnxruntime":
         return ort_engine(source, work, vocab, reps)
     if engine in ("transformers eager", "torch.compile"):
