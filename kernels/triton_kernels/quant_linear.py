@@ -52,6 +52,7 @@ from kiln.ir.ops.quant_linear import ACTS
 from kiln.kernels import Launcher
 from kiln.kernels.torch_provider import launcher as torch_launcher
 from kiln.kernels.triton_kernels import pdl
+from kiln.kernels.triton_kernels.linear import GemmConfig
 
 Tensor = torch.Tensor
 
@@ -68,16 +69,8 @@ class QGemvConfig:
     num_warps: int = 4
 
 
-@dataclass(frozen=True)
-class QGemmConfig:
-    """The GEMM's knobs (block_k: input channels per tile, at least 32)."""
-
-    block_m: int = 32
-    block_n: int = 64
-    block_k: int = 64
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
+GEMM = GemmConfig(block_m=32, block_n=64, block_k=64, num_stages=3)
+"""The GEMM's default knobs (linear.py's GemmConfig; block_k: input channels per tile, at least 32)."""
 
 
 def covers(attrs: dict[str, Any]) -> bool:
@@ -229,7 +222,7 @@ def _qgemm_kernel(
 
 def quant_linear(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, g_idx: Tensor | None,
                  bias: Tensor | None, bits: int, group_size: int, gemv: QGemvConfig | None = None,
-                 gemm: QGemmConfig | None = None) -> None:
+                 gemm: GemmConfig | None = None) -> None:
     """y [M, N] = x [M, K] @ dequant_int(qweight, scales, zeros, g_idx)^T (+ bias): the GEMV for
     at most MAX_M rows, else the GEMM. x and y 2-D with unit stride along their last axis;
     qweight, scales and zeros with unit stride along their rows."""
@@ -259,7 +252,7 @@ def quant_linear(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: T
             BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_P=c.block_p, num_warps=c.num_warps, **pdl.options(x),
         )
         return
-    c = gemm or QGemmConfig()
+    c = gemm or GEMM
     grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
     _qgemm_kernel[grid](
         *ptrs, **common, SCALAR_GROUP=g_idx is None and group_size % c.block_k == 0, IEEE=x.dtype == torch.float32,
@@ -293,4 +286,4 @@ _reference = torch_launcher("quantized_linear")
 
 LAUNCHERS: dict[str, Launcher] = {"quantized_linear": _launch}
 
-__all__ = ["LAUNCHERS", "MAX_M", "QGemmConfig", "QGemvConfig", "covers", "quant_linear"]
+__all__ = ["LAUNCHERS", "MAX_M", "QGemvConfig", "covers", "quant_linear"]

@@ -11,10 +11,10 @@ from kiln.ir.graph import Graph, input_node, param_node
 from kiln.ir.ops import OPS
 from kiln.ir.ops.quant import dequant_int, pack_int
 from kiln.ir.types import TensorType
+from kiln.kernels.triton_kernels.linear import GemmConfig
 from kiln.kernels.triton_kernels.quant_linear import (
     LAUNCHERS,
     MAX_M,
-    QGemmConfig,
     QGemvConfig,
     covers,
     quant_linear,
@@ -77,7 +77,7 @@ def test_matches_the_reference(bits, group, zeros, g_idx, m, dtype):
     y = torch.empty(m, n, dtype=dtype)
     # small tiles: several K steps and a partial N tile in every path
     quant_linear(y, x, ops["qweight"], ops["scales"], ops["zeros"], ops["g_idx"], ops["bias"], bits, group,
-                 gemv=QGemvConfig(block_n=16, block_p=32), gemm=QGemmConfig(block_m=16, block_n=16, block_k=32))
+                 gemv=QGemvConfig(block_n=16, block_p=32), gemm=GemmConfig(block_m=16, block_n=16, block_k=32))
     want = reference(x, ops, bits, group)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
