@@ -18,6 +18,7 @@ torch.compile(mode="reduce-overhead") batch 1 (--peers). Prints a table and writ
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -90,7 +91,7 @@ def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int
     llm = LLM(art, device="cuda", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=2048,
               enable_prefix_caching=False)
     _timed(llm, _prompts(4, PROMPT, vocab, 99), 8)  # warm
-    gen = lambda p, n: _timed(llm, p, n)  # noqa: E731
+    gen = functools.partial(_timed, llm)
     for b in BATCHES:
         res[f"decode_b{b}_tok_s"] = decode_rate(gen, b, vocab, a.reps)
     ctx = PROMPT + DECODE // 2
@@ -103,21 +104,29 @@ def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int
     del llm
     _free()
     if a.offline_requests and a.shape in a.offline:
-        # vLLM's offline defaults on an H200 class GPU schedule more sequences and tokens per step
-        llm = LLM(art, device="cuda", max_model_len=4096, max_num_seqs=a.offline_max_seqs,
-                  max_num_batched_tokens=a.offline_batched_tokens, enable_prefix_caching=False)
-        g = torch.Generator().manual_seed(7)
-        lens = torch.randint(100, 1025, (a.offline_requests, 2), generator=g).tolist()
-        prompts = [{"prompt_token_ids": torch.randint(10, vocab, (p,), generator=g).tolist()} for p, _ in lens]
-        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in lens]
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        dt = time.perf_counter() - t
-        toks = sum(len(o.outputs[0].token_ids) for o in outs)
-        res["offline"] = {"requests": a.offline_requests, "output_tokens": toks, "seconds": dt,
-                          "output_tok_s": toks / dt, "max_num_seqs": a.offline_max_seqs,
-                          "max_num_batched_tokens": a.offline_batched_tokens}
+        res["offline"] = offline_throughput(art, vocab, a.offline_requests, a.offline_max_seqs,
+                                            a.offline_batched_tokens)
     return res
+
+
+def offline_throughput(art: Path, vocab: int, requests: int, max_seqs: int, batched_tokens: int) -> dict:
+    """Output tok/s of `requests` requests through LLM.generate (prompt and output lengths uniform
+    in 100..1024, ignore EOS), served with up to max_seqs sequences and batched_tokens tokens a
+    step (vLLM's offline defaults on an H200 class GPU schedule more than the decode runs)."""
+    llm = LLM(art, device="cuda", max_model_len=4096, max_num_seqs=max_seqs, max_num_batched_tokens=batched_tokens,
+              enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(7)
+    lens = torch.randint(100, 1025, (requests, 2), generator=g).tolist()
+    prompts = [{"prompt_token_ids": torch.randint(10, vocab, (p,), generator=g).tolist()} for p, _ in lens]
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in lens]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t
+    toks = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    _free()
+    return {"requests": requests, "output_tokens": toks, "seconds": dt, "output_tok_s": toks / dt,
+            "max_num_seqs": max_seqs, "max_num_batched_tokens": batched_tokens}
 
 
 def profile(llm: LLM, vocab: int, out: Path) -> None:
@@ -224,15 +233,15 @@ def main() -> None:
     print(_table(report))
 
 
-def build_artifact(shape: str, work: Path, tune_budget: float) -> tuple[Path, Path, dict]:
+def build_artifact(shape: str, work: Path, tune_budget: float, quantize: str | None = None) -> tuple[Path, Path, dict]:
     """(checkpoint, artifact, {compile_s, tune_s, tune_table}) of `shape` under `work`: the
-    checkpoint synthesized once, compiled for cuda in bf16, then tuned for tune_budget seconds
-    (0: untuned; the before/after table is printed)."""
-    ckpt, art = work / shape / "ckpt", work / shape / "artifact"
+    checkpoint synthesized once, compiled for cuda in bf16 (quantized: compile-model --quantize),
+    then tuned for tune_budget seconds (0: untuned; the before/after table is printed)."""
+    ckpt, art = work / shape / "ckpt", work / shape / f"artifact-{quantize or 'bf16'}"
     if not (ckpt / "config.json").exists():
         synthesize_checkpoint(shape, ckpt, torch.bfloat16, "cuda")
     t = time.perf_counter()
-    kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True)
+    kiln.compile(ckpt, art, target="cuda", dtype="bfloat16", overwrite=True, quantize=quantize)
     row: dict = {"compile_s": time.perf_counter() - t}
     if tune_budget > 0:
         from kiln.codegen.cuda.tune import tune

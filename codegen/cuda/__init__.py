@@ -2,10 +2,9 @@
 `triton:linear`, which calls cuBLAS through torch unless the artifact's tuning.json chose the
 Triton GEMM for a weight shape and bucket (`kiln tune`); the embedding gather goes to torch, and
 any other op runs its torch reference on the GPU, recorded as a fallback (`kiln inspect` lists
-them). So does a node that its op's Triton kernel does not cover (`triton_provider.covers`):
-`quantized_linear` has kernels for int4 / int8 weights only (quantized activations through
-quant_act's reference first); fp8 weights run the reference (dequantizing the whole weight every
-call) for now.
+them). So does a node that its op's Triton kernel does not cover (`triton_provider.covers`);
+`quantized_linear`'s kernels cover int4 / int8 / fp8 weights, with or without quantized
+activations (kernels/triton_kernels/quant_linear.py).
 
 The compiled binaries are not built here: lowering needs no GPU. `build.py` builds them on the
 GPU the artifact will serve on (compile-model does it when one is present; `kiln tune` does it

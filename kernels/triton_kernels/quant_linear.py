@@ -1,5 +1,5 @@
-"""quantized_linear of the cuda target over canonical packed integer weights (ir/ops/quant.py),
-weight-only (act "none"): a GEMV for a few rows and a tensor-core GEMM for more.
+"""quantized_linear of the cuda target over canonical packed integer weights or float8_e4m3fn
+weights (ir/ops/quant.py): a GEMV for a few rows and a tensor-core GEMM for more.
 
     x [M, K] (unit stride along K)   qweight uint8 [N, K * bits / 8] (contiguous rows)
     scales [N, G]   zeros uint8 [N, G] (optional)   g_idx int32 [K] (optional)   bias [N]
@@ -29,13 +29,16 @@ tile and act-order g_idx alike; when no g_idx is given and the group size is a m
 tile's channels (per-channel scales, or groups of 128 with BLOCK_K 128), each tile loads one
 scale per row instead (SCALAR_GROUP).
 
-Activation quantization (W8A8, W4A8; act int8 or float8_e4m3fn) runs quant_act's torch
-reference on x into a temporary first (a few small kernels), then these kernels on its values:
-the reference's numerics, with the weight still read packed; a fused per-row quantization of x
-inside the kernels (and int8 tensor-core products) is later work. fp8 weights run the op's
-torch reference (the whole weight dequantized every call): `covers` says which nodes these
-kernels compute, and the cuda lowering routes the others to `torch:` so `kiln inspect` lists
-them as fallbacks.
+fp8 weights (fp8_linear) run the same two kernels over their bytes: w[n, k] =
+dtype(float32(q[n, k]) * scales[n // SN, k // GROUP]) (SN = block_n, GROUP = block_k).
+
+Quantized activations (W8A8 int8, W4A8, fp8): for more than MAX_M rows where scaled_mm.py covers
+the weights (int8 codes with one scale a row; fp8 weights with fp8 activations), the product runs
+in the quantized domain on the tensor cores over quant_act.py's codes and row scales; the GEMV
+(decode steps) computes its rows' scales itself (a pass over x, which the L2 holds) and rounds x
+as it reads it, quant_act's values exactly; the GEMM over other weights reads the values that
+quant_act.py writes. `covers` says which nodes these kernels compute; the cuda lowering
+routes the others to `torch:` so `kiln inspect` lists them as fallbacks.
 """
 
 from __future__ import annotations
@@ -47,17 +50,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.ir.ops.quant import quant_act
-from kiln.ir.ops.quant_linear import ACTS
+from kiln.ir.ops.quant import QMAX
+from kiln.ir.ops.quant_linear import ACTS, split_operands
 from kiln.kernels import Launcher
 from kiln.kernels.torch_provider import launcher as torch_launcher
-from kiln.kernels.triton_kernels import pdl
+from kiln.kernels.triton_kernels import pdl, scaled_mm
 from kiln.kernels.triton_kernels.linear import GemmConfig
+from kiln.kernels.triton_kernels.quant_act import quant_codes, quant_values, round_codes, row_scale
 
 Tensor = torch.Tensor
 
 MAX_M = 4
 """The most rows the GEMV serves (more: the GEMM)."""
+ACT_CODES = {"none": 0, "int8": 1, "float8_e4m3fn": 2}
+"""The GEMV's ACT constexpr of each activation quantization."""
 
 
 @dataclass(frozen=True)
@@ -75,20 +81,24 @@ GEMM = GemmConfig(block_m=32, block_n=64, block_k=64, num_stages=3)
 
 def covers(attrs: dict[str, Any]) -> bool:
     """Whether these kernels compute a quantized_linear of these attributes (packed integers of
-    4 or 8 bits; activations quantized or not); the rest runs the torch reference."""
-    return attrs.get("format") == "int" and attrs.get("act") in ACTS and attrs.get("bits") in (4, 8)
+    4 or 8 bits or float8_e4m3fn weights; activations quantized or not); the rest runs the
+    torch reference."""
+    return attrs.get("act") in ACTS and (attrs.get("format") == "int" and attrs.get("bits") in (4, 8)
+                                         or attrs.get("format") == "fp8")
 
 
 @triton.jit
 def _dequant(q, k, k_first, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, W_DTYPE: tl.constexpr,
              BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr,
-             SCALAR_GROUP: tl.constexpr):
+             SCALAR_GROUP: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr):
     """float32 [BLOCK_N, C] weights (rounded through W_DTYPE as the reference rounds them) of the
-    int32 codes q [BLOCK_N, C] at input channels k [C] of rows offs_n."""
+    int32 codes q [BLOCK_N, C] (FP8: float8_e4m3fn bit patterns) at input channels k [C] of rows
+    offs_n; a scale serves SN rows and GROUP channels."""
     k_ok = k < K
+    s_rows = (offs_n // SN).to(tl.int64) * stride_sn
     if SCALAR_GROUP:  # one group for the whole tile
         g1 = k_first // GROUP
-        s = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + g1, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        s = tl.load(s_ptr + s_rows + g1, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_Z:
             z = tl.load(z_ptr + offs_n.to(tl.int64) * stride_zn + g1, mask=n_ok, other=0).to(tl.int32)[:, None]
         else:
@@ -99,39 +109,54 @@ def _dequant(q, k, k_first, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride
         else:
             g = k // GROUP
         ok = n_ok[:, None] & k_ok[None, :]
-        s = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + s_rows[:, None] + g[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + offs_n[:, None].to(tl.int64) * stride_zn + g[None, :], mask=ok, other=0).to(tl.int32)
         else:
             z = 1 << (BITS - 1)
-    return ((q - z).to(tl.float32) * s).to(W_DTYPE).to(tl.float32)
+    if FP8:
+        v = q.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        v = (q - z).to(tl.float32)
+    return (v * s).to(W_DTYPE).to(tl.float32)
 
 
 @triton.jit
 def _gemv_tile(acc, b, p0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
                stride_sn, stride_zn, K, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
-               HAS_G: tl.constexpr, SCALAR_GROUP: tl.constexpr):
-    """acc += this tile's x times its weights (b: the packed bytes [BLOCK_N, BLOCK_P])."""
+               HAS_G: tl.constexpr, SCALAR_GROUP: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, xs,
+               ACT: tl.constexpr):
+    """acc += this tile's x times its weights (b: the packed bytes [BLOCK_N, BLOCK_P]); ACT: x
+    through quant_act's rounding at its rows' scales xs first."""
     w_dtype = x_ptr.dtype.element_ty
     b = b.to(tl.int32)
     x_row = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     if BITS == 4:
         k_lo = 2 * (p0 + offs_p)
         w_lo = _dequant(b & 15, k_lo, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
-                        BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+                        BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
         w_hi = _dequant(b >> 4, k_lo + 1, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
-                        w_dtype, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+                        w_dtype, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
         ok = m_ok[:, None] & (k_lo < K)[None, :]
-        x_lo = tl.load(x_row + k_lo[None, :], mask=ok, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_row + k_lo[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
+        x_lo = _act(tl.load(x_row + k_lo[None, :], mask=ok, other=0.0).to(tl.float32), xs, ACT, w_dtype)
+        x_hi = _act(tl.load(x_row + k_lo[None, :] + 1, mask=ok, other=0.0).to(tl.float32), xs, ACT, w_dtype)
         acc += x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
     else:
         k = p0 + offs_p
         w = _dequant(b, k, p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
-                     BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+                     BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
         x = tl.load(x_row + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
-        acc += x[:, None, :] * w[None, :, :]
+        acc += _act(x, xs, ACT, w_dtype)[:, None, :] * w[None, :, :]
     return acc
+
+
+@triton.jit
+def _act(x, xs, ACT: tl.constexpr, W_DTYPE: tl.constexpr):
+    """x [BLOCK_M, C] (float32) as quant_act rounds it at row scales xs [BLOCK_M, 1] (ACT 1:
+    int8, 2: float8_e4m3fn; 0: x itself)."""
+    if ACT == 0:
+        return x
+    return (round_codes(tl.math.div_rn(x, xs), ACT == 1) * xs).to(W_DTYPE).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -139,8 +164,8 @@ def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    PDL: tl.constexpr,
+    SCALAR_GROUP: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr, QMAX_: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, X_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,14 +176,23 @@ def _qgemv_kernel(
     # The first packed tile streams in while the kernel before this one finishes (see pdl.py).
     b = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_p < KP)[None, :], other=0, eviction_policy="evict_first")
     pdl.wait(PDL)
+    xs = 1.0
+    if ACT != 0:  # the rows' quant_act scales (x is a few KB, read from the L2 by every program)
+        offs_x = tl.arange(0, X_BLOCK)
+        amax = tl.zeros([BLOCK_M, X_BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, X_BLOCK):
+            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k0 + offs_x[None, :],
+                        mask=m_ok[:, None] & (offs_x < K - k0)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        xs = row_scale(tl.max(amax, axis=1), QMAX_)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_P], dtype=tl.float32)
     acc = _gemv_tile(acc, b, 0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
-                     stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+                     stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8, xs, ACT)
     for p0 in range(BLOCK_P, KP, BLOCK_P):
         b = tl.load(q_ptrs + p0, mask=n_ok[:, None] & (offs_p < KP - p0)[None, :], other=0,
                     eviction_policy="evict_first")
         acc = _gemv_tile(acc, b, p0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
-                         stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+                         stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8, xs, ACT)
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -171,7 +205,8 @@ def _qgemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GROUP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALAR_GROUP: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait(PDL)
@@ -201,13 +236,13 @@ def _qgemm_kernel(
         if BITS == 4:
             k_lo = k0 + 2 * offs_p
             w_lo = _dequant(b & 15, k_lo, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
-                            BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+                            BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
             w_hi = _dequant(b >> 4, k_lo + 1, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
-                            w_dtype, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+                            w_dtype, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
             w = tl.interleave(w_lo, w_hi)  # [BLOCK_N, BLOCK_K] in channel order
         else:
             w = _dequant(b, k0 + offs_k, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
-                         BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP)
+                         BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
         a = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
         wt = tl.trans(w.to(w_dtype))
         if IEEE:  # float32: no TF32, for parity with the reference
@@ -222,62 +257,98 @@ def _qgemm_kernel(
 
 def quant_linear(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, g_idx: Tensor | None,
                  bias: Tensor | None, bits: int, group_size: int, gemv: QGemvConfig | None = None,
-                 gemm: GemmConfig | None = None) -> None:
-    """y [M, N] = x [M, K] @ dequant_int(qweight, scales, zeros, g_idx)^T (+ bias): the GEMV for
-    at most MAX_M rows, else the GEMM. x and y 2-D with unit stride along their last axis;
-    qweight, scales and zeros with unit stride along their rows."""
+                 gemm: GemmConfig | None = None, act: str = "none") -> None:
+    """y [M, N] = quant_act(x [M, K], act) @ dequant_int(qweight, scales, zeros, g_idx)^T (+ bias):
+    the GEMV for at most MAX_M rows, else the GEMM. x and y 2-D with unit stride along their last
+    axis; qweight, scales and zeros with unit stride along their rows."""
     m, k = x.shape
     n, kp = qweight.shape
     if bits not in (4, 8) or kp * 8 // bits != k or y.shape != (m, n) or scales.shape[0] != n:
         raise ValueError(f"quant_linear: x {tuple(x.shape)}, {bits}-bit qweight {tuple(qweight.shape)}, scales "
                          f"{tuple(scales.shape)} and y {tuple(y.shape)} do not fit")
+    _run(y, x, qweight, scales, zeros, g_idx, bias, bits, group_size, 1, False, gemv, gemm, act)
+
+
+def fp8_linear(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, block_n: int,
+               block_k: int, gemv: QGemvConfig | None = None, gemm: GemmConfig | None = None,
+               act: str = "none") -> None:
+    """y [M, N] = quant_act(x [M, K], act) @ dequant_fp8(qweight, scales)^T (+ bias): the same
+    GEMV and GEMM over float8_e4m3fn bytes, a scale per block_n rows and block_k channels."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if qweight.dtype != torch.float8_e4m3fn or qweight.shape[1] != k or y.shape != (m, n) \
+            or tuple(scales.shape) != (-(-n // block_n), -(-k // block_k)):
+        raise ValueError(f"fp8_linear: x {tuple(x.shape)}, qweight {tuple(qweight.shape)} {qweight.dtype}, scales "
+                         f"{tuple(scales.shape)} (blocks {block_n} x {block_k}) and y {tuple(y.shape)} do not fit")
+    _run(y, x, qweight.view(torch.uint8), scales, None, None, bias, 8, block_k, block_n, True, gemv, gemm, act)
+
+
+def _run(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, g_idx: Tensor | None,
+         bias: Tensor | None, bits: int, group: int, sn: int, fp8: bool, gemv: QGemvConfig | None,
+         gemm: GemmConfig | None, act: str) -> None:
+    m, k = x.shape
+    n, kp = qweight.shape
     if x.stride(1) != 1 or y.stride(1) != 1 or qweight.stride(1) != 1 or scales.stride(1) != 1 \
             or zeros is not None and zeros.stride(1) != 1:
         raise ValueError("quant_linear: x, y, qweight, scales and zeros need a unit stride along their last axis")
     if m == 0:
         return
+    if act != "none" and m > MAX_M:  # the GEMM reads x's rounded values (the GEMV rounds them itself)
+        x = quant_values(x, act)
     common = dict(
-        BITS=bits, GROUP=group_size, HAS_Z=zeros is not None, HAS_G=g_idx is not None, HAS_BIAS=bias is not None,
+        BITS=bits, GROUP=group, HAS_Z=zeros is not None, HAS_G=g_idx is not None, HAS_BIAS=bias is not None, SN=sn,
+        FP8=fp8,
     )
     ptrs = (x, qweight, scales, zeros if zeros is not None else qweight, g_idx if g_idx is not None else qweight,
             bias if bias is not None else scales, y, m, n, k, kp,
             x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, y.stride(0))
     if m <= MAX_M:
         c = gemv or QGemvConfig()
-        block_m = triton.next_power_of_2(m)
+        # 1 or MAX_M rows a program: at 2 rows with act-order g_idx, sm_90 builds a wrong kernel
+        block_m = 1 if m == 1 else MAX_M
         tile_k = c.block_p * 8 // bits
         grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, block_m))
         _qgemv_kernel[grid](
-            *ptrs, **common, SCALAR_GROUP=g_idx is None and group_size % tile_k == 0,
-            BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_P=c.block_p, num_warps=c.num_warps, **pdl.options(x),
+            *ptrs, **common, SCALAR_GROUP=g_idx is None and group % tile_k == 0, ACT=ACT_CODES[act],
+            QMAX_=QMAX.get(act, 1.0), BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_P=c.block_p,
+            X_BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=c.num_warps, **pdl.options(x),
         )
         return
     c = gemm or GEMM
     grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
     _qgemm_kernel[grid](
-        *ptrs, **common, SCALAR_GROUP=g_idx is None and group_size % c.block_k == 0, IEEE=x.dtype == torch.float32,
+        *ptrs, **common, SCALAR_GROUP=g_idx is None and group % c.block_k == 0, IEEE=x.dtype == torch.float32,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
         num_warps=c.num_warps, num_stages=c.num_stages, **pdl.options(x),
     )
 
 
 def _launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
-    """The quantized_linear launcher: these kernels where `covers` says, else the reference."""
+    """The quantized_linear launcher: these kernels where `covers` says, else the reference.
+    Quantized activations: in the quantized domain on the tensor cores (scaled_mm.py) for more
+    than MAX_M rows where it covers the weights, else x's rounded values (quant_act.py) into
+    the weight-only kernels."""
     if not covers(attrs):
         _reference(outs, args, attrs)
         return
-    x, qweight, scales, *rest = args
-    zeros = rest.pop(0) if attrs["has_zeros"] else None
-    g_idx = rest.pop(0) if attrs["has_g_idx"] else None
-    bias = rest.pop(0) if attrs["has_bias"] else None
-    if attrs["act"] != "none":  # W8A8 / W4A8: the activations' rounding first, as the reference
-        x = quant_act(x, format=attrs["act"])
+    x, qweight, scales, zeros, g_idx, bias = split_operands(args, attrs)
     k, n = x.shape[-1], outs[0].shape[-1]
     x2 = x.reshape(-1, k) if x.stride(-1) == 1 else x.contiguous().view(-1, k)
     y = outs[0]
     y2 = y.view(-1, n) if y.is_contiguous() else torch.empty(y.shape, dtype=y.dtype, device=y.device).view(-1, n)
-    quant_linear(y2, x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous() if zeros is not None else None,
-                 g_idx, bias, attrs["bits"], attrs["group_size"])
+    act = attrs["act"]
+    if act != "none" and x2.shape[0] > MAX_M and scaled_mm.covers(attrs, k):
+        codes, sx = quant_codes(x2, act)
+        fp8 = attrs["format"] == "fp8"
+        scaled_mm.scaled_linear(y2, codes, sx, qweight.contiguous(), scales.contiguous(), bias,
+                                attrs["block_n"] if fp8 else 1, attrs["block_k"] if fp8 else k)
+    elif attrs["format"] == "fp8":
+        fp8_linear(y2, x2, qweight.contiguous(), scales.contiguous(), bias, attrs["block_n"], attrs["block_k"],
+                   act=act)
+    else:
+        quant_linear(y2, x2, qweight.contiguous(), scales.contiguous(),
+                     zeros.contiguous() if zeros is not None else None, g_idx, bias, attrs["bits"],
+                     attrs["group_size"], act=act)
     if y2.data_ptr() != y.data_ptr():
         y.copy_(y2.view(y.shape))
 
@@ -286,4 +357,4 @@ _reference = torch_launcher("quantized_linear")
 
 LAUNCHERS: dict[str, Launcher] = {"quantized_linear": _launch}
 
-__all__ = ["LAUNCHERS", "MAX_M", "QGemvConfig", "covers", "quant_linear"]
+__all__ = ["LAUNCHERS", "MAX_M", "QGemvConfig", "covers", "fp8_linear", "quant_linear"]

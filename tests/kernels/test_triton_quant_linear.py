@@ -1,4 +1,4 @@
-"""The cuda target's quantized_linear kernels (GEMV and GEMM over packed int4 / int8 weights)
+"""The cuda target's quantized_linear kernels (GEMV and GEMM over packed int4 / int8 and fp8 weights)
 against the op's torch reference: in Triton's interpreter (float32 / float16, small shapes) and,
 marked gpu, compiled in bfloat16 at model shapes."""
 
@@ -9,7 +9,7 @@ import torch
 
 from kiln.ir.graph import Graph, input_node, param_node
 from kiln.ir.ops import OPS
-from kiln.ir.ops.quant import dequant_int, pack_int
+from kiln.ir.ops.quant import dequant_fp8, dequant_int, pack_int
 from kiln.ir.types import TensorType
 from kiln.kernels.triton_kernels.linear import GemmConfig
 from kiln.kernels.triton_kernels.quant_linear import (
@@ -17,6 +17,7 @@ from kiln.kernels.triton_kernels.quant_linear import (
     MAX_M,
     QGemvConfig,
     covers,
+    fp8_linear,
     quant_linear,
 )
 from kiln.passes.base import make
@@ -111,20 +112,39 @@ def test_activation_quantization_runs_quant_act_then_the_kernels(act):
         torch.testing.assert_close(y, REF(*args, **attrs), rtol=1e-5, atol=1e-5)
 
 
-def test_fp8_weights_run_the_reference():
-    g = torch.Generator().manual_seed(0)
-    qweight = torch.randn(8, 32, generator=g).to(torch.float8_e4m3fn)
-    scales = torch.rand(8, 1, generator=g) + 0.5
-    x = torch.randn(3, 32, generator=g)
-    attrs = dict(format="fp8", block_n=1, block_k=32, act="int8", dtype="float32", has_zeros=False,
-                 has_g_idx=False, has_bias=False)
-    assert not covers(attrs)
-    y = torch.empty(3, 8)
-    LAUNCHERS["quantized_linear"]([y], [x, qweight, scales], attrs)
-    torch.testing.assert_close(y, REF(x, qweight, scales, **attrs), rtol=0, atol=0)
+def fp8_operands(n: int, k: int, block_n: int, block_k: int, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Random float8_e4m3fn weights with block scales (weights of magnitude ~0.05)."""
+    g = torch.Generator().manual_seed(2)
+    ops = {
+        "qweight": (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn),
+        "scales": (torch.rand(-(-n // block_n), -(-k // block_k), generator=g) + 0.5) * 5e-4,
+        "bias": (torch.randn(n, generator=g) * 0.1).to(dtype),
+    }
+    return {name: t.to(device) for name, t in ops.items()}
 
 
-def test_the_cuda_lowering_lists_what_the_kernels_do_not_cover_as_fallbacks():
+FP8_BLOCKS = [(1, None), (16, 32), (24, 128)]  # per channel, small blocks, DeepSeek-like uneven blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 21])
+@pytest.mark.parametrize("block_n,block_k", FP8_BLOCKS)
+def test_fp8_weights_match_the_reference(block_n, block_k, m, dtype):
+    n, k = 40, 160
+    block_k = block_k or k
+    ops = fp8_operands(n, k, block_n, block_k, dtype)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(3)) * 0.5).to(dtype)
+    y = torch.empty(m, n, dtype=dtype)
+    fp8_linear(y, x, ops["qweight"], ops["scales"], ops["bias"], block_n, block_k,
+               gemv=QGemvConfig(block_n=16, block_p=32), gemm=GemmConfig(block_m=16, block_n=16, block_k=32))
+    dt = {torch.float32: "float32", torch.float16: "float16"}[dtype]
+    want = x.float() @ dequant_fp8(ops["qweight"], ops["scales"], block_n=block_n, block_k=block_k,
+                                   dtype=dt).float().T + ops["bias"].float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
+
+
+def test_the_cuda_lowering_runs_int_and_fp8_weights_in_triton():
     from kiln.codegen.cuda import lower
 
     x = input_node("x", TensorType("float32", ("T", 32)))
@@ -134,12 +154,12 @@ def test_the_cuda_lowering_lists_what_the_kernels_do_not_cover_as_fallbacks():
                 has_bias=False)
     fp8 = make("quantized_linear", [int4, param_node("b.qweight", TensorType("float8_e4m3fn", (8, 8))),
                                     param_node("b.scales", TensorType("float32", (1, 1)))],
-               format="fp8", block_n=8, block_k=8, act="none", dtype="float32", has_zeros=False, has_g_idx=False,
-               has_bias=False)
+               format="fp8", block_n=8, block_k=8, act="float8_e4m3fn", dtype="float32", has_zeros=False,
+               has_g_idx=False, has_bias=False)
     graph = Graph([], []).with_nodes([x], [fp8])
     lowered = lower(graph)
-    assert [s.kernel for s in lowered.plan.steps] == ["triton:quantized_linear", "torch:quantized_linear"]
-    assert lowered.fallbacks == ["quantized_linear"]
+    assert [s.kernel for s in lowered.plan.steps] == ["triton:quantized_linear", "triton:quantized_linear"]
+    assert lowered.fallbacks == []
 
 
 @pytest.mark.gpu
@@ -176,3 +196,17 @@ def test_the_gemv_launches_inside_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y.float(), reference(x, ops, bits, group), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 5, 64, 300])
+@pytest.mark.parametrize("block_n,block_k", [(1, None), (128, 128)])
+def test_fp8_weights_in_bfloat16_on_the_gpu(block_n, block_k, m):
+    n, k = 4096, 2048
+    block_k = block_k or k
+    ops = fp8_operands(n, k, block_n, block_k, torch.bfloat16, device="cuda")
+    x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    fp8_linear(y, x, ops["qweight"], ops["scales"], ops["bias"], block_n, block_k)
+    w = dequant_fp8(ops["qweight"], ops["scales"], block_n=block_n, block_k=block_k, dtype="bfloat16")
+    torch.testing.assert_close(y.float(), x.float() @ w.float().T + ops["bias"].float(), rtol=2e-2, atol=2e-2)

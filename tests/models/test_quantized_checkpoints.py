@@ -203,6 +203,12 @@ def test_cpu_target_generates_as_reference(case, compiled):
     assert kiln_greedy(compiled(case, "cpu")) == kiln_greedy(compiled(case))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_target_generates_as_reference(case, compiled):
+    assert kiln_greedy(compiled(case, "cuda")) == kiln_greedy(compiled(case))
+
+
 def test_dense_modules_stay_dense(pair):
     """lm_head, embeddings and norms are read as they are; only the listed linears dequantize."""
     imported = load_quantized(import_model(pair("gptq-4bit-g128-sym")[0]))

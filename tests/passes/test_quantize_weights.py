@@ -285,6 +285,14 @@ def test_targets_agree(artifact, method, packed):
     assert _greedy(arts["reference"]) == _greedy(arts["cpu"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["int8", "fp8", "int4"])
+def test_cuda_target_agrees(artifact, method, dtype):
+    arts = {t: artifact("llama", dtype, target=t, quantize=method) for t in ("reference", "cuda")}
+    assert _greedy(arts["reference"]) == _greedy(arts["cuda"])
+
+
 def test_cli_int4_calibration_verify(checkpoint, tmp_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text("def add(a, b):\n    return a + b\n" * 40, encoding="utf-8")
