@@ -15,7 +15,7 @@ import torch
 from kiln.ir.graph import Graph, Node, param_node
 from kiln.ir.interpreter import WeightFn, run_graph
 
-RUNTIME_OPS = frozenset({"dequant_int", "dequant_fp8"})
+RUNTIME_OPS = frozenset({"dequant_int", "dequant_int_offset", "dequant_fp8"})
 """Ops computed at run time even over params alone: a packed weight's decompression (folding it
 would store the float weight and undo the quantization); what they read still folds."""
 

@@ -4,7 +4,9 @@
 config (from the file's metadata, by transformers' own GGUF tables), the tokenizer and its chat
 template (transformers' GGUF tokenizer converters; saved as ordinary `tokenizer.json` /
 `tokenizer_config.json` / `chat_template.jinja`), and each tensor under the name the traced model
-gives it, dequantized on demand, one tensor at a time, with the `gguf` package.
+gives it, dequantized on demand, one tensor at a time, with the `gguf` package; linear weights in
+Q8_0, Q4_0 or Q4_1 blocks are read as their raw rows instead and stay packed
+(kiln.models.quant_formats.gguf_blocks).
 
 llama.cpp stores llama-family q/k projections with their rows permuted for its interleaved rope;
 transformers' tensor processors undo that (and other per-architecture edits such as Gemma's
@@ -129,15 +131,43 @@ class GGUFModel:
         from gguf.quants import dequantize
 
         t = self._by_hf_name[name]
-        if self._bar is None:
-            self._bar = tqdm(total=len(self._by_hf_name), desc="dequantize GGUF", unit="tensor", disable=None)
         w = dequantize(t.data, t.tensor_type)
         w = self._processor.process(weights=w, name=t.name, tensor_key_mapping={}, parsed_parameters={}).weights
+        self._tick()
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        return torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only memmap views
+
+    def quant_type(self, name: str) -> str:
+        """The GGML type name of tensor `name` (Q8_0, Q4_1, F16, ...)."""
+        return self._by_hf_name[name].tensor_type.name
+
+    def row_order(self, name: str) -> np.ndarray | None:
+        """For a 2-D tensor whose Hugging Face form only reorders the file's rows (llama's q/k
+        unpermutation, or nothing), the file row of each Hugging Face row; None when the tensor
+        processor does more (a transpose, an offset), so only the dequantized tensor is right.
+        Found by running the processor over the row numbers [N, 1]."""
+        t = self._by_hf_name[name]
+        if t.data.ndim != 2:
+            return None
+        rows = np.arange(t.data.shape[0], dtype=np.float32)[:, None]
+        out = self._processor.process(weights=rows, name=t.name, tensor_key_mapping={}, parsed_parameters={}).weights
+        if out.shape != rows.shape or not np.array_equal(np.sort(out[:, 0]), rows[:, 0]):
+            return None
+        return out[:, 0].astype(np.int64)
+
+    def raw_rows(self, name: str, order: np.ndarray) -> np.ndarray:
+        """The stored bytes of tensor `name` as uint8 rows [N, bytes per row] (GGML blocks, not
+        dequantized), in `order` (row_order's)."""
+        self._tick()
+        return np.ascontiguousarray(self._by_hf_name[name].data.view(np.uint8)[order])
+
+    def _tick(self) -> None:
+        """One more tensor read, on the progress bar."""
+        if self._bar is None:
+            self._bar = tqdm(total=len(self._by_hf_name), desc="read GGUF", unit="tensor", disable=None)
         self._bar.update(1)
         if self._bar.n >= self._bar.total:
             self._bar.close()
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        return torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only memmap views
 
     def write_files(self, out_dir: str | Path) -> Path:
         """Write config.json, generation_config.json and the tokenizer files into `out_dir`."""

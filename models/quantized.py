@@ -5,8 +5,10 @@ interpreter and `--verify` applies.
 `load_quantized(imported)` returns an import whose graph reads each quantized linear weight as a
 `dequant_int` / `dequant_fp8` of new params (and, for formats that quantize activations, a
 `quant_act` of the linear's input), with a weight source that repacks the checkpoint's tensors
-into the canonical layouts. A checkpoint without quantization_config comes back unchanged; a
-quant_method or option kiln does not read is a CheckpointError naming it.
+into the canonical layouts. A GGUF file's Q8_0 / Q4_0 / Q4_1 linear weights are read the same way
+(`dequant_int`, or `dequant_int_offset` for Q4_1; quant_formats/gguf_blocks.py). A checkpoint
+without quantization_config comes back unchanged; a quant_method or option kiln does not read is
+a CheckpointError naming it.
 
     before   @m.weight = param : f16[N,K]
              %y = linear(%x, @m.weight)
@@ -32,6 +34,7 @@ from kiln.frontend.weights import SourceWeights
 from kiln.ir.graph import Node, param_node
 from kiln.ir.types import TensorType, torch_dtype
 from kiln.models.quant_formats import READERS, QuantizedLinear, Store, read_format
+from kiln.models.quant_formats.gguf_blocks import GGUFBlocks, linear_weights
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,14 @@ class QuantizedWeights:
 
 def load_quantized(imported: Imported) -> Imported:
     """The import with its quantized weights as canonical quantized IR (module docstring)."""
+    gguf = getattr(imported.checkpoint, "gguf", None)
     qc = quantization_config(imported.checkpoint.config)
-    if qc is None:
+    if gguf is not None:
+        fmt = GGUFBlocks(gguf, linear_weights(imported.graph))
+    elif qc is None:
         return imported
-    fmt = read_format(qc, str(imported.checkpoint.path))
+    else:
+        fmt = read_format(qc, str(imported.checkpoint.path))
     store = Store(imported.weights)
     graph = imported.graph
     users = graph.users()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.ir.cost import NOMINAL, kernel_coverage
-from kiln.ir.graph import Graph
+from kiln.ir.graph import Graph, Node
 from kiln.ir.ops.quant_linear import packed_bytes
 from kiln.ir.serialize import loads
 from kiln.ir.types import TensorType
@@ -13,6 +13,9 @@ from kiln.runtime.artifact import GRAPH, read_json, read_manifest, verify_hashes
 from kiln.runtime.kernel_binaries import BUILD_INFO
 from kiln.runtime.tvm_library import BUILD_INFO as CPU_BUILD_INFO
 from kiln.runtime.tvm_library import fixed_symbols
+
+DEQUANT_OPS = ("dequant_int", "dequant_int_offset", "dequant_fp8")
+"""Dequantizations of packed params (kiln.ir.ops.quant) that run at every call."""
 
 
 def _human(n: float) -> str:
@@ -53,18 +56,35 @@ def _quant_format(attrs: dict, k: object) -> str:
     return " ".join(words) + ("" if attrs["act"] == "none" else f", act {attrs['act']}")
 
 
+def _dequant_format(n: Node) -> str:
+    """The format of a packed weight that no quantized_linear reads (a linear dequantizes it every
+    call: GGUF's Q4_1 offsets, say), in words."""
+    a = n.attrs
+    if n.op == "dequant_fp8":
+        return f"fp8 e4m3 blocks {a['block_n']}x{a['block_k']}, unfused"
+    group = "per-channel" if a["group_size"] == n.type.shape[1] else f"group {a['group_size']}"
+    kind = "offsets" if n.op == "dequant_int_offset" else "zeros" if any(i.type.rank == 2 for i in n.inputs[2:]) \
+        else "symmetric"
+    return f"int{a['bits']} {group} {kind}, unfused"
+
+
 def quantized_matmuls(graph: Graph) -> list[str]:
     """The quantized matmuls' lines: how many, their packed bytes against the dense weights they
-    replace, then one line per format and weight shape [N, K] with its count and bytes each."""
+    replace, then one line per format and weight shape [N, K] with its count and bytes each.
+    A packed weight that a plain linear reads through its dequant op counts as one too."""
     kinds: dict[tuple[str, str], list[int]] = {}
     dense = 0
     for n in graph.nodes:
-        if n.op != "quantized_linear":
+        if n.op == "quantized_linear":
+            types = [i.type for i in n.inputs]
+            k, rows = types[0].shape[-1], types[1].shape[0]
+            key, packed = (_quant_format(n.attrs, k), f"[{rows}, {k}]"), packed_bytes(types, n.attrs)
+        elif n.op in DEQUANT_OPS:
+            rows, k = n.type.shape
+            key, packed = (_dequant_format(n), f"[{rows}, {k}]"), sum(i.type.nbytes({}) for i in n.inputs)
+        else:
             continue
-        types = [i.type for i in n.inputs]
-        k, rows = types[0].shape[-1], types[1].shape[0]
-        key = (_quant_format(n.attrs, k), f"[{rows}, {k}]")
-        kinds.setdefault(key, [0, packed_bytes(types, n.attrs)])[0] += 1
+        kinds.setdefault(key, [0, packed])[0] += 1
         dense += TensorType(n.attrs["dtype"], (rows, k)).nbytes({})
     if not kinds:
         return []

@@ -3,6 +3,7 @@ compile-time quantization lowers to (kiln's canonical layouts; adapters repack i
 
     dequant_int  qweight uint8 [N, K * bits / 8], scales [N, G] (+ zeros uint8 [N, G],
                  g_idx int32 [K]) -> [N, K] in `dtype`
+    dequant_int_offset  qweight uint8 [N, K * bits / 8], scales [N, G], offsets [N, G] -> [N, K]
     dequant_fp8  qweight float8_e4m3fn [N, K], scales float32 [ceil(N / block_n), ceil(K / block_k)]
                  -> [N, K] in `dtype`
     quant_act    x [.., K] -> x rounded through a per-row dynamic quantization (int8 or fp8)
@@ -17,6 +18,12 @@ K: one scale per output channel); G groups per row. The zero point z is zeros[n,
 
 which is exact before the cast (an integer of at most 9 bits times a float16 / bfloat16 /
 float32 scale fits float32's mantissa), so a checkpoint's known weights come back bit for bit.
+
+Integer weights with a float offset per group (GGUF's Q4_1: w = d * q + m), same packing and
+groups (no g_idx); a float zero point does not fit dequant_int's integer zeros, and no fused
+kernel reads it, so a linear over it runs as linear(x, dequant_int_offset(...)):
+
+    w[n, k] = q[n, k] * scales[n, g(k)] + offsets[n, g(k)]   in float32, then cast to `dtype`
 
 FP8 weights: w = float32(q) * scales[n // block_n, k // block_k], then cast: per-tensor scale
 (block_n = N, block_k = K), per output channel (1, K), or DeepSeek-V3's 128 x 128 blocks.
@@ -103,6 +110,38 @@ def dequant_int(qweight: torch.Tensor, scales: torch.Tensor, *rest: torch.Tensor
     return ((q - z).to(torch.float32) * scales.to(torch.float32)[:, g]).to(torch_dtype(dtype))
 
 
+def _dequant_int_offset_infer(types: Sequence[ValueType], attrs: Mapping[str, Any]) -> TensorType:
+    qweight, scales, offsets = types
+    bits, group = attrs["bits"], attrs["group_size"]
+    if bits not in (4, 8) or qweight.dtype != "uint8" or qweight.rank != 2:
+        raise VerifyError(f"dequant_int_offset needs bits 4 or 8 and uint8 qweight [N, K*bits/8], got bits {bits} "
+                          f"and {qweight}")
+    floats = ("float16", "bfloat16", "float32")
+    if scales.rank != 2 or scales.dtype not in floats or offsets.shape != scales.shape or offsets.dtype not in floats:
+        raise VerifyError(f"dequant_int_offset needs float scales and offsets of one shape [N, G], got {scales} and "
+                          f"{offsets}")
+    n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+    if scales.shape[0] != n:
+        raise VerifyError(f"dequant_int_offset: scales {scales} do not have the {n} rows of {qweight}")
+    if all(isinstance(d, int) for d in (k, group, scales.shape[1])) and (k % group or k // group != scales.shape[1]):
+        raise VerifyError(f"dequant_int_offset: {k} input channels in groups of {group} do not give the "
+                          f"{scales.shape[1]} groups of {scales}")
+    return TensorType(attrs["dtype"], (n, k))
+
+
+@register("dequant_int_offset", arity=3, kind="opaque", attrs=("bits", "group_size", "dtype"),
+          infer=_dequant_int_offset_infer, scalar_inputs=False)
+def dequant_int_offset(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, *, bits: int,
+                       group_size: int, dtype: str) -> torch.Tensor:
+    """The [N, K] weight q * scale + offset of canonical packed unsigned integers (module docstring).
+    Runs on every target, every call: it unpacks in uint8 and scales whole groups in place."""
+    n = qweight.shape[0]
+    q = qweight if bits == 8 else torch.stack([qweight & 0xF, qweight >> 4], dim=-1)
+    w = q.reshape(n, -1, group_size).to(torch.float32)  # [N, G, group_size]
+    w.mul_(scales.to(torch.float32)[..., None]).add_(offsets.to(torch.float32)[..., None])
+    return w.reshape(n, -1).to(torch_dtype(dtype))
+
+
 def _dequant_fp8_infer(types: Sequence[ValueType], attrs: Mapping[str, Any]) -> TensorType:
     qweight, scales = types
     if qweight.dtype != "float8_e4m3fn" or qweight.rank != 2 or scales.rank != 2 or scales.dtype != "float32":
@@ -135,4 +174,4 @@ def quant_act(x: torch.Tensor, *, format: str) -> torch.Tensor:
     return (q * s).to(x.dtype)
 
 
-__all__ = ["QMAX", "dequant_fp8", "dequant_int", "group_index", "pack_int", "quant_act", "unpack_int"]
+__all__ = ["QMAX", "dequant_fp8", "dequant_int", "dequant_int_offset", "group_index", "pack_int", "quant_act", "unpack_int"]

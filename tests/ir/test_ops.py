@@ -211,6 +211,8 @@ CASES: list[Case] = [
          "f32[6,8]"),
     Case("dequant_int", ["u8[6,8]", "f32[6,2]", "i32[8]"], {"bits": 8, "group_size": 4, "dtype": "bfloat16"},
          "bf16[6,8]", {2: lambda t: torch.arange(8, dtype=torch.int32) % 2}),
+    Case("dequant_int_offset", ["u8[6,4]", "f16[6,2]", "f16[6,2]"], {"bits": 4, "group_size": 4, "dtype": "float32"},
+         "f32[6,8]"),
     Case("dequant_fp8", ["f8e4m3[6,8]", "f32[2,1]"], {"block_n": 4, "block_k": 8, "dtype": "float16"}, "f16[6,8]"),
     Case("quant_act", ["f32[T,8]"], {"format": "int8"}, "f32[T,8]"),
     # compile-time weight quantization (ir/ops/quantize.py): the parts weight folding packs

@@ -2,7 +2,8 @@
 by kiln and loaded by transformers (`gguf_file=`) as the reference.
 
 Tolerances (float32): weights equal transformers' exactly (same dequantization, same q/k
-unpermutation); logits max |error| / max |logit| < 1e-4; greedy tokens identical.
+unpermutation); Q8_0 / Q4_0 / Q4_1 linear weights stay packed and their dequant ops equal
+gguf's dequantize bit for bit; logits max |error| / max |logit| < 1e-4; greedy tokens identical.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kiln
 from kiln.cli import compile_model_main
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, VerifyError
+from kiln.ir.ops import OPS, infer_type
+from kiln.ir.ops.quant import dequant_int, dequant_int_offset
+from kiln.ir.serialize import loads
+from kiln.ir.types import TensorType
 from kiln.models.gguf import GGUFModel, is_gguf
+from kiln.models.quant_formats.gguf_blocks import BLOCK_BYTES, repack_blocks
 from kiln.models.tiny_gguf import DEFAULT_QUANT, write_gguf
+from kiln.runtime.artifact import read_manifest
+from kiln.runtime.inspect import describe
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.server.chat_template import ChatTemplate
@@ -32,9 +40,24 @@ def gguf_file(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(gguf_file):
+    return load_reference(gguf_file)
+
+
+def load_reference(path):
     return AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, attn_implementation="eager"
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
     ).eval()
+
+
+def assert_greedy_equal(artifact, reference):
+    llm = LLM(artifact, num_kv_blocks=64)
+    prompts = [[5, 17, 42, 99], [8, 9, 10, 11, 12, 13]]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    for p, out in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            want = reference.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        assert out.outputs[0].token_ids == want[0, len(p):].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +107,7 @@ def test_logits_equal_transformers(gguf_artifact, reference):
 
 
 def test_greedy_tokens_equal_transformers(gguf_artifact, reference):
-    llm = LLM(gguf_artifact, num_kv_blocks=64)
-    prompts = [[5, 17, 42, 99], [8, 9, 10, 11, 12, 13]]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    for p, out in zip(prompts, outs, strict=True):
-        with torch.no_grad():
-            want = reference.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-        assert out.outputs[0].token_ids == want[0, len(p):].tolist()
+    assert_greedy_equal(gguf_artifact, reference)
 
 
 def test_tokenizer_and_chat_template_round_trip(gguf_artifact, checkpoint):
@@ -128,3 +144,73 @@ def test_not_a_gguf_file(tmp_path):
     bad.write_bytes(b"not a gguf file")
     with pytest.raises(CheckpointError, match="not a GGUF file"):
         kiln.compile(bad, tmp_path / "out")
+
+
+PACKED = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
+INSPECT_FORMAT = {Q.Q8_0: "int8 group 32 symmetric", Q.Q4_0: "int4 group 32 symmetric",
+                  Q.Q4_1: "int4 group 32 offsets, unfused"}
+
+
+def random_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """GGML rows [N, K / 32 * block bytes] with every weight bit pattern and finite float16 d (and m)."""
+    g, fields = k // 32, 2 if qtype == Q.Q4_1 else 1
+    rows = rng.integers(0, 256, (n, g, BLOCK_BYTES[qtype.name]), dtype=np.uint8)
+    rows[..., : 2 * fields] = rng.normal(size=(n, g, fields)).astype(np.float16).view(np.uint8)
+    return rows.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
+def test_packed_dequant_equals_gguf_dequantize(qtype):
+    rng = np.random.default_rng(0)
+    op, bits = (dequant_int_offset, 4) if qtype == Q.Q4_1 else (dequant_int, 8 if qtype == Q.Q8_0 else 4)
+    for rows in (random_blocks(qtype, 8, 96, rng), quantize(rng.normal(size=(8, 96)).astype(np.float32), qtype)):
+        parts = repack_blocks(rows, qtype.name)
+        assert parts["qweight"].dtype == torch.uint8 and parts["qweight"].shape == (8, 96 * bits // 8)
+        got = op(*parts.values(), bits=bits, group_size=32, dtype="float32")
+        np.testing.assert_array_equal(got.numpy(), dequantize(rows, qtype))
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
+def test_packed_types_generate_like_transformers(qtype, target, checkpoint, tmp_path):
+    path = write_gguf(checkpoint("llama"), tmp_path / "m.gguf", quant={"token_embd.": Q.F32, "": qtype})
+    reference = load_reference(path)
+    art = kiln.compile(path, tmp_path / "art", target=target)
+    graph = loads((art / "graph.json").read_text())
+    names = {p.name for p in graph.params}
+    assert not any(n.endswith(("proj.weight", "lm_head.weight")) for n in names)
+    dequant = "dequant_int_offset" if qtype == Q.Q4_1 else "quantized_linear"
+    assert any(n.op == dequant for n in graph.nodes)
+    # Packed, the linear weights keep at most 34/128 (Q8_0) of their float32 bytes: at least half is saved.
+    float_bytes = 4 * sum(p.numel() for p in reference.parameters())
+    linear_bytes = 4 * sum(m.weight.numel() for m in reference.modules() if isinstance(m, torch.nn.Linear))
+    assert read_manifest(art)["parameters"]["bytes"] < float_bytes - linear_bytes / 2
+    assert INSPECT_FORMAT[qtype] in describe(art)[0]  # kiln inspect lists the packed matmuls
+    assert_greedy_equal(art, reference)
+
+
+def test_tied_lm_head_reads_the_embedding_as_floats(checkpoint, tmp_path):
+    ckpt = checkpoint("llama", config_overrides={"tie_word_embeddings": True})
+    path = write_gguf(ckpt, tmp_path / "tied.gguf", quant={"": Q.Q8_0})
+    assert GGUFModel(path).quant_type("model.embed_tokens.weight") == "Q8_0"
+    art = kiln.compile(path, tmp_path / "art")
+    params = {p.name: p.type for p in loads((art / "graph.json").read_text()).params}
+    assert params["model.embed_tokens.weight"].dtype == "float32"
+    assert params["model.layers.0.mlp.down_proj.qweight"].dtype == "uint8"
+    assert_greedy_equal(art, load_reference(path))
+
+
+def test_dequant_int_offset_type_errors():
+    def infer(*types, bits=4, group_size=32):
+        return infer_type(OPS["dequant_int_offset"], [TensorType(d, s) for d, s in types],
+                          {"bits": bits, "group_size": group_size, "dtype": "float32"})
+
+    assert infer(("uint8", (8, 48)), ("float16", (8, 3)), ("float16", (8, 3))) == TensorType("float32", (8, 96))
+    with pytest.raises(VerifyError, match="bits 4 or 8"):
+        infer(("uint8", (8, 48)), ("float16", (8, 3)), ("float16", (8, 3)), bits=3)
+    with pytest.raises(VerifyError, match="scales and offsets of one shape"):
+        infer(("uint8", (8, 48)), ("float16", (8, 3)), ("float16", (8, 2)))
+    with pytest.raises(VerifyError, match="do not have the 8 rows"):
+        infer(("uint8", (8, 48)), ("float16", (4, 3)), ("float16", (4, 3)))
+    with pytest.raises(VerifyError, match="do not give the 2 groups"):
+        infer(("uint8", (8, 48)), ("float16", (8, 2)), ("float16", (8, 2)))
