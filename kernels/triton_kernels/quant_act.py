@@ -30,9 +30,9 @@ Tensor = torch.Tensor
 
 FORMATS = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
 """quant_act's formats and the dtype of their codes."""
-_ROUND = 12582912.0
+_ROUND = tl.constexpr(12582912.0)
 """1.5 * 2^23: (v + _ROUND) - _ROUND is v rounded half to even for |v| < 2^22."""
-_SUBNORMAL = 24576.0
+_SUBNORMAL = tl.constexpr(24576.0)
 """1.5 * 2^14: (v + _SUBNORMAL) - _SUBNORMAL rounds v half to even to a multiple of 2^-9."""
 
 
@@ -41,14 +41,14 @@ def _round_e4m3(v):
     """float32 v (|v| <= 448) rounded half to even to float8_e4m3fn's values, in float32: 3
     mantissa bits from 2^-6 up, multiples of 2^-9 below (the cast after it is exact)."""
     u = v.to(tl.uint32, bitcast=True)
-    normal = ((u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    normal = (((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(v) < 0.015625, (v + _SUBNORMAL) - _SUBNORMAL, normal)
 
 
 @triton.jit
 def row_scale(amax, QMAX_: tl.constexpr):
     """quant_act's scale of rows whose largest magnitude is amax (1 for an all-zero row)."""
-    s = tl.math.div_rn(amax, QMAX_)
+    s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX_)
     return tl.where(s == 0.0, 1.0, s)
 
 
@@ -56,8 +56,10 @@ def row_scale(amax, QMAX_: tl.constexpr):
 def round_codes(v, INT8: tl.constexpr):
     """v = x / s rounded to the format's codes, in float32."""
     if INT8:
-        return tl.minimum(tl.maximum((v + _ROUND) - _ROUND, -128.0), 127.0)
-    return _round_e4m3(v)
+        r = tl.minimum(tl.maximum((v + _ROUND) - _ROUND, -128.0), 127.0)
+    else:
+        r = _round_e4m3(v)
+    return r
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -75,7 +77,8 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, QMAX_: tl
     q_row = q_ptr + row * stride_qm
     for k0 in range(0, K, BLOCK_K):
         ok = offs < K - k0
-        v = round_codes(tl.math.div_rn(tl.load(x_row + k0 + offs, mask=ok, other=0.0).to(tl.float32), s), INT8)
+        x = tl.load(x_row + k0 + offs, mask=ok, other=0.0).to(tl.float32)
+        v = round_codes(tl.math.div_rn(x, s + tl.zeros_like(x)), INT8)
         if INT8:
             code = v.to(tl.int8)
         else:

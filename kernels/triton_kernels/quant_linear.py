@@ -155,8 +155,10 @@ def _act(x, xs, ACT: tl.constexpr, W_DTYPE: tl.constexpr):
     """x [BLOCK_M, C] (float32) as quant_act rounds it at row scales xs [BLOCK_M, 1] (ACT 1:
     int8, 2: float8_e4m3fn; 0: x itself)."""
     if ACT == 0:
-        return x
-    return (round_codes(tl.math.div_rn(x, xs), ACT == 1) * xs).to(W_DTYPE).to(tl.float32)
+        r = x
+    else:
+        r = (round_codes(tl.math.div_rn(x, xs + tl.zeros_like(x)), ACT == 1) * xs).to(W_DTYPE).to(tl.float32)
+    return r
 
 
 @triton.jit(do_not_specialize=["M"])
