@@ -259,6 +259,18 @@ UNCHANGED = {
   %2 = linear(%1, @w) : f32[T,8]
   return %2
 }""",
+    # GGUF's Q4_1 (float offsets): no kernel reads it; the linear dequantizes it every call
+    "int_offset_dequant": """graph {
+  %input_ids = input : i64[T]
+  @embed = param : f32[16,16]
+  %0 = embedding(@embed, %input_ids) : f32[T,16]
+  @o.qweight = param : u8[8,8]
+  @o.scales = param : f16[8,2]
+  @o.offsets = param : f16[8,2]
+  %1 = dequant_int_offset(@o.qweight, @o.scales, @o.offsets) {"bits": 4, "group_size": 8, "dtype": "float32"} : f32[8,16]
+  %2 = linear(%0, %1) : f32[T,8]
+  return %2
+}""",
 }
 
 
