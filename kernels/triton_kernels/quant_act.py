@@ -10,8 +10,9 @@
 One program per row, two passes over it (the row is read twice; rows are a few KB and the second
 read hits the L2). The division is IEEE (div_rn), as torch divides; int8 rounds half to even by
 the float32 magic-number trick (|x / s| <= 127 < 2^22), float8_e4m3fn by rounding the float32
-bits before an exact cast (Triton's interpreter drops the carry into the exponent when a cast
-rounds up to the next power of two). PDL protocol as pdl.py.
+bits, whose float8 bit patterns are then assembled by hand (no float8 conversion: Triton's
+interpreter drops the carry into the exponent when a cast rounds up to the next power of two).
+PDL protocol as pdl.py.
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def _round_e4m3(v):
     u = v.to(tl.uint32, bitcast=True)
     normal = (((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(v) < 0.015625, (v + _SUBNORMAL) - _SUBNORMAL, normal)
+
+
+@triton.jit
+def _e4m3_bits(v):
+    """The float8_e4m3fn bit patterns (uint8) of float32 values v that the format holds exactly
+    (_round_e4m3's results): sign, 4 exponent bits biased by 7 and 3 mantissa bits from 2^-6 up,
+    v * 2^9 below. Built from v's bits, without a float8 conversion (Triton's differ by version)."""
+    u = v.to(tl.uint32, bitcast=True)
+    a = u & 0x7FFFFFFF
+    normal = (((a >> 23) - 120) << 3) | ((a >> 20) & 7)
+    sub = (tl.abs(v) * 512.0).to(tl.uint32)
+    return (((u >> 24) & 0x80) | tl.where(tl.abs(v) < 0.015625, sub, normal)).to(tl.uint8)
 
 
 @triton.jit
@@ -82,7 +95,7 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, QMAX_: tl
         if INT8:
             code = v.to(tl.int8)
         else:
-            code = v.to(tl.float8e4nv)
+            code = _e4m3_bits(v)
         if VALUES:
             tl.store(q_row + k0 + offs, (v * s).to(q_ptr.dtype.element_ty), mask=ok)
         else:
@@ -111,7 +124,7 @@ def quant_codes(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
     x2 = _rows(x)
     q = torch.empty(x2.shape, dtype=FORMATS[fmt], device=x.device)
     s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    _launch_rows(x2, q, s, fmt)
+    _launch_rows(x2, q.view(torch.uint8) if fmt == "float8_e4m3fn" else q, s, fmt)
     return q, s
 
 

@@ -3,7 +3,7 @@ weights (ir/ops/quant.py): a GEMV for a few rows and a tensor-core GEMM for more
 
     x [M, K] (unit stride along K)   qweight uint8 [N, K * bits / 8] (contiguous rows)
     scales [N, G]   zeros uint8 [N, G] (optional)   g_idx int32 [K] (optional)   bias [N]
-    w[n, k] = dtype(float32(q[n, k] - z[n, g(k)]) * scales[n, g(k)])   (the reference's rounding)
+    w[n, k] = dtype(float32(q[n, k] - z[n, g(k)]) * scales[n, g(k)])   (the reference's)
     y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
 
 bits 4: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high nibble); a tile of
@@ -24,10 +24,13 @@ GEMM (more rows): BLOCK_M x BLOCK_N tiles of y looping over K in BLOCK_K steps; 
 dequantizes its [BLOCK_N, BLOCK_K] weight tile in registers (int4: the two nibble planes
 interleaved back into channel order) and feeds tl.dot in x's dtype (ieee for float32).
 
-A group's scale and zero are gathered per input channel, which serves group sizes smaller than a
-tile and act-order g_idx alike; when no g_idx is given and the group size is a multiple of the
-tile's channels (per-channel scales, or groups of 128 with BLOCK_K 128), each tile loads one
-scale per row instead (SCALAR_GROUP).
+A tile finds its scales and zeros (GMODE) as one group for all its channels (per-channel
+scales, or groups at least as wide as the tile: one load per row), as whole groups in channel
+order (groups narrower than the tile: [BLOCK_N, groups] loaded and repeated over each group's
+channels), or per channel (act-order g_idx, uneven groups). The GEMV multiplies x by the float32
+weights (q - z) * s without rounding them to the model's dtype first (the reference rounds them:
+the results differ by that rounding, at most half a unit in the last place of each weight); the
+GEMM rounds them, as its tensor-core product takes the model's dtype.
 
 fp8 weights (fp8_linear) run the same two kernels over their bytes: w[n, k] =
 dtype(float32(q[n, k]) * scales[n // SN, k // GROUP]) (SN = block_n, GROUP = block_k).
@@ -68,15 +71,19 @@ ACT_CODES = {"none": 0, "int8": 1, "float8_e4m3fn": 2}
 
 @dataclass(frozen=True)
 class QGemvConfig:
-    """The GEMV's knobs (block_p: packed bytes per tile)."""
+    """The GEMV's knobs (block_n: weight rows a program at one row of x, divided among more;
+    block_p: packed bytes per tile)."""
 
-    block_n: int = 4
-    block_p: int = 256
+    block_n: int = 8
+    block_p: int = 512
     num_warps: int = 4
 
 
 GEMM = GemmConfig(block_m=32, block_n=64, block_k=64, num_stages=3)
-"""The GEMM's default knobs (linear.py's GemmConfig; block_k: input channels per tile, at least 32)."""
+"""The GEMM's default knobs up to 64 rows (linear.py's GemmConfig; block_k: input channels per
+tile, at least 32)."""
+GEMM_LARGE = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+"""The GEMM's default knobs for more rows."""
 
 
 def covers(attrs: dict[str, Any]) -> bool:
@@ -88,22 +95,33 @@ def covers(attrs: dict[str, Any]) -> bool:
 
 
 @triton.jit
-def _dequant(q, k, k_first, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, W_DTYPE: tl.constexpr,
-             BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr,
-             SCALAR_GROUP: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr):
-    """float32 [BLOCK_N, C] weights (rounded through W_DTYPE as the reference rounds them) of the
-    int32 codes q [BLOCK_N, C] (FP8: float8_e4m3fn bit patterns) at input channels k [C] of rows
-    offs_n; a scale serves SN rows and GROUP channels."""
-    k_ok = k < K
+def _dequant(q, k, k_first, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, BITS: tl.constexpr,
+             GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, GMODE: tl.constexpr, SN: tl.constexpr,
+             FP8: tl.constexpr):
+    """float32 [BLOCK_N, C] weights (q - z) * s of the codes q [BLOCK_N, C] (int32; FP8: uint8
+    float8_e4m3fn bit patterns) at input channels k [C] of rows offs_n; a scale serves SN rows and
+    GROUP channels. GMODE (module docstring): 0 one group for the tile, 1 whole groups in
+    channel order, 2 a group per channel."""
     s_rows = (offs_n // SN).to(tl.int64) * stride_sn
-    if SCALAR_GROUP:  # one group for the whole tile
+    z_rows = offs_n.to(tl.int64) * stride_zn
+    if GMODE == 0:
         g1 = k_first // GROUP
         s = tl.load(s_ptr + s_rows + g1, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_Z:
-            z = tl.load(z_ptr + offs_n.to(tl.int64) * stride_zn + g1, mask=n_ok, other=0).to(tl.int32)[:, None]
-        else:
-            z = 1 << (BITS - 1)
+            z = tl.load(z_ptr + z_rows + g1, mask=n_ok, other=0).to(tl.int32)[:, None]
+    elif GMODE == 1:  # [BLOCK_N, NG] scales, each repeated over its group's channels of the tile
+        BN: tl.constexpr = q.shape[0]
+        C: tl.constexpr = q.shape[1]
+        NG: tl.constexpr = C * 8 // (BITS * GROUP)
+        g = k_first // GROUP + tl.arange(0, NG)
+        ok = n_ok[:, None] & (g < tl.cdiv(K, GROUP))[None, :]
+        s2 = tl.load(s_ptr + s_rows[:, None] + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(s2[:, :, None], (BN, NG, C // NG)), (BN, C))
+        if HAS_Z:
+            z2 = tl.load(z_ptr + z_rows[:, None] + g[None, :], mask=ok, other=0).to(tl.int32)
+            z = tl.reshape(tl.broadcast_to(z2[:, :, None], (BN, NG, C // NG)), (BN, C))
     else:
+        k_ok = k < K
         if HAS_G:
             g = tl.load(g_ptr + k, mask=k_ok, other=0)
         else:
@@ -111,40 +129,41 @@ def _dequant(q, k, k_first, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride
         ok = n_ok[:, None] & k_ok[None, :]
         s = tl.load(s_ptr + s_rows[:, None] + g[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + offs_n[:, None].to(tl.int64) * stride_zn + g[None, :], mask=ok, other=0).to(tl.int32)
-        else:
-            z = 1 << (BITS - 1)
+            z = tl.load(z_ptr + z_rows[:, None] + g[None, :], mask=ok, other=0).to(tl.int32)
+    if not HAS_Z:
+        z = 1 << (BITS - 1)
     if FP8:
-        v = q.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        v = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
         v = (q - z).to(tl.float32)
-    return (v * s).to(W_DTYPE).to(tl.float32)
+    return v * s
 
 
 @triton.jit
 def _gemv_tile(acc, b, p0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
                stride_sn, stride_zn, K, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
-               HAS_G: tl.constexpr, SCALAR_GROUP: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, xs,
+               HAS_G: tl.constexpr, GMODE: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, xs,
                ACT: tl.constexpr):
     """acc += this tile's x times its weights (b: the packed bytes [BLOCK_N, BLOCK_P]); ACT: x
     through quant_act's rounding at its rows' scales xs first."""
     w_dtype = x_ptr.dtype.element_ty
-    b = b.to(tl.int32)
+    if not FP8:
+        b = b.to(tl.int32)
     x_row = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     if BITS == 4:
         k_lo = 2 * (p0 + offs_p)
-        w_lo = _dequant(b & 15, k_lo, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
-                        BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
+        w_lo = _dequant(b & 15, k_lo, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
+                        BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
         w_hi = _dequant(b >> 4, k_lo + 1, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
-                        w_dtype, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
+                        BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
         ok = m_ok[:, None] & (k_lo < K)[None, :]
         x_lo = _act(tl.load(x_row + k_lo[None, :], mask=ok, other=0.0).to(tl.float32), xs, ACT, w_dtype)
         x_hi = _act(tl.load(x_row + k_lo[None, :] + 1, mask=ok, other=0.0).to(tl.float32), xs, ACT, w_dtype)
         acc += x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
     else:
         k = p0 + offs_p
-        w = _dequant(b, k, p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
-                     BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
+        w = _dequant(b, k, p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
+                     BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
         x = tl.load(x_row + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
         acc += _act(x, xs, ACT, w_dtype)[:, None, :] * w[None, :, :]
     return acc
@@ -166,7 +185,7 @@ def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GROUP: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr, QMAX_: tl.constexpr,
+    GMODE: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr, QMAX_: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, X_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,12 +208,12 @@ def _qgemv_kernel(
         xs = row_scale(tl.max(amax, axis=1), QMAX_)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_P], dtype=tl.float32)
     acc = _gemv_tile(acc, b, 0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
-                     stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8, xs, ACT)
+                     stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8, xs, ACT)
     for p0 in range(BLOCK_P, KP, BLOCK_P):
         b = tl.load(q_ptrs + p0, mask=n_ok[:, None] & (offs_p < KP - p0)[None, :], other=0,
                     eviction_policy="evict_first")
         acc = _gemv_tile(acc, b, p0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
-                         stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8, xs, ACT)
+                         stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8, xs, ACT)
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -207,7 +226,7 @@ def _qgemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALAR_GROUP: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    GMODE: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -234,17 +253,20 @@ def _qgemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         p0 = k0 * BITS // 8
-        b = tl.load(q_ptrs + p0, mask=n_ok[:, None] & (offs_p < KP - p0)[None, :], other=0).to(tl.int32)
+        b = tl.load(q_ptrs + p0, mask=n_ok[:, None] & (offs_p < KP - p0)[None, :], other=0)
         if BITS == 4:
+            b = b.to(tl.int32)
             k_lo = k0 + 2 * offs_p
-            w_lo = _dequant(b & 15, k_lo, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
-                            BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
+            w_lo = _dequant(b & 15, k_lo, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
+                            BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
             w_hi = _dequant(b >> 4, k_lo + 1, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
-                            w_dtype, BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
+                            BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
             w = tl.interleave(w_lo, w_hi)  # [BLOCK_N, BLOCK_K] in channel order
         else:
-            w = _dequant(b, k0 + offs_k, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K, w_dtype,
-                         BITS, GROUP, HAS_Z, HAS_G, SCALAR_GROUP, SN, FP8)
+            if not FP8:
+                b = b.to(tl.int32)
+            w = _dequant(b, k0 + offs_k, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
+                         BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
         a = tl.load(x_ptrs + k0, mask=m_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
         wt = tl.trans(w.to(w_dtype))
         if IEEE:  # float32: no TF32, for parity with the reference
@@ -308,21 +330,28 @@ def _run(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | 
         c = gemv or QGemvConfig()
         # 1 or MAX_M rows a program: at 2 rows with act-order g_idx, sm_90 builds a wrong kernel
         block_m = 1 if m == 1 else MAX_M
-        tile_k = c.block_p * 8 // bits
-        grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, block_m))
+        block_n = max(1, c.block_n // block_m)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
         _qgemv_kernel[grid](
-            *ptrs, **common, SCALAR_GROUP=g_idx is None and group % tile_k == 0, ACT=ACT_CODES[act],
-            QMAX_=QMAX.get(act, 1.0), BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_P=c.block_p,
+            *ptrs, **common, GMODE=_gmode(g_idx, group, c.block_p * 8 // bits), ACT=ACT_CODES[act],
+            QMAX_=QMAX.get(act, 1.0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=c.block_p,
             X_BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=c.num_warps, **pdl.options(x),
         )
         return
-    c = gemm or GEMM
+    c = gemm or (GEMM if m <= 64 else GEMM_LARGE)
     grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
     _qgemm_kernel[grid](
-        *ptrs, **common, SCALAR_GROUP=g_idx is None and group % c.block_k == 0, IEEE=x.dtype == torch.float32,
+        *ptrs, **common, GMODE=_gmode(g_idx, group, c.block_k), IEEE=x.dtype == torch.float32,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
         num_warps=c.num_warps, num_stages=c.num_stages, **pdl.options(x),
     )
+
+
+def _gmode(g_idx: Tensor | None, group: int, tile_k: int) -> int:
+    """How a tile of tile_k channels finds its scales: 0 one group, 1 whole groups, 2 per channel."""
+    if g_idx is None and group % tile_k == 0:
+        return 0
+    return 1 if g_idx is None and tile_k % group == 0 and group >= 2 else 2
 
 
 def _launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
@@ -359,4 +388,4 @@ _reference = torch_launcher("quantized_linear")
 
 LAUNCHERS: dict[str, Launcher] = {"quantized_linear": _launch}
 
-__all__ = ["LAUNCHERS", "MAX_M", "QGemvConfig", "covers", "fp8_linear", "quant_linear"]
+__all__ = ["GEMM", "GEMM_LARGE", "LAUNCHERS", "MAX_M", "QGemvConfig", "covers", "fp8_linear", "quant_linear"]

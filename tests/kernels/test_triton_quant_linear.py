@@ -84,6 +84,20 @@ def test_matches_the_reference(bits, group, zeros, g_idx, m, dtype):
     torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 16)])
+def test_tiles_of_several_groups(bits, group):
+    n, k, m = 24, 256, 3
+    ops = operands(n, k, bits, group, True, False, torch.float32)
+    want = None
+    for rows in (m, 9):  # the GEMV, then the GEMM
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        y = torch.empty(rows, n)
+        quant_linear(y, x, ops["qweight"], ops["scales"], ops["zeros"], None, ops["bias"], bits, group,
+                     gemv=QGemvConfig(block_n=8, block_p=64), gemm=GemmConfig(block_m=16, block_n=16, block_k=64))
+        want = reference(x, ops, bits, group)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_launcher_takes_the_op_operands_and_leading_axes():
     bits, group = 4, 32
     ops = operands(16, 64, bits, group, True, False, torch.float32)
