@@ -2,7 +2,7 @@
 reference: group sizes 16-64 and one group per row, with and without zeros and bias, decode
 rows (narrow tiles and a tail), prefill rows (the wide path's dequantized panel plus a
 narrow tail), int8 activations (W8A8, W4A8), act-order g_idx, strided activations, 16-bit
-dtypes and tuned schedules; fp8 nodes run the reference and are listed as fallbacks."""
+dtypes and tuned schedules (bits 4's table lookup and per-weight arithmetic both); fp8 nodes run the reference and are listed as fallbacks."""
 
 from __future__ import annotations
 
@@ -87,7 +87,9 @@ def test_16_bit_strided_and_rank3_inputs(dtype):
 
 
 @pytest.mark.parametrize("config", [{"nb": 4, "v": 8, "mt": 2, "ser": 0}, {"nb": 32, "v": 16, "mt": 1},
-                                    {"mr": 4, "pm": 8, "v": 4}, {"mr": 12, "pm": 16, "nb": 8, "ser": 0}])
+                                    {"mr": 4, "pm": 8, "v": 4}, {"mr": 12, "pm": 16, "nb": 8, "ser": 0},
+                                    {"lut": 0, "nj": 4, "nj1": 16, "nb": 16}, {"nj": 8, "mt": 2, "nj1": 2},
+                                    {"nb": 64, "mr": 6, "pm": 8, "lut": 0}])
 def test_tuned_schedules(config):
     assert set(config) <= set(knobs("quantized_linear"))
     ops, attrs = _case(64, 64, 4, 32, True, True)
