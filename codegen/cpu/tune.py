@@ -92,7 +92,7 @@ def _cost(k: Kernel) -> int:
 
 def _tensors(k: Kernel, rows: int, seed: int) -> tuple[list[list[Any]], list[torch.Tensor]]:
     """Sets of random op inputs and empty results of kernel k with `rows` for every symbolic dim:
-    one set, or for a linear at decode row counts (at most tuning.BUCKETS' decode max_rows) as
+    one set, or for a (quantized) linear at decode row counts (at most tuning.BUCKETS' decode max_rows) as
     many sets with their own weights (inputs of static shape) as pass ROUND_BYTES, which a
     timing goes round: in a model step a decode GEMV reads its weight from memory, not from the
     L3 where one weight timed alone stays (serial and parallel schedules rank differently there)."""
@@ -108,7 +108,7 @@ def _tensors(k: Kernel, rows: int, seed: int) -> tuple[list[list[Any]], list[tor
     args = [tensor(t) for t in k.info.inputs]
     static = [i for i, t in enumerate(k.info.inputs) if t is not None and all(isinstance(d, int) for d in t.shape)]
     weight_bytes = sum(args[i].nbytes for i in static)
-    decode = k.info.op == "linear" and rows <= BUCKETS["decode"]["max_rows"]
+    decode = k.info.op in ("linear", "quantized_linear") and rows <= BUCKETS["decode"]["max_rows"]
     copies = -(-ROUND_BYTES // weight_bytes) if static and decode else 1
     sets = [args] + [[tensor(t) if i in static else a for i, (t, a) in enumerate(zip(k.info.inputs, args, strict=True))]
                      for _ in range(copies - 1)]
