@@ -4,7 +4,8 @@ launcher per IR op, with the op's inputs, attributes and destination buffers.
 An artifact's tuning.json (written by `kiln tune`) configures the kernels that have knobs: its
 "kernels" table maps an op name to what that op's module's `make_launcher` takes
 (`paged_attention`: the prefill and decode AttentionConfig; `linear`: the provider and GEMM
-or GEMV config per weight shape and bucket, which `gated_linear` reads too)."""
+or GEMV config per weight shape and bucket, which `gated_linear` reads too; `quantized_linear`:
+the GEMV config per packed weight)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ MODULES = ("attention", "norms", "rope", "elementwise", "linear", "quant_act", "
 """The kernel modules of kiln.kernels.triton_kernels, each exposing LAUNCHERS."""
 
 TUNED = {"paged_attention": ("attention", "paged_attention"), "linear": ("linear", "linear"),
-         "gated_linear": ("linear", "linear")}
+         "gated_linear": ("linear", "linear"), "quantized_linear": ("quant_linear", "quantized_linear")}
 """Ops whose launcher a tuning.json entry configures -> (their module, the entry's name); the
 module's `from_tuning(entry)` gives its launchers by op name."""
 

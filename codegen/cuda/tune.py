@@ -6,6 +6,7 @@ What is searched, on the shapes the artifact's plan launches:
     paged_attention   AttentionConfig knobs, per bucket: "prefill" (one sequence of
                       PREFILL_TOKENS tokens) and "decode" (the sum over DECODE_BATCHES
                       sequences of DECODE_CONTEXT tokens; tile size, warps, stages, split-KV parts)
+    quantized_linear  per packed weight, the GEMV's knobs at one row (tune_quant.py)
     linear            per weight shape (K x N) and bucket of M (kiln.kernels.triton_kernels.linear
                       BUCKETS): cuBLAS through torch, the Triton GEMM with its best config, or
                       in buckets of at most gemv.MAX_M rows the Triton GEMV with its best config
@@ -17,7 +18,8 @@ each call reads memory, not the 50 MB L2. A Triton choice must beat cuBLAS by MA
     tuning.json {"format": 1, "target": "cuda", "gpu", "triton", "torch", "search_s",
                  "kernels": {"paged_attention": {"prefill": {"config", "default_us", "tuned_us",
                                                              "tried"}, "decode": {...}},
-                             "linear": {"KxN": [{"max_m", "provider", "config"?}, ...]}},
+                             "linear": {"KxN": [{"max_m", "provider", "config"?}, ...]},
+                             "quantized_linear": {...} (tune_quant.py)},
                  "linear_times": {"KxN": {"M": {"torch_us", "triton_us", "gemv_us"?}}}}
 """
 
@@ -38,6 +40,7 @@ import triton
 from tqdm.auto import tqdm
 
 from kiln.codegen.artifact_writer import replace_files
+from kiln.codegen.cuda.tune_quant import quant_workload, table_rows, tune_quant
 from kiln.kernels.triton_kernels import attention, gemv, linear
 from kiln.runtime.artifact import TUNING, Artifact
 from kiln.runtime.plan import ExecutionPlan, load_plan
@@ -284,11 +287,13 @@ def tune(artifact: str | Path, budget: float | None = None, max_tokens: int = PR
     root = Path(artifact).resolve()
     plan = load_plan(Artifact(root, "cuda"))
     linears, attns = workload(plan)
+    quants = quant_workload(plan)
     budget = 240.0 if budget is None else budget
     started = time.monotonic()
     # one paged_attention config serves every attention call of the model: tuned on its most called shape
     jobs = [("attention", max(attns, key=attns.get))] if attns else []
     jobs += [("linear", s) for s in sorted(linears, key=lambda s: -linears[s])]
+    jobs += [("quant", s) for s in sorted(quants, key=lambda s: -quants[s])]
     share = budget / max(1, len(jobs))
     kernels: dict[str, Any] = {}
     linear_times: dict[str, Any] = {}
@@ -297,6 +302,8 @@ def tune(artifact: str | Path, budget: float | None = None, max_tokens: int = PR
         if kind == "attention":  # its share split between the two buckets
             half = started + share * i + share / 2
             kernels["paged_attention"] = tune_attention(shape, half, deadline)
+        elif kind == "quant":
+            kernels.setdefault("quantized_linear", {})[shape.key] = tune_quant(shape, deadline)
         else:
             choices, times = tune_linear(shape, max_tokens, deadline)
             kernels.setdefault("linear", {})[shape.key] = choices
@@ -325,6 +332,7 @@ def format_table(table: dict[str, Any]) -> str:
             rows.append(f"{'linear ' + key:<34}{'M<=' + m:>10}{t['torch_us']:>12.1f}{tuned:>12.1f}"
                         f"{t['torch_us'] / tuned:>8.2f}x  {pick['provider']}"
                         + (f" {_short(pick['config'])}" if pick.get("config") else ""))
+    rows += table_rows(table["kernels"].get("quantized_linear", {}))
     return "\n".join(rows)
 
 

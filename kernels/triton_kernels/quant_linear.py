@@ -6,33 +6,21 @@ weights (ir/ops/quant.py): a GEMV for a few rows and a tensor-core GEMM for more
     w[n, k] = dtype(float32(q[n, k] - z[n, g(k)]) * scales[n, g(k)])   (the reference's)
     y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
 
-bits 4: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high nibble); a tile of
-BLOCK_P bytes covers 2 * BLOCK_P input channels and is read once.
+bits 4: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high nibble).
 
-GEMV (M <= MAX_M, decode steps; as gemv.py, PDL protocol included): a program owns BLOCK_N
-weight rows and BLOCK_M rows of x:
-
-    acc [BLOCK_M, BLOCK_N, BLOCK_P] = 0                       float32
-    (the first packed tile loads before the PDL wait: weights are never written)
-    for p0 in 0, BLOCK_P, ... < K * bits / 8:
-        b = qweight[n0 : n0 + BLOCK_N, p0 : p0 + BLOCK_P]     streamed once (evict first)
-        bits 4: acc += x[:, 2j] * w(b & 15) + x[:, 2j + 1] * w(b >> 4)   (x read at stride 2)
-        bits 8: acc += x[:, j] * w(b)
-    y[m, n] = sum over the last axis of acc
+GEMV (M <= MAX_M, decode steps): quant_gemv.py.
 
 GEMM (more rows): BLOCK_M x BLOCK_N tiles of y looping over K in BLOCK_K steps; each step
 dequantizes its [BLOCK_N, BLOCK_K] weight tile in registers (int4: the two nibble planes
 interleaved back into channel order) and feeds tl.dot in x's dtype (ieee for float32).
 
-A tile finds its scales and zeros (GMODE) as one group for all its channels (per-channel
-scales, or groups at least as wide as the tile: one load per row), as whole groups in channel
-order (groups narrower than the tile: [BLOCK_N, groups] loaded and repeated over each group's
-channels), or per channel (act-order g_idx, uneven groups). The GEMV multiplies x by the float32
-weights (q - z) * s without rounding them to the model's dtype first (the reference rounds them:
-the results differ by that rounding, at most half a unit in the last place of each weight); the
-GEMM rounds them, as its tensor-core product takes the model's dtype.
+A GEMM tile finds its scales and zeros (GMODE, as the GEMV's) as one group for all its
+channels (per-channel scales, or groups at least as wide as the tile: one load per row), as
+whole groups in channel order ([BLOCK_N, groups] loaded and repeated over each group's
+channels), or per channel (act-order g_idx, uneven groups); it rounds the weights to the model's
+dtype as the reference does, since its tensor-core product takes that dtype.
 
-fp8 weights (fp8_linear) run the same two kernels over their bytes: w[n, k] =
+fp8 weights (fp8_linear) run the same kernels over their bytes: w[n, k] =
 dtype(float32(q[n, k]) * scales[n // SN, k // GROUP]) (SN = block_n, GROUP = block_k).
 
 Quantized activations (W8A8 int8, W4A8, fp8): for more than MAX_M rows where scaled_mm.py covers
@@ -46,38 +34,22 @@ routes the others to `torch:` so `kiln inspect` lists them as fallbacks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from kiln.ir.ops.quant import QMAX
 from kiln.ir.ops.quant_linear import ACTS, split_operands
 from kiln.kernels import Launcher
 from kiln.kernels.torch_provider import launcher as torch_launcher
 from kiln.kernels.triton_kernels import pdl, scaled_mm
 from kiln.kernels.triton_kernels.linear import GemmConfig
-from kiln.kernels.triton_kernels.quant_act import quant_codes, quant_values, round_codes, row_scale
+from kiln.kernels.triton_kernels.quant_act import quant_codes, quant_values
+from kiln.kernels.triton_kernels.quant_gemv import MAX_M, QGemvConfig, gmode, qgemv, tuning_key
 
 Tensor = torch.Tensor
-
-MAX_M = 4
-"""The most rows the GEMV serves (more: the GEMM)."""
-ACT_CODES = {"none": 0, "int8": 1, "float8_e4m3fn": 2}
-"""The GEMV's ACT constexpr of each activation quantization."""
-
-
-@dataclass(frozen=True)
-class QGemvConfig:
-    """The GEMV's knobs (block_n: weight rows a program at one row of x, divided among more;
-    block_p: packed bytes per tile)."""
-
-    block_n: int = 8
-    block_p: int = 512
-    num_warps: int = 4
-
 
 GEMM = GemmConfig(block_m=32, block_n=64, block_k=64, num_stages=3)
 """The GEMM's default knobs up to 64 rows (linear.py's GemmConfig; block_k: input channels per
@@ -137,88 +109,6 @@ def _dequant(q, k, k_first, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride
     else:
         v = (q - z).to(tl.float32)
     return v * s
-
-
-@triton.jit
-def _gemv_tile(acc, b, p0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
-               stride_sn, stride_zn, K, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
-               HAS_G: tl.constexpr, GMODE: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, xs,
-               ACT: tl.constexpr):
-    """acc += this tile's x times its weights (b: the packed bytes [BLOCK_N, BLOCK_P]); ACT: x
-    through quant_act's rounding at its rows' scales xs first."""
-    w_dtype = x_ptr.dtype.element_ty
-    if not FP8:
-        b = b.to(tl.int32)
-    x_row = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    if BITS == 4:
-        k_lo = 2 * (p0 + offs_p)
-        w_lo = _dequant(b & 15, k_lo, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
-                        BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
-        w_hi = _dequant(b >> 4, k_lo + 1, 2 * p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
-                        BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
-        ok = m_ok[:, None] & (k_lo < K)[None, :]
-        x_lo = _act(tl.load(x_row + k_lo[None, :], mask=ok, other=0.0).to(tl.float32), xs, ACT, w_dtype)
-        x_hi = _act(tl.load(x_row + k_lo[None, :] + 1, mask=ok, other=0.0).to(tl.float32), xs, ACT, w_dtype)
-        acc += x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
-    else:
-        k = p0 + offs_p
-        w = _dequant(b, k, p0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, stride_sn, stride_zn, K,
-                     BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8)
-        x = tl.load(x_row + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
-        acc += _act(x, xs, ACT, w_dtype)[:, None, :] * w[None, :, :]
-    return acc
-
-
-@triton.jit
-def _act(x, xs, ACT: tl.constexpr, W_DTYPE: tl.constexpr):
-    """x [BLOCK_M, C] (float32) as quant_act rounds it at row scales xs [BLOCK_M, 1] (ACT 1:
-    int8, 2: float8_e4m3fn; 0: x itself)."""
-    if ACT == 0:
-        r = x
-    else:
-        r = (round_codes(tl.math.div_rn(x, xs + tl.zeros_like(x)), ACT == 1) * xs).to(W_DTYPE).to(tl.float32)
-    return r
-
-
-@triton.jit(do_not_specialize=["M"])
-def _qgemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, KP,
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GMODE: tl.constexpr, SN: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr, QMAX_: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, X_BLOCK: tl.constexpr, PDL: tl.constexpr,
-):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, BLOCK_P)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    q_ptrs = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_p[None, :]
-    # The first packed tile streams in while the kernel before this one finishes (see pdl.py).
-    b = tl.load(q_ptrs, mask=n_ok[:, None] & (offs_p < KP)[None, :], other=0, eviction_policy="evict_first")
-    pdl.wait(PDL)
-    xs = 1.0
-    if ACT != 0:  # the rows' quant_act scales (x is a few KB, read from the L2 by every program)
-        offs_x = tl.arange(0, X_BLOCK)
-        amax = tl.zeros([BLOCK_M, X_BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, X_BLOCK):
-            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k0 + offs_x[None, :],
-                        mask=m_ok[:, None] & (offs_x < K - k0)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        xs = row_scale(tl.max(amax, axis=1), QMAX_)[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_P], dtype=tl.float32)
-    acc = _gemv_tile(acc, b, 0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
-                     stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8, xs, ACT)
-    for p0 in range(BLOCK_P, KP, BLOCK_P):
-        b = tl.load(q_ptrs + p0, mask=n_ok[:, None] & (offs_p < KP - p0)[None, :], other=0,
-                    eviction_policy="evict_first")
-        acc = _gemv_tile(acc, b, p0, offs_p, offs_m, m_ok, offs_n, n_ok, x_ptr, stride_xm, s_ptr, z_ptr, g_ptr,
-                         stride_sn, stride_zn, K, BITS, GROUP, HAS_Z, HAS_G, GMODE, SN, FP8, xs, ACT)
-    y = tl.sum(acc, axis=2)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -317,7 +207,10 @@ def _run(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | 
         raise ValueError("quant_linear: x, y, qweight, scales and zeros need a unit stride along their last axis")
     if m == 0:
         return
-    if act != "none" and m > MAX_M:  # the GEMM reads x's rounded values (the GEMV rounds them itself)
+    if m <= MAX_M:
+        qgemv(y, x, qweight, scales, zeros, g_idx, bias, bits, group, sn, fp8, act, gemv)
+        return
+    if act != "none":  # the GEMM reads x's rounded values (the GEMV rounds them itself)
         x = quant_values(x, act)
     common = dict(
         BITS=bits, GROUP=group, HAS_Z=zeros is not None, HAS_G=g_idx is not None, HAS_BIAS=bias is not None, SN=sn,
@@ -326,66 +219,62 @@ def _run(y: Tensor, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | 
     ptrs = (x, qweight, scales, zeros if zeros is not None else qweight, g_idx if g_idx is not None else qweight,
             bias if bias is not None else scales, y, m, n, k, kp,
             x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, y.stride(0))
-    if m <= MAX_M:
-        c = gemv or QGemvConfig()
-        # 1 or MAX_M rows a program: at 2 rows with act-order g_idx, sm_90 builds a wrong kernel
-        block_m = 1 if m == 1 else MAX_M
-        block_n = max(1, c.block_n // block_m)
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-        _qgemv_kernel[grid](
-            *ptrs, **common, GMODE=_gmode(g_idx, group, c.block_p * 8 // bits), ACT=ACT_CODES[act],
-            QMAX_=QMAX.get(act, 1.0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=c.block_p,
-            X_BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=c.num_warps, **pdl.options(x),
-        )
-        return
     c = gemm or (GEMM if m <= 64 else GEMM_LARGE)
     grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
     _qgemm_kernel[grid](
-        *ptrs, **common, GMODE=_gmode(g_idx, group, c.block_k), IEEE=x.dtype == torch.float32,
+        *ptrs, **common, GMODE=gmode(g_idx, group, c.block_k), IEEE=x.dtype == torch.float32,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
         num_warps=c.num_warps, num_stages=c.num_stages, **pdl.options(x),
     )
 
 
-def _gmode(g_idx: Tensor | None, group: int, tile_k: int) -> int:
-    """How a tile of tile_k channels finds its scales: 0 one group, 1 whole groups, 2 per channel."""
-    if g_idx is None and group % tile_k == 0:
-        return 0
-    return 1 if g_idx is None and tile_k % group == 0 and group >= 2 else 2
-
-
-def _launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
-    """The quantized_linear launcher: these kernels where `covers` says, else the reference.
+def make_launchers(table: Mapping[str, Any] | None = None) -> dict[str, Launcher]:
+    """The quantized_linear launcher, its GEMV configured per weight by `table` (tuning.json's
+    "quantized_linear": {tuning_key: {"config": QGemvConfig fields, ...}}; others the default).
     Quantized activations: in the quantized domain on the tensor cores (scaled_mm.py) for more
-    than MAX_M rows where it covers the weights, else x's rounded values (quant_act.py) into
-    the weight-only kernels."""
-    if not covers(attrs):
-        _reference(outs, args, attrs)
-        return
-    x, qweight, scales, zeros, g_idx, bias = split_operands(args, attrs)
-    k, n = x.shape[-1], outs[0].shape[-1]
-    x2 = x.reshape(-1, k) if x.stride(-1) == 1 else x.contiguous().view(-1, k)
-    y = outs[0]
-    y2 = y.view(-1, n) if y.is_contiguous() else torch.empty(y.shape, dtype=y.dtype, device=y.device).view(-1, n)
-    act = attrs["act"]
-    if act != "none" and x2.shape[0] > MAX_M and scaled_mm.covers(attrs, k):
-        codes, sx = quant_codes(x2, act)
-        fp8 = attrs["format"] == "fp8"
-        scaled_mm.scaled_linear(y2, codes, sx, qweight.contiguous(), scales.contiguous(), bias,
-                                attrs["block_n"] if fp8 else 1, attrs["block_k"] if fp8 else k)
-    elif attrs["format"] == "fp8":
-        fp8_linear(y2, x2, qweight.contiguous(), scales.contiguous(), bias, attrs["block_n"], attrs["block_k"],
-                   act=act)
-    else:
-        quant_linear(y2, x2, qweight.contiguous(), scales.contiguous(),
-                     zeros.contiguous() if zeros is not None else None, g_idx, bias, attrs["bits"],
-                     attrs["group_size"], act=act)
-    if y2.data_ptr() != y.data_ptr():
-        y.copy_(y2.view(y.shape))
+    than MAX_M rows where it covers the weights, else x's rounded values into these kernels."""
+    try:
+        configs = {key: QGemvConfig(**(row.get("config") or {})) for key, row in (table or {}).items()}
+    except (AttributeError, TypeError) as e:
+        raise ValueError(f"tuning.json: a quantized_linear entry is malformed ({e})") from e
+
+    def launch(outs: list[Tensor], args: list[Any], attrs: dict[str, Any]) -> None:
+        if not covers(attrs):
+            _reference(outs, args, attrs)
+            return
+        x, qweight, scales, zeros, g_idx, bias = split_operands(args, attrs)
+        k, n = x.shape[-1], outs[0].shape[-1]
+        x2 = x.reshape(-1, k) if x.stride(-1) == 1 else x.contiguous().view(-1, k)
+        y = outs[0]
+        y2 = y.view(-1, n) if y.is_contiguous() else torch.empty(y.shape, dtype=y.dtype, device=y.device).view(-1, n)
+        act = attrs["act"]
+        gemv = configs.get(tuning_key(attrs, k, n)) if configs else None
+        if act != "none" and x2.shape[0] > MAX_M and scaled_mm.covers(attrs, k):
+            codes, sx = quant_codes(x2, act)
+            fp8 = attrs["format"] == "fp8"
+            scaled_mm.scaled_linear(y2, codes, sx, qweight.contiguous(), scales.contiguous(), bias,
+                                    attrs["block_n"] if fp8 else 1, attrs["block_k"] if fp8 else k)
+        elif attrs["format"] == "fp8":
+            fp8_linear(y2, x2, qweight.contiguous(), scales.contiguous(), bias, attrs["block_n"], attrs["block_k"],
+                       gemv=gemv, act=act)
+        else:
+            quant_linear(y2, x2, qweight.contiguous(), scales.contiguous(),
+                         zeros.contiguous() if zeros is not None else None, g_idx, bias, attrs["bits"],
+                         attrs["group_size"], gemv=gemv, act=act)
+        if y2.data_ptr() != y.data_ptr():
+            y.copy_(y2.view(y.shape))
+
+    return {"quantized_linear": launch}
+
+
+def from_tuning(entry: Mapping[str, Any]) -> dict[str, Launcher]:
+    """The launchers that tuning.json's quantized_linear entry configures (`make_launchers`)."""
+    return make_launchers(entry)
 
 
 _reference = torch_launcher("quantized_linear")
 
-LAUNCHERS: dict[str, Launcher] = {"quantized_linear": _launch}
+LAUNCHERS: dict[str, Launcher] = make_launchers()
 
-__all__ = ["GEMM", "GEMM_LARGE", "LAUNCHERS", "MAX_M", "QGemvConfig", "covers", "fp8_linear", "quant_linear"]
+__all__ = ["GEMM", "GEMM_LARGE", "LAUNCHERS", "MAX_M", "QGemvConfig", "covers", "fp8_linear", "from_tuning",
+           "make_launchers", "quant_linear"]

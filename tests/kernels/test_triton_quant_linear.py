@@ -98,6 +98,29 @@ def test_tiles_of_several_groups(bits, group):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_launcher_reads_its_gemv_configs_from_tuning():
+    from kiln.kernels.triton_kernels.quant_gemv import candidates, tuning_key
+    from kiln.kernels.triton_kernels.quant_linear import from_tuning
+
+    bits, group = 4, 32
+    ops = operands(16, 64, bits, group, True, False, torch.float32)
+    attrs = dict(format="int", bits=bits, group_size=group, act="none", dtype="float32", has_zeros=True,
+                 has_g_idx=False, has_bias=True)
+    key = tuning_key(attrs, 64, 16)
+    assert key == "64x16:int4g32z:none"
+    launch = from_tuning({key: {"config": {"block_n": 2, "block_p": 16, "num_warps": 2}}})["quantized_linear"]
+    x = torch.randn(1, 64)
+    args = [x, ops["qweight"], ops["scales"], ops["zeros"], ops["bias"]]
+    y = torch.empty(1, 16)
+    launch([y], args, attrs)
+    torch.testing.assert_close(y, REF(*args, **attrs), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quantized_linear"):
+        from_tuning({key: {"config": {"block_q": 3}}})
+    found = candidates()
+    assert len(found) == len(set(found)) > 10
+    assert all(4 <= c.block_n * c.block_p // (32 * c.num_warps) <= 16 for c in found)
+
+
 def test_the_launcher_takes_the_op_operands_and_leading_axes():
     bits, group = 4, 32
     ops = operands(16, 64, bits, group, True, False, torch.float32)
@@ -214,9 +237,8 @@ def test_the_gemv_launches_inside_a_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 5, 64, 300])
-@pytest.mark.parametrize("block_n,block_k", [(1, None), (128, 128)])
-def test_fp8_weights_in_bfloat16_on_the_gpu(block_n, block_k, m):
-    n, k = 4096, 2048
+@pytest.mark.parametrize("block_n,block_k,n,k", [(1, None, 4096, 2048), (128, 128, 4096, 2048), (128, 128, 64, 96)])
+def test_fp8_weights_in_bfloat16_on_the_gpu(block_n, block_k, n, k, m):
     block_k = block_k or k
     ops = fp8_operands(n, k, block_n, block_k, torch.bfloat16, device="cuda")
     x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)

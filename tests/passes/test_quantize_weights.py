@@ -293,6 +293,19 @@ def test_cuda_target_agrees(artifact, method, dtype):
     assert _greedy(arts["reference"]) == _greedy(arts["cuda"])
 
 
+@pytest.mark.gpu
+def test_kiln_tune_searches_the_quantized_gemv(checkpoint, tmp_path):
+    from kiln.codegen.cuda.tune import tune
+
+    art = kiln.compile(checkpoint("llama"), tmp_path / "int4", target="cuda", dtype="bfloat16", quantize="int4")
+    before = _greedy(art)
+    done = tune(art, budget=20)
+    entries = json.loads((art / "tuning.json").read_text())["kernels"]["quantized_linear"]
+    assert entries and all(e["tuned_us"] <= e["default_us"] and e["tried"] >= 1 for e in entries.values())
+    assert "qlinear" in done["table"]
+    assert _greedy(art) == before
+
+
 def test_cli_int4_calibration_verify(checkpoint, tmp_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text("def add(a, b):\n    return a + b\n" * 40, encoding="utf-8")
