@@ -56,7 +56,7 @@ class QGemvConfig:
     """The GEMV's knobs (block_n: weight rows a program at one row of x, divided among more;
     block_p: packed bytes of a row per tile)."""
 
-    block_n: int = 4
+    block_n: int = 8
     block_p: int = 512
     num_warps: int = 4
 
