@@ -101,7 +101,7 @@ def bench_kiln(art: Path, vocab: int, weight_bytes: int, kv_bytes_per_token: int
     res["ttft_2048_ms"] = 1e3 * statistics.median(ttft[2:])
     if a.profile_dir:
         profile(llm, vocab, Path(a.profile_dir) / a.shape)
-    del llm
+    del gen, llm
     _free()
     if a.offline_requests and a.shape in a.offline:
         res["offline"] = offline_throughput(art, vocab, a.offline_requests, a.offline_max_seqs,

@@ -58,7 +58,7 @@ def bench_format(fmt: str, a, bw: float) -> dict:
     row["decode_b32_tok_s"] = decode_rate(gen, 32, vocab, a.reps)
     row["weight_read_limit_b1_tok_s"] = bw / (row["weight_bytes_read_per_step"] + kv * (PROMPT + DECODE // 2))
     row["b1_fraction_of_limit"] = row["decode_b1_tok_s"] / row["weight_read_limit_b1_tok_s"]
-    del llm
+    del gen, llm
     _free()
     if fmt in a.offline.split(","):
         row["offline"] = offline_throughput(art, vocab, a.offline_requests, 512, 8192)
