@@ -91,6 +91,9 @@ def _cost(kernel: str, outs: list, args: list) -> tuple[int, int]:
     if name.startswith("linear"):
         x, w = args[0], args[1]
         return sum(t.nbytes for t in ts) + out_bytes, 2 * (x.numel() // x.shape[-1]) * w.numel()
+    if name.startswith("quantized_linear"):  # 2 FLOPs a weight a row; the weight's size from x and y
+        x, y = args[0], outs[0]
+        return sum(t.nbytes for t in ts) + out_bytes, 2 * (x.numel() // x.shape[-1]) * x.shape[-1] * y.shape[-1]
     return sum(t.nbytes for t in ts) + out_bytes, sum(t.numel() for t in outs)
 
 
