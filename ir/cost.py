@@ -18,7 +18,7 @@ from kiln.ir.dims import evaluate
 from kiln.ir.graph import SOURCE_OPS, Graph, Node
 from kiln.ir.ops import get_op
 
-NOMINAL: dict[str, int] = {"T": 512, "S": 1, "R": 1, "NB": 32, "BS": 16, "MB": 32}
+NOMINAL: dict[str, int] = {"T": 512, "S": 1, "R": 1, "NB": 32, "BS": 16, "MB": 32, "NL": 4}
 """Symbol values of the nominal step."""
 CONTEXT = 512
 """Keys each query of the nominal step attends to."""
@@ -40,6 +40,9 @@ def node_flops(n: Node, b: Mapping[str, int] = NOMINAL) -> int:
     if n.op == "expert_linear":
         x, w = ins[0], ins[1]
         return 2 * x.numel(b) * evaluate(w.shape[-2], b)
+    if n.op == "lora":  # shrink x [T, K] to rank R, expand to N: per token R * (K + N) multiply-adds
+        _, rank, k = (evaluate(d, b) for d in ins[1].shape)
+        return 2 * evaluate(ins[0].shape[0], b) * rank * (k + evaluate(n.type.shape[-1], b))
     if n.op == "matmul":
         k = evaluate(ins[0].shape[-1], b)
         return 2 * n.type.numel(b) * k

@@ -4,6 +4,7 @@ from kiln.ir.ops import (  # noqa: F401  (registration)
     attention,
     elementwise,
     kernels,
+    lora,
     nn,
     quant,
     quant_linear,
