@@ -5,11 +5,14 @@ model runner fills them; all read names, dtypes, shapes and padding rules from h
 
 Symbols: T tokens of the step (prefill chunks and decodes concatenated), S sequences, R sampled
 rows, NB cache blocks, BS tokens per block, MB blocks per block-table row (fixed per engine:
-enough blocks for the longest sequence the engine admits, so the table keeps one width).
+enough blocks for the longest sequence the engine admits, so the table keeps one width), NL
+LoRA adapter slots (graphs compiled with LoRA: `lora.<module>.a` / `.b` slot stacks, engine-owned
+like the KV caches, and `lora_index`, each token's slot).
 
 Padding (a decode step of B sequences runs as a bucketed B' >= B so its shapes repeat):
 
-    token rows  B..B'-1: input_ids 0, position_ids 0, slot_mapping -1 (written to no slot)
+    token rows  B..B'-1: input_ids 0, position_ids 0, slot_mapping -1 (written to no slot),
+                         lora_index -1 (no adapter)
     sequences   B..B'-1: seq_lens and total_lens 0, cu_seqlens repeats its last value (no query rows),
                          block_tables row all 0
     logits_indices: a padded decode step lists B' rows (padded ones 0) so one graph serves the bucket;
@@ -55,9 +58,12 @@ SEQ_LENS = StepInput("seq_lens", "int32", ("S",), 0, "each sequence's length inc
 TOTAL_LENS = StepInput("total_lens", "int32", ("S",), 0,
                        "each sequence's whole length so far, tokens of later chunks included (longrope)")
 
+LORA_INDEX = StepInput("lora_index", "int32", ("T",), -1,
+                       "each token's LoRA adapter slot; -1: the base model (graphs compiled with LoRA)")
+
 STEP_INPUTS: dict[str, StepInput] = {
     i.name: i for i in (INPUT_IDS, POSITION_IDS, CU_SEQLENS, LOGITS_INDICES, SLOT_MAPPING, BLOCK_TABLES, SEQ_LENS,
-                        TOTAL_LENS)
+                        TOTAL_LENS, LORA_INDEX)
 }
 """Every per-step input except the KV caches, by name."""
 
@@ -73,6 +79,31 @@ CACHE_SHAPE = ("NB", "BS")
 
 HOST_INTS = ("max_seq_len", "max_query_len")
 """Integers the runtime knows on the host each step (kernels size their grids with them)."""
+
+
+LORA_SLOTS = "NL"
+"""The symbol of the adapter slot count: the engine's max_loras."""
+LORA_PREFIX = "lora."
+
+
+def lora_input_names(key: str) -> tuple[str, str]:
+    """The graph inputs of a LoRA-targeted linear's slot stacks: A [NL, R, K] and B [NL, N, R]."""
+    return f"{LORA_PREFIX}{key}.a", f"{LORA_PREFIX}{key}.b"
+
+
+def is_lora_input(name: str) -> bool:
+    """Whether a graph input is a LoRA slot stack (engine-owned, filled in place per adapter)."""
+    return name.startswith(LORA_PREFIX)
+
+
+def base_lora_inputs(names: Collection[str], types: Mapping[str, TensorType], tokens: int) -> dict[str, torch.Tensor]:
+    """The LoRA inputs among `names` for a step of the base model alone (the debug forward and
+    --verify): every token at slot -1, one zero slot per stack."""
+    out = {n: torch.zeros([1, *(int(d) for d in t.shape[1:])], dtype=torch_dtype(t.dtype))
+           for n, t in types.items() if is_lora_input(n) and n in names}
+    if LORA_INDEX.name in names:
+        out[LORA_INDEX.name] = torch.full((tokens,), LORA_INDEX.pad, dtype=torch_dtype(LORA_INDEX.dtype))
+    return out
 
 
 def k_cache_name(layer: int) -> str:

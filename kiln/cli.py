@@ -33,6 +33,11 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
                    help="UTF-8 text for int4's activation-aware scales (AWQ); without it int4 rounds to nearest")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize the LM head too (by default it stays in --dtype)")
+    p.add_argument("--max-lora-rank", type=int, default=None, metavar="R",
+                   help="serve LoRA adapters of rank <= R (PEFT format, loaded at run time into slots)")
+    p.add_argument("--lora-targets", default=None, metavar="M,M,...",
+                   help="modules LoRA adapters may target (default: q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                   "up_proj,down_proj); needs --max-lora-rank")
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -41,7 +46,8 @@ def _compile(args: argparse.Namespace) -> int:
     out = kiln.compile(args.model_dir, args.output, target=args.target, dtype=args.dtype, passes=args.passes,
                        dump_ir=args.dump_ir, verify_passes=args.verify, overwrite=args.force,
                        quantize=args.quantize, calibration=args.calibration,
-                       quantize_lm_head=args.quantize_lm_head)
+                       quantize_lm_head=args.quantize_lm_head, max_lora_rank=args.max_lora_rank,
+                       lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
     print(f"wrote {out}")
     return 0
 

@@ -6,6 +6,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from kiln.ir.verifier import verify
 from kiln.models.gguf import GGUFModel
 from kiln.models.quantized import load_quantized
 from kiln.passes import PassManager, get_pass, resolve_pipeline
+from kiln.passes.lora import META as LORA_META
+from kiln.passes.lora import Lora, lora_pass, with_lora_pass
 from kiln.runtime.artifact import TOKENIZER_DIR, sha256_file
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ def compile(
     quantize: str | None = None,
     calibration: str | Path | None = None,
     quantize_lm_head: bool = False,
+    max_lora_rank: int | None = None,
+    lora_targets: Sequence[str] | None = None,
 ) -> Path:
     """Compile a Hugging Face checkpoint directory (or a GGUF file) into an artifact directory.
 
@@ -58,6 +63,9 @@ def compile(
     the linear layers (the quantize-weights pass, before the target's fusions); `calibration`, a
     UTF-8 text file, gives int4 AWQ's activation-aware scales (kiln.compile_quantize);
     `quantize_lm_head` quantizes the LM head too (it stays in `dtype` by default).
+    `max_lora_rank` adds the lora pass (kiln.passes.lora): the artifact then serves PEFT LoRA
+    adapters of rank <= max_lora_rank on the modules `lora_targets` names (default: the
+    attention and MLP projections), loaded at run time (`LLM(..., enable_lora=True)`).
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype '{dtype}' is not supported; accepted: {', '.join(MODEL_DTYPES)}")
@@ -72,13 +80,19 @@ def compile(
     elif "quantize-weights" in names:
         raise ValueError("the quantize-weights pass comes with --quantize int8|fp8|int4 (quantize= in kiln.compile), "
                          "which places it before the fusions; do not name it in --passes")
+    lora = lora_pass(max_lora_rank, lora_targets)
+    if lora is not None:
+        names = with_lora_pass(names)
+    elif "lora" in names:
+        raise ValueError("the lora pass comes with --max-lora-rank (max_lora_rank= in kiln.compile); do not name it "
+                         "in --passes")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=".kiln-gguf-") as gguf_dir:
         # A file can only be a GGUF checkpoint (GGUFModel says so when it is not one).
         ckpt = open_gguf(model_dir, gguf_dir) if Path(model_dir).is_file() else load_checkpoint(model_dir)
         if request is not None:
             check_not_quantized(ckpt)
-        return _compile(ckpt, model_dir, out, target, dtype, names, dump_ir, verify_passes, started, request)
+        return _compile(ckpt, model_dir, out, target, dtype, names, dump_ir, verify_passes, started, request, lora)
 
 
 @dataclass
@@ -107,15 +121,17 @@ def open_gguf(path: str | Path, work_dir: str | Path) -> Checkpoint:
 
 
 def _compile(ckpt: Checkpoint, model_dir, out: Path, target: str, dtype: str, names: list[str],
-             dump_ir, verify_passes: bool, started: float, request: QuantizeRequest | None = None) -> Path:
+             dump_ir, verify_passes: bool, started: float, request: QuantizeRequest | None = None,
+             lora: Lora | None = None) -> Path:
     lower = get_lowering(target)
     stages = tqdm(total=4, desc="compile: trace", unit="stage", leave=False, disable=None)
     imported = load_quantized(import_model(ckpt, torch_dtype(dtype)))
     stages.update()
     stages.set_description("compile: passes")
     quantizer = quantize_pass(request, imported, ckpt) if request is not None else None
+    chosen = {"quantize-weights": quantizer, "lora": lora}
     pm = PassManager(
-        [quantizer if n == "quantize-weights" and quantizer else get_pass(n) for n in names],
+        [chosen.get(n) or get_pass(n) for n in names],
         dump_dir=Path(dump_ir) if dump_ir else None,
         check_numerics=verify_passes,
         weights=imported.weights,
@@ -148,6 +164,7 @@ def _compile(ckpt: Checkpoint, model_dir, out: Path, target: str, dtype: str, na
         "pipeline": names,
         "passes": pm.report,
         **({"quantization": quantization_record(graph, request)} if request is not None else {}),
+        **({"lora": graph.meta[LORA_META]} if LORA_META in graph.meta else {}),
         "compile_seconds": None,
     }
     staging = Path(tempfile.mkdtemp(prefix=".kiln-", dir=out.parent if out.parent.exists() else None))

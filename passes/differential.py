@@ -11,11 +11,13 @@ from kiln.ir.step_inputs import (
     CU_SEQLENS,
     INPUT_IDS,
     LOGITS_INDICES,
+    LORA_INDEX,
     POSITION_IDS,
     is_cache_input,
+    is_lora_input,
     whole_sequence_inputs,
 )
-from kiln.ir.types import FLOAT_DTYPES
+from kiln.ir.types import FLOAT_DTYPES, torch_dtype
 
 # Max |a - b| relative to max |reference| per compute dtype: float32 reorderings (a merged
 # GEMM sums in another order) stay far below 1e-4; half precisions round each op.
@@ -52,6 +54,28 @@ def _inputs_for(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+LORA_SLOTS = 2
+"""Adapter slots of --verify's LoRA stacks."""
+
+
+def lora_batch(before: Graph, after: Graph, tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random LoRA slot stacks for `after`'s LoRA inputs and each token's slot: random (some
+    tokens -1) when `before` reads LoRA too, else -1 everywhere (the lora pass itself adds
+    nothing for the base model)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for n in after.inputs:
+        if is_lora_input(n.name):
+            shape = [LORA_SLOTS, *(int(d) for d in n.type.shape[1:])]
+            out[n.name] = (torch.randn(shape, generator=g) * 0.1).to(torch_dtype(n.type.dtype))
+    if LORA_INDEX.name in {n.name for n in before.inputs}:
+        index = torch.randint(-1, LORA_SLOTS, (tokens,), generator=g)
+    else:
+        index = torch.full((tokens,), LORA_INDEX.pad)
+    out[LORA_INDEX.name] = index.to(torch_dtype(LORA_INDEX.dtype))
+    return out
+
+
 def _comparable(before: Graph, after: Graph, x: torch.Tensor, y: torch.Tensor,
                 batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The two outputs in one shape: flattened alike, or, where only `after` projects the
@@ -69,6 +93,7 @@ def _comparable(before: Graph, after: Graph, x: torch.Tensor, y: torch.Tensor,
 def check_equivalent(name: str, before: Graph, after: Graph, weights: WeightFn, seed: int = 0) -> float:
     """Max relative error between the two graphs on one random batch; VerifyError past tolerance."""
     batch = sample_batch(int(before.meta.get("vocab_size", 2)), seed)
+    batch |= lora_batch(before, after, batch[INPUT_IDS.name].shape[0], seed)
     with torch.no_grad():
         a = run_graph(before, _inputs_for(before, batch), weights)
         b = run_graph(after, _inputs_for(after, batch), weights)

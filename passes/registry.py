@@ -27,6 +27,7 @@ PASSES: dict[str, str] = {
     "weight-panels": "kiln.passes.weight_panels:WeightPanels",
     "quantize-weights": "kiln.passes.quantize_weights:QuantizeWeights",
     "quantized-linear": "kiln.passes.quantized_linear:QuantizedLinear",
+    "lora": "kiln.passes.lora:Lora",
 }
 
 # The kernel op set (kiln.ir.ops.kernels): each pass turns one traced pattern into kernel-set ops.

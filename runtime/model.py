@@ -13,6 +13,7 @@ from kiln.ir.step_inputs import (
     INPUT_IDS,
     LOGITS_INDICES,
     POSITION_IDS,
+    base_lora_inputs,
     is_cache_input,
     whole_sequence_inputs,
 )
@@ -94,7 +95,8 @@ class CompiledModel:
     ) -> torch.Tensor:
         """Logits [T, V] (or [len(logits_indices), V]) for one flattened batch: input_ids and
         position_ids are 1-D LongTensors of T tokens, the sequences concatenated; seq_lens their
-        lengths. Each sequence attends only to itself, causally. The logits are a copy (the
+        lengths. Each sequence attends only to itself, causally (and runs the base model where
+        the artifact serves LoRA adapters). The logits are a copy (the
         executor's outputs live in its arena)."""
         input_ids, position_ids = _tokens("input_ids", input_ids), _tokens("position_ids", position_ids)
         lens = torch.as_tensor(seq_lens, dtype=torch.int64).reshape(-1)
@@ -108,7 +110,8 @@ class CompiledModel:
         # Whole sequences; a throwaway paged cache holding just this batch.
         inputs = {INPUT_IDS.name: input_ids, POSITION_IDS.name: position_ids,
                   **whole_sequence_inputs(lens.tolist(), self.plan.inputs, self.cache_types,
-                                          self.block_size or DEFAULT_BLOCK_SIZE)}
+                                          self.block_size or DEFAULT_BLOCK_SIZE),
+                  **base_lora_inputs(self.plan.inputs, self.executor.input_types, total)}
         if LOGITS_INDICES.name in self.plan.inputs:
             inputs[LOGITS_INDICES.name] = (
                 torch.arange(total) if logits_indices is None else logits_indices.to(torch.int64)

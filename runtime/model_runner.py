@@ -30,6 +30,7 @@ from kiln.ir.step_inputs import (
     HOST_INTS,
     INPUT_IDS,
     LOGITS_INDICES,
+    LORA_INDEX,
     POSITION_IDS,
     SEQ_LENS,
     SLOT_MAPPING,
@@ -87,7 +88,7 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         rows = {INPUT_IDS: self.max_tokens, POSITION_IDS: self.max_tokens, SLOT_MAPPING: self.max_tokens,
                 CU_SEQLENS: self.max_seqs + 1, SEQ_LENS: self.max_seqs, TOTAL_LENS: self.max_seqs,
-                LOGITS_INDICES: self.max_seqs}
+                LOGITS_INDICES: self.max_seqs, LORA_INDEX: self.max_tokens}
         self._host = {i.name: torch.zeros(n, dtype=torch_dtype(i.dtype), pin_memory=pin) for i, n in rows.items()}
         self._host[BLOCK_TABLES.name] = torch.zeros(self.max_seqs, self.width, dtype=torch_dtype(BLOCK_TABLES.dtype),
                                                     pin_memory=pin)
@@ -151,6 +152,7 @@ class ModelRunner:
         ids: list[int] = []
         starts: list[int] = []
         rows: list[int] = []
+        lora_slots: list[int] = []
         logits_rows: list[int] = []
         sampled: list[Request] = []
         end = 0
@@ -167,6 +169,7 @@ class ModelRunner:
             starts.append(start)
             totals.append(len(tokens))
             rows.append(self._row(req))
+            lora_slots.append(req.lora_slot)
             end += n
             if start + n == len(tokens):
                 logits_rows.append(end - 1)
@@ -192,6 +195,7 @@ class ModelRunner:
         blocks = self._req_np[row[seq_of], pos // self.block_size]  # [T]
         h[SLOT_MAPPING.name][:num_tokens] = blocks * self.block_size + pos % self.block_size
         h[INPUT_IDS.name][:num_tokens] = ids
+        h[LORA_INDEX.name][:num_tokens] = np.repeat(np.array(lora_slots), n_new)  # each token its request's slot
         lens = h[SEQ_LENS.name]  # [S_max]
         lens[:num_seqs] = start + n_new
         h[BLOCK_TABLES.name][:num_seqs] = self._req_np[row]
@@ -199,7 +203,7 @@ class ModelRunner:
         if padded_seqs > num_seqs:  # a padded decode step samples its padded rows too (one graph per bucket)
             logits_rows += [LOGITS_INDICES.pad] * (padded_seqs - num_seqs)
         h[LOGITS_INDICES.name][: len(logits_rows)] = logits_rows
-        for name in (INPUT_IDS, POSITION_IDS, SLOT_MAPPING):
+        for name in (INPUT_IDS, POSITION_IDS, SLOT_MAPPING, LORA_INDEX):
             h[name.name][num_tokens:padded_tokens] = name.pad
         lens[num_seqs:padded_seqs] = SEQ_LENS.pad
         total = h[TOTAL_LENS.name]  # [S_max]
@@ -207,6 +211,7 @@ class ModelRunner:
         total[num_seqs:padded_seqs] = TOTAL_LENS.pad
 
         sizes = {INPUT_IDS.name: padded_tokens, POSITION_IDS.name: padded_tokens, SLOT_MAPPING.name: padded_tokens,
+                 LORA_INDEX.name: padded_tokens,
                  CU_SEQLENS.name: padded_seqs + 1, SEQ_LENS.name: padded_seqs, TOTAL_LENS.name: padded_seqs,
                  BLOCK_TABLES.name: padded_seqs,
                  LOGITS_INDICES.name: len(logits_rows)}
@@ -233,7 +238,8 @@ class ModelRunner:
         placeholder step (one token each at position 0, written to no slot): what a CUDA graph
         of that bucket is captured with; real steps of the bucket reuse the same buffers."""
         h = self._np
-        for name, value in ((INPUT_IDS, 0), (POSITION_IDS, 0), (SLOT_MAPPING, -1), (SEQ_LENS, 1), (TOTAL_LENS, 1)):
+        for name, value in ((INPUT_IDS, 0), (POSITION_IDS, 0), (SLOT_MAPPING, -1), (SEQ_LENS, 1), (TOTAL_LENS, 1),
+                            (LORA_INDEX, LORA_INDEX.pad)):
             h[name.name][:num_seqs] = value
         h[CU_SEQLENS.name][: num_seqs + 1] = np.arange(num_seqs + 1)
         h[LOGITS_INDICES.name][:num_seqs] = np.arange(num_seqs)

@@ -39,7 +39,7 @@ from typing import Any
 
 from kiln.errors import ArtifactError
 from kiln.ir.ops import OPS
-from kiln.ir.step_inputs import STEP_INPUTS, is_cache_input
+from kiln.ir.step_inputs import STEP_INPUTS, is_cache_input, is_lora_input
 from kiln.ir.types import DTYPES, TensorType
 
 PLAN_FORMAT = 2
@@ -236,10 +236,11 @@ def load_plan(artifact: Any) -> ExecutionPlan:
         plan = ExecutionPlan.from_dict(data)
         validate(plan)
         for i, b in enumerate(plan.buffers):
-            if b.kind == "input" and b.name not in STEP_INPUTS and not is_cache_input(b.name):
+            if b.kind == "input" and b.name not in STEP_INPUTS and not is_cache_input(b.name) \
+                    and not is_lora_input(b.name):
                 raise ArtifactError(
                     f"buffer {i} is input '{b.name}', which the runtime does not provide (it provides "
-                    f"{', '.join(STEP_INPUTS)} and k_cache.N / v_cache.N)"
+                    f"{', '.join(STEP_INPUTS)}, k_cache.N / v_cache.N and lora.* slot stacks)"
                 )
     except ArtifactError as e:
         raise ArtifactError(f"'{path}' is invalid: {e}; recompile the artifact") from None

@@ -34,6 +34,9 @@ class Request:
     group_id: str = ""
     """The id the caller gave; requests of one prompt share it."""
     adapter_id: int | None = None
+    """The LoRA adapter (LoRARequest.lora_int_id) it runs with; None: the base model."""
+    lora_slot: int = -1
+    """The adapter slot the engine holds for it while it runs (-1: the base model)."""
     long_rope: bool = False
     """Computed with a longrope model's long factors (set once it is longer than the switch)."""
     arrival_time: float = field(default_factory=time.monotonic)
