@@ -16,6 +16,7 @@ _LAZY = {
     "RequestOutput": "kiln.runtime.outputs",
     "CompletionOutput": "kiln.runtime.outputs",
     "LLMEngine": "kiln.runtime.engine",
+    "LoRARequest": "kiln.runtime.lora",
 }
 __all__ = ["compile", "load_artifact", *_LAZY]
 

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-from kiln.ir.step_inputs import DEFAULT_BLOCK_SIZE, LOGITS_INDICES, token_buckets
+from kiln.ir.step_inputs import DEFAULT_BLOCK_SIZE, LOGITS_INDICES, LORA_SLOTS, token_buckets
 from kiln.ir.types import torch_dtype
 from kiln.runtime.artifact import read_manifest
 from kiln.runtime.block_pool import BlockPool
 from kiln.runtime.cuda_graphs import GraphedExecutor
 from kiln.runtime.detokenizer import IncrementalDetokenizer
 from kiln.runtime.kv_cache_manager import KVCacheManager
+from kiln.runtime.lora import LoRARequest
+from kiln.runtime.lora_slots import open_slots, register
 from kiln.runtime.model import CompiledModel
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import CompletionOutput, OutputAccumulator, RequestOutput
@@ -106,6 +108,7 @@ class LLMEngine:
         enforce_eager: bool = False,
         async_scheduling: bool | None = None,
         threads: int | None = None,
+        enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,  # kiln.runtime.lora_slots
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -156,17 +159,19 @@ class LLMEngine:
         self.pool = BlockPool(num_kv_blocks, enable_caching=enable_prefix_caching)
         # With sliding windows only, blocks behind every layer's window are released as it moves.
         self.kv = KVCacheManager(self.pool, block_size, window=self.model.plan.attention_window)
-        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs)
+        self.lora, self.lora_stacks = open_slots(self.model, enable_lora, max_loras, max_lora_rank, self.device)
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs,
+                                   admit=self.lora.admit if self.lora is not None else None)
         self.runner = ModelRunner(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len, self.device)
         # The largest step there can be: the executor's arena is laid out for it now, once.
         self.model.executor.reserve({
             "T": max_num_batched_tokens, "S": max_num_seqs, "R": max_num_seqs, "NB": num_kv_blocks,
-            "BS": block_size, "MB": self.runner.width,
+            "BS": block_size, "MB": self.runner.width, LORA_SLOTS: max_loras,
         })
         self.graphs = GraphedExecutor(self.model.executor)
         if self.device.type == "cuda" and not enforce_eager:  # decode buckets as CUDA graphs
             sizes = [b for b in token_buckets(max_num_seqs) if b <= max_num_batched_tokens]
-            self.graphs.capture(sizes, lambda b: {**self.runner.decode_inputs(b), **self.kv_caches})
+            self.graphs.capture(sizes, lambda b: {**self.runner.decode_inputs(b), **self.kv_caches, **self.lora_stacks})
         self.sampler = Sampler()
         self.groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}
@@ -202,9 +207,11 @@ class LLMEngine:
             )
         return text, ids
 
-    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None) -> str:
-        """Queue a prompt; returns its request id. ValueError for a prompt that cannot run."""
+    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> str:
+        """Queue a prompt (lora_request None: the base model); its id. ValueError if it cannot run."""
         params = params or SamplingParams()
+        adapter_id = register(self.lora, lora_request)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id '{request_id}' is already in use")
@@ -215,7 +222,8 @@ class LLMEngine:
             if params.n > 1 and params.seed is not None:
                 child_params = dataclasses.replace(params, seed=params.seed + i)
             req = Request(f"{request_id}#{i}", ids, child_params, prompt=text, index=i, group_id=request_id,
-                          long_rope=self.long_rope_after is not None and len(ids) > self.long_rope_after)
+                          long_rope=self.long_rope_after is not None and len(ids) > self.long_rope_after,
+                          adapter_id=adapter_id)
             self._track[req.request_id] = _Track(
                 SamplingState(child_params, req.prompt_token_ids, eos_token_ids=self.tokenizer.eos_token_ids),
                 IncrementalDetokenizer(self.tokenizer, ids, child_params),
@@ -258,6 +266,8 @@ class LLMEngine:
             req.num_pending = 0
         self.scheduler.finish(req, reason)
         self.runner.release(req)
+        if req.lora_slot >= 0:
+            self.lora.release(req)
         self.sampler.release(self._track[req.request_id].state)
         req.stop_reason = stop_reason
         self.finish_counts[reason] += 1
@@ -291,7 +301,7 @@ class LLMEngine:
         prev = self._inflight
         batch = self.runner.prepare(step, *((prev.sample.tokens, prev.rows) if prev is not None else ()))
         sampled = batch.sampled
-        inputs = {**batch.inputs, **self.kv_caches}
+        inputs = {**batch.inputs, **self.kv_caches, **self.lora_stacks}
         try:
             logits = self.graphs.run(inputs)[0]
             if LOGITS_INDICES.name not in self.model.plan.inputs:  # compiled without last-token-logits

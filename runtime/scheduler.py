@@ -17,6 +17,7 @@ in-flight token is surely its last (max_tokens) is left out, not given a row it 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kiln.runtime.kv_cache_manager import KVCacheManager
@@ -37,7 +38,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 admit: Callable[[Request], bool] | None = None):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self.kv = kv
@@ -46,6 +48,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.admit = admit
+        """Asked before a waiting request starts (the LoRA slots: False while its adapter can
+        have none); the queue waits behind a request it refuses. None admits every request."""
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -123,6 +128,8 @@ class Scheduler:
         # Waiting requests, oldest first, while blocks and sequence slots last.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
+            if self.admit is not None and not self.admit(req):
+                break
             prefix = self.kv.computed_prefix(req)
             computed = len(prefix) * self.kv.block_size
             n = min(req.num_tokens - computed, budget, chunk)
