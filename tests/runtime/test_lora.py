@@ -5,6 +5,7 @@ and reloaded when slots run out; adapters or engines that do not fit are refused
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+import kiln
 from kiln import LLM, LoRARequest, SamplingParams
 from kiln.models.checkpoint import load_reference_model
+from kiln.runtime.request import Request
 
 ADAPTERS = {  # name: (r, lora_alpha, use_rslora, target_modules)
     "r4": (4, 8, False, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
@@ -123,3 +126,32 @@ def test_errors(artifact, adapters, expected, tmp_path):
     assert got[0].outputs[0].token_ids == expected["r8-qv", 0]
     with pytest.raises(ValueError, match="lora_requests for"):
         llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 2, p, lora_request=[None], use_tqdm=False)
+
+
+def test_slots_evict_least_recent_idle_adapter_in_place(artifact, adapters):
+    llm = LLM(artifact("llama", max_lora_rank=16), enable_lora=True, max_loras=2, max_lora_rank=16)
+    slots = llm.engine.lora
+    ptrs = {n: t.data_ptr() for n, t in slots.stacks.items()}
+    for a in adapters.values():
+        slots.register(a)
+    r1, r2, r3, r1b = (Request(str(i), [1], SamplingParams(), adapter_id=a) for i, a in enumerate((1, 2, 3, 1)))
+    assert slots.admit(r1) and slots.admit(r2) and slots.admit(r1b) and not slots.admit(r3)  # both slots in use
+    slots.release(r1)
+    assert not slots.admit(r3)  # adapter 1 still runs r1b
+    slots.release(r2)
+    assert slots.admit(r3) and r3.lora_slot == 1 and slots.held == [1, 3]
+    assert {n: t.data_ptr() for n, t in slots.stacks.items()} == ptrs  # filled in place: CUDA graphs stay valid
+    with pytest.raises(ValueError, match="needs another id"):
+        slots.register(LoRARequest("other", 1, adapters["r8-qv"].lora_path))
+
+
+def test_quantized_base(checkpoint, adapters, tmp_path):
+    """int8 weights: the lora add sits beside each quantized_linear; --verify runs random
+    adapters through the passes after lora; adapters change the tokens."""
+    art = kiln.compile(checkpoint("llama"), tmp_path / "int8", quantize="int8", max_lora_rank=16, verify_passes=True)
+    graph = json.loads((art / "graph.json").read_text())
+    ops = [n.get("op") for n in graph["nodes"]]
+    assert ops.count("lora") == 8 and "quantized_linear" in ops
+    llm = LLM(art, enable_lora=True, max_loras=4, max_lora_rank=16)
+    got = _run(llm, adapters, [None, *adapters])
+    assert all(got[name, 0] != got[None, 0] for name in adapters)
