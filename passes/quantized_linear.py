@@ -10,7 +10,7 @@ from kiln.ir.graph import Graph, Node
 from kiln.passes.base import Pass, make, weight_only
 from kiln.passes.patterns import substitute_matches
 
-DEQUANT = ("dequant_int", "dequant_fp8")
+DEQUANT = ("dequant_int", "dequant_int_offset", "dequant_fp8")
 
 
 @dataclass(frozen=True)
@@ -20,32 +20,38 @@ class _Packed:
     qweight: Node
     scales: Node
     zeros: Node | None
+    offsets: Node | None
     g_idx: Node | None
     attrs: dict
     """format, dtype and bits / group_size (int) or block_n / block_k (fp8)."""
 
 
 def _packed(w: Node) -> _Packed | None:
-    """The packed weight behind w = dequant_int | dequant_fp8(params ...), else None."""
+    """The packed weight behind w = dequant_int | dequant_int_offset | dequant_fp8(params ...),
+    else None."""
     if w.op not in DEQUANT or not weight_only(w):
         return None
     if w.op == "dequant_fp8":
         a = {"format": "fp8", "block_n": w.attrs["block_n"], "block_k": w.attrs["block_k"], "dtype": w.attrs["dtype"]}
-        return _Packed(w.inputs[0], w.inputs[1], None, None, a)
+        return _Packed(w.inputs[0], w.inputs[1], None, None, None, a)
+    a = {"format": "int", "bits": w.attrs["bits"], "group_size": w.attrs["group_size"], "dtype": w.attrs["dtype"]}
+    if w.op == "dequant_int_offset":
+        return _Packed(w.inputs[0], w.inputs[1], None, w.inputs[2], None, a)
     zeros = next((t for t in w.inputs[2:] if t.type.rank == 2), None)
     g_idx = next((t for t in w.inputs[2:] if t.type.rank == 1), None)
-    a = {"format": "int", "bits": w.attrs["bits"], "group_size": w.attrs["group_size"], "dtype": w.attrs["dtype"]}
-    return _Packed(w.inputs[0], w.inputs[1], zeros, g_idx, a)
+    return _Packed(w.inputs[0], w.inputs[1], zeros, None, g_idx, a)
 
 
 def _merged(parts: list[_Packed]) -> _Packed | None:
     """One packed weight for the row-concatenation of `parts` (merge-projections' cat), when the
-    canonical layout allows: rows of qweight, scales and zeros concatenate when every part has
-    the same format and attributes, the same operands present, one g_idx node (or none), and
-    (fp8) every part but the last a whole number of scale blocks of rows. None otherwise."""
+    canonical layout allows: rows of qweight, scales, zeros and offsets concatenate when every
+    part has the same format and attributes, the same operands present, one g_idx node (or
+    none), and (fp8) every part but the last a whole number of scale blocks of rows. None
+    otherwise."""
     first = parts[0]
     if any(p.attrs != first.attrs or (p.zeros is None) != (first.zeros is None) or p.g_idx is not first.g_idx
-           or p.scales.type.dtype != first.scales.type.dtype for p in parts):
+           or (p.offsets is None) != (first.offsets is None) or p.scales.type.dtype != first.scales.type.dtype
+           or p.offsets is not None and p.offsets.type.dtype != first.offsets.type.dtype for p in parts):
         return None
     if first.attrs["format"] == "fp8" and any(
             not isinstance(p.qweight.type.shape[0], int) or p.qweight.type.shape[0] % first.attrs["block_n"]
@@ -56,12 +62,16 @@ def _merged(parts: list[_Packed]) -> _Packed | None:
         return make("cat", nodes, dim=0)
 
     zeros = rows([p.zeros for p in parts]) if first.zeros is not None else None
-    return _Packed(rows([p.qweight for p in parts]), rows([p.scales for p in parts]), zeros, first.g_idx, first.attrs)
+    offsets = rows([p.offsets for p in parts]) if first.offsets is not None else None
+    return _Packed(rows([p.qweight for p in parts]), rows([p.scales for p in parts]), zeros, offsets, first.g_idx,
+                   first.attrs)
 
 
 def _quantized(x: Node, act: str, p: _Packed, bias: Node | None) -> Node:
-    ins = [x, p.qweight, p.scales, *(t for t in (p.zeros, p.g_idx, bias) if t is not None)]
+    ins = [x, p.qweight, p.scales, *(t for t in (p.zeros, p.offsets, p.g_idx, bias) if t is not None)]
     attrs = {k: v for k, v in p.attrs.items() if k != "dtype"}
+    if p.offsets is not None:
+        attrs["has_offsets"] = True  # absent (False) otherwise: the graphs from before offsets stay as they were
     return make("quantized_linear", ins, **attrs, act=act, dtype=p.attrs["dtype"], has_zeros=p.zeros is not None,
                 has_g_idx=p.g_idx is not None, has_bias=bias is not None)
 
@@ -110,13 +120,15 @@ def _match(n: Node) -> tuple[Node, Node] | None:
 @dataclass(frozen=True)
 class QuantizedLinear(Pass):
     """Matches: linear(x, W[, b]) and linear(quant_act(x), W[, b]) with an out_in weight W that
-    is dequant_int(qweight, scales[, zeros][, g_idx]) or dequant_fp8(qweight, scales) of params,
-    or merge-projections' cat (dim 0) of such weights (merged QKV, gate/up).
-    Emits: quantized_linear(x, qweight, scales[, zeros][, g_idx][, b]) {format, act, dtype,
-    has_zeros, has_g_idx, has_bias, bits + group_size | block_n + block_k}; for a merged weight,
-    one quantized_linear over the row-concatenated qweight, scales and zeros (folded into new
-    params at compile time) when its parts share format, attributes and g_idx (and, fp8, whole
-    scale blocks of rows), else a cat along the last axis of one product per part, each on its
+    is dequant_int(qweight, scales[, zeros][, g_idx]), dequant_int_offset(qweight, scales,
+    offsets) or dequant_fp8(qweight, scales) of params, or merge-projections' cat (dim 0) of such
+    weights (merged QKV, gate/up).
+    Emits: quantized_linear(x, qweight, scales[, zeros][, offsets][, g_idx][, b]) {format, act,
+    dtype, has_zeros, has_g_idx, has_bias, bits + group_size | block_n + block_k, and
+    has_offsets: true for dequant_int_offset}; for a merged weight, one quantized_linear over
+    the row-concatenated qweight, scales, zeros and offsets (folded into new params at compile
+    time) when its parts share format, attributes and g_idx (and, fp8, whole scale blocks of
+    rows), else a cat along the last axis of one product per part, each on its
     rows of the bias (the weights stay packed; the slices merge-projections took still apply).
     The quant_act node is absorbed (its format becomes `act`); it stays only for other readers."""
 

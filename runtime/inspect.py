@@ -45,11 +45,12 @@ def _kernels(root: Path, m: dict) -> list[str]:
 
 
 def _quant_format(attrs: dict, k: object) -> str:
-    """A quantized matmul's weight format in words: int4 group 128 zeros act-order, fp8 blocks
-    128x128, with its activation quantization."""
+    """A quantized matmul's weight format in words: int4 group 128 zeros act-order, int4 group 32
+    offsets, fp8 blocks 128x128, with its activation quantization."""
     if attrs["format"] == "int":
         group = "per-channel" if attrs["group_size"] == k else f"group {attrs['group_size']}"
-        words = [f"int{attrs['bits']}", group, "zeros" if attrs["has_zeros"] else "symmetric"]
+        offsets = "offsets" if attrs.get("has_offsets") else "symmetric"
+        words = [f"int{attrs['bits']}", group, "zeros" if attrs["has_zeros"] else offsets]
         words += ["act-order"] if attrs["has_g_idx"] else []
     else:
         words = ["fp8 e4m3", f"blocks {attrs['block_n']}x{attrs['block_k']}"]
@@ -58,7 +59,7 @@ def _quant_format(attrs: dict, k: object) -> str:
 
 def _dequant_format(n: Node) -> str:
     """The format of a packed weight that no quantized_linear reads (a linear dequantizes it every
-    call: GGUF's Q4_1 offsets, say), in words."""
+    call: a weight the quantized-linear pass did not run on, say), in words."""
     a = n.attrs
     if n.op == "dequant_fp8":
         return f"fp8 e4m3 blocks {a['block_n']}x{a['block_k']}, unfused"

@@ -20,8 +20,8 @@ which is exact before the cast (an integer of at most 9 bits times a float16 / b
 float32 scale fits float32's mantissa), so a checkpoint's known weights come back bit for bit.
 
 Integer weights with a float offset per group (GGUF's Q4_1: w = d * q + m), same packing and
-groups (no g_idx); a float zero point does not fit dequant_int's integer zeros, and no fused
-kernel reads it, so a linear over it runs as linear(x, dequant_int_offset(...)):
+groups (no g_idx); a float zero point does not fit dequant_int's integer zeros (a linear over
+it becomes quantized_linear with has_offsets):
 
     w[n, k] = q[n, k] * scales[n, g(k)] + offsets[n, g(k)]   in float32, then cast to `dtype`
 
@@ -134,7 +134,8 @@ def _dequant_int_offset_infer(types: Sequence[ValueType], attrs: Mapping[str, An
 def dequant_int_offset(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, *, bits: int,
                        group_size: int, dtype: str) -> torch.Tensor:
     """The [N, K] weight q * scale + offset of canonical packed unsigned integers (module docstring).
-    Runs on every target, every call: it unpacks in uint8 and scales whole groups in place."""
+    It unpacks in uint8 and scales whole groups in place (the reference of quantized_linear's
+    offsets, and what a linear the quantized-linear pass did not fuse runs every call)."""
     n = qweight.shape[0]
     q = qweight if bits == 8 else torch.stack([qweight & 0xF, qweight >> 4], dim=-1)
     w = q.reshape(n, -1, group_size).to(torch.float32)  # [N, G, group_size]

@@ -60,10 +60,11 @@ GEMM_LARGE = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_s
 
 def covers(attrs: dict[str, Any]) -> bool:
     """Whether these kernels compute a quantized_linear of these attributes (packed integers of
-    4 or 8 bits or float8_e4m3fn weights; activations quantized or not); the rest runs the
-    torch reference."""
-    return attrs.get("act") in ACTS and (attrs.get("format") == "int" and attrs.get("bits") in (4, 8)
-                                         or attrs.get("format") == "fp8")
+    4 or 8 bits or float8_e4m3fn weights; activations quantized or not); the rest (float offsets,
+    GGUF's Q4_1, among them) runs the torch reference."""
+    fmt = attrs.get("format")
+    return attrs.get("act") in ACTS and not attrs.get("has_offsets") and (fmt == "int" and attrs.get("bits") in (4, 8)
+                                                                          or fmt == "fp8")
 
 
 @triton.jit
@@ -242,7 +243,7 @@ def make_launchers(table: Mapping[str, Any] | None = None) -> dict[str, Launcher
         if not covers(attrs):
             _reference(outs, args, attrs)
             return
-        x, qweight, scales, zeros, g_idx, bias = split_operands(args, attrs)
+        x, qweight, scales, zeros, _, g_idx, bias = split_operands(args, attrs)
         k, n = x.shape[-1], outs[0].shape[-1]
         x2 = x.reshape(-1, k) if x.stride(-1) == 1 else x.contiguous().view(-1, k)
         y = outs[0]

@@ -2,10 +2,11 @@
 with int8 activations (W8A8 / W4A8):
 
     x [M, K]   qweight uint8 [N, K * bits / 8]   scales [N, G]   zeros uint8 [N, G] (optional)
-    g_idx int32 [K] (optional)
+    g_idx int32 [K] (optional)   offsets float [N, G] (optional, in place of zeros and g_idx)
     w[n, k] = dtype(float32(q[n, k] - z[n, g(k)]) * scales[n, g(k)])   g(k) = g_idx[k] or k // group
               (z: 2^(bits-1) without zeros; bits 4: byte j holds k = 2j in its low nibble, 2j + 1
               in its high one)
+    w[n, k] = dtype(float32(q[n, k]) * scales[n, g(k)] + offsets[n, g(k)])   with offsets (Q4_1)
     y [M, N] = x @ w^T (+ bias), accumulated in float32, rounded once to y's dtype
 
 fp8 weights and fp8 activations are not built here: those nodes run the op's torch reference
@@ -31,11 +32,11 @@ Schedule, two stages (quant_linear_paths.py holds their loops):
             y[m0 + i, n0 + j] = sum of acc[i, j, :]
 
         bits 4 in chunks of 32 channels on AVX-512 (lut) takes w from a table instead: per
-        group and column the 16 values (c - z) * scale, rounded to the dtype as the reference
+        group and column the 16 values (c - z) * scale (c * scale + offset), rounded to the dtype as the reference
         rounds, in one register; each byte's two nibbles index it by vpermps (2 instructions
         for 32 weights in place of and / shift, 2 subtracts, 2 conversions), part added
-        unscaled. 16-bit dtypes and act-order g_idx otherwise dequantize each weight as the
-        reference does (g_idx's scale and zero gathered per channel), part added unscaled.
+        unscaled. 16-bit dtypes, offsets and act-order g_idx otherwise dequantize each weight as
+        the reference does (g_idx's scale and zero gathered per channel), part added unscaled.
         A lone row's default is one column at a time: the task's packed rows then stream from
         memory as one run (8 interleaved rows of 384 bytes, too short for the prefetcher: int4
         k768 n4096 180 vs 130 us a call on one core).
@@ -131,13 +132,14 @@ def quantized_linear(info: OpInfo, config: Mapping[str, int] | None = None) -> K
     x, qweight, scales = info.inputs[:3]
     rest = list(info.inputs[3:])
     zeros = rest.pop(0) if a["has_zeros"] else None
+    offsets = rest.pop(0) if a.get("has_offsets") else None
     g_idx = rest.pop(0) if a["has_g_idx"] else None
     bias = rest.pop(0) if a["has_bias"] else None
     if g_idx is not None and (g_idx.dtype != "int32" or g_idx.rank != 1):
         return None
     if x is None or x.dtype not in FLOATS or scales is None or scales.dtype not in FLOATS:
         return None
-    if bias is not None and bias.dtype not in FLOATS:
+    if bias is not None and bias.dtype not in FLOATS or offsets is not None and offsets.dtype not in FLOATS:
         return None
     bits, n, kp = a["bits"], *qweight.shape
     if not isinstance(n, int) or not isinstance(kp, int):
@@ -152,15 +154,17 @@ def quantized_linear(info: OpInfo, config: Mapping[str, int] | None = None) -> K
         raise ValueError(f"quantized_linear k={k} n={n} group={group}: config {dict(config or {})} does not divide "
                          "the shape")
     bdt = bias.dtype if bias is not None else F32
+    odt = offsets.dtype if offsets is not None else F32
     act = a["act"] == "int8"
-    spec = Spec(k, n, group, g, bits, x.dtype, scales.dtype, bdt, zeros is not None, g_idx is not None,
-                bias is not None, act)
+    spec = Spec(k, n, group, g, bits, x.dtype, scales.dtype, bdt, odt, zeros is not None, offsets is not None,
+                g_idx is not None, bias is not None, act)
     name = name_of("quantized_linear", f"k{k}n{n}", f"int{bits}", f"g{group}" if g_idx is None else f"gidx{g}",
-                   "z" if zeros is not None else "", "a8" if act else "",
-                   short(x.dtype), f"s{short(scales.dtype)}", f"b{short(bdt)}" if bias is not None else "")
-    keep = (0, 1, 2, *((3,) if zeros is not None else ()), *((4,) if g_idx is not None else ()),
-            *((5,) if bias is not None else ()), 6)
-    ins = tuple(range(len(info.inputs)))  # x, qweight, scales[, zeros][, g_idx][, bias]: every op input
+                   "z" if zeros is not None else "", f"o{short(odt)}" if offsets is not None else "",
+                   "a8" if act else "", short(x.dtype), f"s{short(scales.dtype)}",
+                   f"b{short(bdt)}" if bias is not None else "")
+    present_ops = (zeros, offsets, g_idx, bias)
+    keep = (0, 1, 2, *(3 + i for i, t in enumerate(present_ops) if t is not None), 7)
+    ins = tuple(range(len(info.inputs)))  # x, qweight, scales[, zeros][, offsets][, g_idx][, bias]: every op input
     present = (MAT, *(AS_IS,) * (len(ins) - 1), MAT)
     return Kernel(name, keep_params(prim_func(spec, c), keep), ins, (0,), present)
 

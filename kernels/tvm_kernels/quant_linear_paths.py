@@ -33,8 +33,12 @@ class Spec:
     """The scales' dtype."""
     bdt: str
     """The bias' dtype (float32 when there is none)."""
+    odt: str
+    """The offsets' dtype (float32 when there are none)."""
     has_z: bool
     """Zeros are given (else 2^(bits-1))."""
+    has_o: bool
+    """Float offsets are given: w = q * scale + offset (no zero point, no g_idx)."""
     has_g: bool
     """g_idx is given (act-order groups)."""
     has_b: bool
@@ -44,7 +48,7 @@ class Spec:
 
 
 def prim_func(s: Spec, c: Mapping[str, int]):
-    """The PrimFunc (x, qweight, scales, zeros, g_idx, bias, y) of spec `s` under config `c`."""
+    """The PrimFunc (x, qweight, scales, zeros, offsets, g_idx, bias, y) of spec `s` under config `c`."""
     k, n, bits, dt = s.k, s.n, s.bits, s.dt
     nb, nj, nj1, v, mt, mr, pm = c["nb"], c["nj"], c["nj1"], c["v"], c["mt"], c["mr"], c["pm"]
     kp = k * bits // 8
@@ -54,7 +58,8 @@ def prim_func(s: Spec, c: Mapping[str, int]):
     lanes = v // planes  # float32 lanes per plane of a chunk
     # bits 4 with AVX-512: a group's 16 dequantized values in one register, each weight one vpermps
     lut = bool(c["lut"]) and bits == 4 and lanes == 16 and not s.has_g
-    factored = dt == F32 and not s.has_g and not lut  # the scale multiplies a group's partial sums
+    # the scale multiplies a group's partial sums (offsets: no, each weight is q * scale + offset)
+    factored = dt == F32 and not s.has_g and not s.has_o and not lut
     gk = s.group if not s.has_g else v  # channels per partial sum
     av = vec_width(k, 16)  # lanes of the row's max |x|
     ser_bytes = c["ser"] * 1024
@@ -98,7 +103,14 @@ def prim_func(s: Spec, c: Mapping[str, int]):
         outside them."""
         return T.max(T.min(G[kk], T.int32(s.g - 1)), T.int32(0))
 
-    def weight(Q, S, Z, G, row, ch, q, high, scaled):
+    def dequant(S, Z, Off, row, grp, code):
+        """The reference's weight of integer code `code` in group grp of row `row`: (q - z) * s,
+        or q * s + offset, in float32 rounded to the dtype."""
+        if s.has_o:
+            return rnd(T.Cast(F32, code) * T.Cast(F32, S[row, grp]) + T.Cast(F32, Off[row, grp]))
+        return rnd(T.Cast(F32, code - zero(Z, row, grp)) * T.Cast(F32, S[row, grp]))
+
+    def weight(Q, S, Z, Off, G, row, ch, q, high, scaled):
         """Lane q of chunk ch of packed row `row` (bits 4: plane `high`): the reference's
         dequantized weight, or when not `scaled`, q - z as float32 (the group's scale comes
         later)."""
@@ -110,7 +122,7 @@ def prim_func(s: Spec, c: Mapping[str, int]):
         if not scaled:
             return T.Cast(F32, code - zero(Z, row, ch * v // s.group))
         grp = group_of(G, ch * v + planes * q + high) if s.has_g else ch * v // s.group
-        return rnd(T.Cast(F32, code - zero(Z, row, grp)) * T.Cast(F32, S[row, grp]))
+        return dequant(S, Z, Off, row, grp, code)
 
     def permute(tab, j, codes):
         """tab[j, codes & 15] of 16 int32 codes: vpermps reads only the index's low 4 bits."""
@@ -140,7 +152,7 @@ def prim_func(s: Spec, c: Mapping[str, int]):
         return T.Cast(dt, val + T.Cast(F32, Bias[col]) if s.has_b else val)
 
     @T.macro
-    def narrow(XQ, Q, S, Z, G, Bias, Y, n0, m0, rows, cols):
+    def narrow(XQ, Q, S, Z, Off, G, Bias, Y, n0, m0, rows, cols):
         acc = T.alloc_buffer((rows, cols, lanes), F32, scope="local")
         part = T.alloc_buffer((rows, cols, planes, lanes), F32, scope="local")  # a chain per plane
         wv = T.alloc_buffer((planes, cols, lanes), F32, scope="local")
@@ -153,7 +165,7 @@ def prim_func(s: Spec, c: Mapping[str, int]):
                 # tab[j, c] = the weight of code c in group gi of column n0 + j, as the reference's
                 for j in T.unroll(cols):
                     for q in T.vectorized(16):
-                        tab[j, q] = rnd(T.Cast(F32, T.Cast("int32", q) - zero(Z, n0 + j, gi)) * T.Cast(F32, S[n0 + j, gi]))
+                        tab[j, q] = dequant(S, Z, Off, n0 + j, gi, T.Cast("int32", q))
             for i, j, p in T.grid(rows, cols, planes):
                 for q in T.vectorized(lanes):
                     part[i, j, p, q] = T.float32(0)
@@ -166,10 +178,10 @@ def prim_func(s: Spec, c: Mapping[str, int]):
                         wv[1, j, T.Ramp(0, 1, 16)] = permute(tab, j, T.shift_right(codes, T.Broadcast(T.int32(4), 16)))
                     else:
                         for q in T.vectorized(lanes):
-                            wv[0, j, q] = weight(Q, S, Z, G, n0 + j, ch, q, 0, not factored)
+                            wv[0, j, q] = weight(Q, S, Z, Off, G, n0 + j, ch, q, 0, not factored)
                     if bits == 4 and not lut:
                         for q in T.vectorized(lanes):
-                            wv[1, j, q] = weight(Q, S, Z, G, n0 + j, ch, q, 1, not factored)
+                            wv[1, j, q] = weight(Q, S, Z, Off, G, n0 + j, ch, q, 1, not factored)
                 for i in T.unroll(rows):
                     for j in T.unroll(cols):
                         for p in T.unroll(planes):
@@ -189,7 +201,7 @@ def prim_func(s: Spec, c: Mapping[str, int]):
             Y[m0 + i, n0 + j] = out(Bias, n0 + j, acc[i, j, 0])
 
     @T.macro
-    def wide(XQ, Q, S, Z, G, Bias, Y, t, M):
+    def wide(XQ, Q, S, Z, Off, G, Bias, Y, t, M):
         # the task's columns dequantized once, P[k', j] = w[t * nb + j, channel of k'] (k' in
         # XQ's order), chunks transposed in registers
         P = T.alloc_buffer((k, nb), F32)
@@ -197,10 +209,10 @@ def prim_func(s: Spec, c: Mapping[str, int]):
         for ch in range(k // v):
             for j in T.unroll(nb):
                 for q in T.vectorized(lanes):
-                    wp[0, j, q] = weight(Q, S, Z, G, t * nb + j, ch, q, 0, True)
+                    wp[0, j, q] = weight(Q, S, Z, Off, G, t * nb + j, ch, q, 0, True)
                 if bits == 4:
                     for q in T.vectorized(lanes):
-                        wp[1, j, q] = weight(Q, S, Z, G, t * nb + j, ch, q, 1, True)
+                        wp[1, j, q] = weight(Q, S, Z, Off, G, t * nb + j, ch, q, 1, True)
             for p in T.unroll(planes):
                 for q in T.unroll(lanes):
                     for j in T.vectorized(nb):
@@ -219,20 +231,20 @@ def prim_func(s: Spec, c: Mapping[str, int]):
                     Y[mb * mr + i, t * nb + q] = out(Bias, t * nb + q, acc[i, q])
 
     @T.macro
-    def task(t, XQ, Q, S, Z, G, Bias, Y, M):
+    def task(t, XQ, Q, S, Z, Off, G, Bias, Y, M):
         if M >= pm:
-            wide(XQ, Q, S, Z, G, Bias, Y, t, M)
+            wide(XQ, Q, S, Z, Off, G, Bias, Y, t, M)
         # narrow: the rows the wide path left (all of them below pm), mt at a time, then one
         r0 = T.meta_var(T.if_then_else(M >= pm, M // mr * mr, T.int64(0)))
         r1 = T.meta_var(r0 + (M - r0) // mt * mt)
         for mb, jb in T.grid((M - r0) // mt, nb // nj):
-            narrow(XQ, Q, S, Z, G, Bias, Y, t * nb + jb * nj, r0 + mb * mt, mt, nj)
+            narrow(XQ, Q, S, Z, Off, G, Bias, Y, t * nb + jb * nj, r0 + mb * mt, mt, nj)
         for m, jb in T.grid(M - r1, nb // nj1):
-            narrow(XQ, Q, S, Z, G, Bias, Y, t * nb + jb * nj1, r1 + m, 1, nj1)
+            narrow(XQ, Q, S, Z, Off, G, Bias, Y, t * nb + jb * nj1, r1 + m, 1, nj1)
 
     @T.prim_func(private=True)
-    def func(x_h: T.handle, q_h: T.handle, s_h: T.handle, z_h: T.handle, g_h: T.handle, b_h: T.handle,
-             y_h: T.handle):
+    def func(x_h: T.handle, q_h: T.handle, s_h: T.handle, z_h: T.handle, o_h: T.handle, g_h: T.handle,
+             b_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
         sx0, sy0 = T.int64(), T.int64()
@@ -240,6 +252,7 @@ def prim_func(s: Spec, c: Mapping[str, int]):
         Q = T.match_buffer(q_h, (n, kp), "uint8", offset_factor=1)
         S = T.match_buffer(s_h, (n, s.g), s.sdt, offset_factor=1)
         Z = T.match_buffer(z_h, (n, s.g), "uint8", offset_factor=1)
+        Off = T.match_buffer(o_h, (n, s.g), s.odt, offset_factor=1)
         G = T.match_buffer(g_h, (k,), "int32", offset_factor=1)
         Bias = T.match_buffer(b_h, (n,), s.bdt, offset_factor=1)
         Y = T.match_buffer(y_h, (M, n), dt, strides=(sy0, 1), offset_factor=1)
@@ -253,9 +266,9 @@ def prim_func(s: Spec, c: Mapping[str, int]):
         if serial and M * (n * kp) <= ser_bytes:
             # few bytes of weight per call: the pool's fork and join would cost more than the work
             for t in range(n // nb):
-                task(t, XQ, Q, S, Z, G, Bias, Y, M)
+                task(t, XQ, Q, S, Z, Off, G, Bias, Y, M)
         else:
             for t in T.parallel(n // nb):
-                task(t, XQ, Q, S, Z, G, Bias, Y, M)
+                task(t, XQ, Q, S, Z, Off, G, Bias, Y, M)
 
     return func

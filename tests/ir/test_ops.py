@@ -227,6 +227,9 @@ CASES: list[Case] = [
     Case("quantized_linear", ["bf16[2,T,8]", "f8e4m3[6,8]", "f32[6,1]"],
          {"format": "fp8", "block_n": 1, "block_k": 8, "act": "float8_e4m3fn", "dtype": "bfloat16",
           "has_zeros": False, "has_g_idx": False, "has_bias": False}, "bf16[2,T,6]"),
+    Case("quantized_linear", ["f32[T,8]", "u8[6,4]", "f16[6,2]", "f16[6,2]", "f32[6]"],
+         {"format": "int", "bits": 4, "group_size": 4, "act": "none", "dtype": "float32", "has_zeros": False,
+          "has_offsets": True, "has_g_idx": False, "has_bias": True}, "f32[T,6]"),
 ]  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """The cpu target's TVM quantized_linear (int4 / int8 weights) against the op's torch
 reference: group sizes 16-64 and one group per row, with and without zeros and bias, decode
 rows (narrow tiles and a tail), prefill rows (the wide path's dequantized panel plus a
-narrow tail), int8 activations (W8A8, W4A8), act-order g_idx, strided activations, 16-bit
-dtypes and tuned schedules (bits 4's table lookup and per-weight arithmetic both); fp8 nodes run the reference and are listed as fallbacks."""
+narrow tail), int8 activations (W8A8, W4A8), act-order g_idx, float offsets (GGUF's Q4_1) on
+random shapes, strided activations, 16-bit dtypes and tuned schedules (bits 4's table lookup
+and per-weight arithmetic both); fp8 nodes run the reference and are listed as fallbacks."""
 
 from __future__ import annotations
 
@@ -25,19 +26,23 @@ def _type(t: torch.Tensor, symbolic: bool = False) -> TensorType:
     return TensorType(dtype_name(t.dtype), ("T", *t.shape[1:]) if symbolic else tuple(t.shape))
 
 
-def _case(n: int, k: int, bits: int, group: int, zeros: bool, bias: bool, dtype=torch.float32, seed: int = 0):
-    """(weight operands, attrs) of a random node: outputs of magnitude ~1 for x ~ N(0, 1)."""
+def _case(n: int, k: int, bits: int, group: int, zeros: bool, bias: bool, dtype=torch.float32, seed: int = 0,
+          offsets: bool = False):
+    """(weight operands, attrs) of a random node: outputs of magnitude ~1 for x ~ N(0, 1); with
+    offsets, float ones near -2^(bits-1) * scale in place of zeros (Q4_1's minimum per group)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 1 << bits, (n, k), generator=g)
     scale = 0.2 / (1 << (bits - 1)) / k**0.5
     ops = [pack_int(q, bits), ((torch.rand(n, k // group, generator=g) + 0.5) * scale).to(dtype)]
     if zeros:
         ops.append(torch.randint(0, 1 << bits, (n, k // group), generator=g, dtype=torch.uint8))
+    if offsets:
+        ops.append((-(torch.rand(n, k // group, generator=g) + 0.5) * scale * (1 << (bits - 1))).to(dtype))
     if bias:
         ops.append(torch.randn(n, generator=g).to(dtype))
     attrs = dict(format="int", bits=bits, group_size=group, act="none", dtype=dtype_name(dtype), has_zeros=zeros,
                  has_g_idx=False, has_bias=bias)
-    return ops, attrs
+    return ops, attrs | ({"has_offsets": True} if offsets else {})
 
 
 def _run(x: torch.Tensor, ops: list, attrs: dict, config: dict | None = None) -> torch.Tensor:
@@ -64,6 +69,32 @@ def test_matches_the_reference(bits, group, zeros, bias):
         x = torch.randn(t, 64, generator=torch.Generator().manual_seed(t))
         y, want = _run(x, ops, attrs)
         torch.testing.assert_close(y, want, rtol=TOL[x.dtype], atol=TOL[x.dtype])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_offsets_match_the_reference_on_random_shapes(seed):
+    # Q4_1 (and an 8-bit peer): w = q * scale + offset per group; decode rows (narrow tiles,
+    # lone rows) and prefill rows (the wide path plus a tail), each schedule of bits 4
+    g = torch.Generator().manual_seed(100 + seed)
+    bits = (4, 4, 8, 4)[seed]
+    group = (32, 16, 32, 64)[seed]
+    n = 8 * int(torch.randint(1, 13, (1,), generator=g))
+    k = group * int(torch.randint(1, 7, (1,), generator=g))
+    dtype = (torch.float32, torch.float32, torch.float32, torch.bfloat16)[seed]
+    ops, attrs = _case(n, k, bits, group, False, seed % 2 == 0, dtype, seed, offsets=True)
+    for config in (None, {"lut": 0}, {"nb": 8, "nj": 4, "nj1": 2, "mr": 4, "pm": 8, "ser": 0}):
+        for t in (1, 3, 6, 40):
+            x = torch.randn(t, k, generator=g).to(dtype)
+            y, want = _run(x, ops, attrs, config)
+            torch.testing.assert_close(y.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_offsets_with_int8_activations():
+    ops, attrs = _case(32, 64, 4, 32, False, True, offsets=True)
+    attrs["act"] = "int8"
+    for t in (1, 6, 37):
+        y, want = _run(torch.randn(t, 64, generator=torch.Generator().manual_seed(t)), ops, attrs)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits,group,dtype", [(8, 64, torch.float32), (4, 32, torch.float32), (8, 32, torch.bfloat16)])

@@ -8,6 +8,8 @@ gguf's dequantize bit for bit; logits max |error| / max |logit| < 1e-4; greedy t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -148,7 +150,7 @@ def test_not_a_gguf_file(tmp_path):
 
 PACKED = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
 INSPECT_FORMAT = {Q.Q8_0: "int8 group 32 symmetric", Q.Q4_0: "int4 group 32 symmetric",
-                  Q.Q4_1: "int4 group 32 offsets, unfused"}
+                  Q.Q4_1: "int4 group 32 offsets"}
 
 
 def random_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -179,8 +181,13 @@ def test_packed_types_generate_like_transformers(qtype, target, checkpoint, tmp_
     graph = loads((art / "graph.json").read_text())
     names = {p.name for p in graph.params}
     assert not any(n.endswith(("proj.weight", "lm_head.weight")) for n in names)
-    dequant = "dequant_int_offset" if qtype == Q.Q4_1 else "quantized_linear"
-    assert any(n.op == dequant for n in graph.nodes)
+    # every packed linear is fused (Q4_1's float offsets too) and no dequant op is left
+    qls = [n for n in graph.nodes if n.op == "quantized_linear"]
+    assert qls and all(n.attrs.get("has_offsets", False) == (qtype == Q.Q4_1) for n in qls)
+    assert not any(n.op.startswith("dequant_") for n in graph.nodes)
+    steps = json.loads((art / "plan.json").read_text())["steps"]
+    kernel = "tvm:" if target == "cpu" else "torch:"
+    assert sum(s["kernel"].startswith(kernel) and "quantized_linear" in s["kernel"] for s in steps) == len(qls)
     # Packed, the linear weights keep at most 34/128 (Q8_0) of their float32 bytes: at least half is saved.
     float_bytes = 4 * sum(p.numel() for p in reference.parameters())
     linear_bytes = 4 * sum(m.weight.numel() for m in reference.modules() if isinstance(m, torch.nn.Linear))

@@ -96,15 +96,42 @@ W8A8_FP8_AFTER = """graph {
 }"""
 
 
-@pytest.mark.parametrize("case", ["int4_zeros_bias", "w8a8_fp8"])
+# GGUF's Q4_1: float offsets per group (w = q * scale + offset)
+INT4_OFFSETS_BEFORE = """graph {
+  %input_ids = input : i64[T]
+  @embed = param : f32[16,16]
+  %0 = embedding(@embed, %input_ids) : f32[T,16]
+  @o.qweight = param : u8[8,8]
+  @o.scales = param : f16[8,2]
+  @o.offsets = param : f16[8,2]
+  %1 = dequant_int_offset(@o.qweight, @o.scales, @o.offsets) {"bits": 4, "group_size": 8, "dtype": "float32"} : f32[8,16]
+  %2 = linear(%0, %1) : f32[T,8]
+  return %2
+}"""
+INT4_OFFSETS_AFTER = """graph {
+  %input_ids = input : i64[T]
+  @embed = param : f32[16,16]
+  %0 = embedding(@embed, %input_ids) : f32[T,16]
+  @o.qweight = param : u8[8,8]
+  @o.scales = param : f16[8,2]
+  @o.offsets = param : f16[8,2]
+  %1 = quantized_linear(%0, @o.qweight, @o.scales, @o.offsets) {"format": "int", "bits": 4, "group_size": 8, "has_offsets": true, "act": "none", "dtype": "float32", "has_zeros": false, "has_g_idx": false, "has_bias": false} : f32[T,8]
+  return %1
+}"""
+CASES = {"int4_zeros_bias": (INT4_BEFORE, INT4_AFTER), "w8a8_fp8": (W8A8_FP8_BEFORE, W8A8_FP8_AFTER),
+         "int4_offsets": (INT4_OFFSETS_BEFORE, INT4_OFFSETS_AFTER)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_a_dequantized_linear_becomes_quantized_linear(case):
-    before, after = {"int4_zeros_bias": (INT4_BEFORE, INT4_AFTER), "w8a8_fp8": (W8A8_FP8_BEFORE, W8A8_FP8_AFTER)}[case]
+    before, after = CASES[case]
     graph, result = rewrite("quantized-linear", before, after)
     assert_same_outputs(graph, result, tol=0)
 
 
-def _qkv(g_idx: str, zeros: bool = True) -> str:
-    """Three int4 projections of one activation; g_idx: "" (none), "shared" or "own"."""
+def _qkv(g_idx: str, zeros: bool = True, offsets: bool = False) -> str:
+    """Three int4 projections of one activation; g_idx: "" (none), "shared" or "own"; with
+    offsets, dequant_int_offset's float offsets in place of zeros and g_idx."""
     lines = ["  %input_ids = input : i64[T]", "  @embed = param : f32[16,16]",
              "  %x = embedding(@embed, %input_ids) : f32[T,16]"]
     if g_idx == "shared":
@@ -113,7 +140,10 @@ def _qkv(g_idx: str, zeros: bool = True) -> str:
     for name, n in (("q", 8), ("k", 4), ("v", 4)):
         extra = []
         lines += [f"  @{name}.qweight = param : u8[{n},8]", f"  @{name}.scales = param : f32[{n},2]"]
-        if zeros:
+        if offsets:
+            lines.append(f"  @{name}.offsets = param : f32[{n},2]")
+            extra.append(f"@{name}.offsets")
+        elif zeros:
             lines.append(f"  @{name}.zeros = param : u8[{n},2]")
             extra.append(f"@{name}.zeros")
         if g_idx == "own":
@@ -122,7 +152,8 @@ def _qkv(g_idx: str, zeros: bool = True) -> str:
         elif g_idx == "shared":
             extra.append("@g_idx")
         ops = ", ".join([f"@{name}.qweight", f"@{name}.scales", *extra])
-        lines += [f'  %{name}w = dequant_int({ops}) {{"bits": 4, "group_size": 8, "dtype": "float32"}} : f32[{n},16]',
+        op = "dequant_int_offset" if offsets else "dequant_int"
+        lines += [f'  %{name}w = {op}({ops}) {{"bits": 4, "group_size": 8, "dtype": "float32"}} : f32[{n},16]',
                   f"  @{name}.bias = param : f32[{n}]",
                   f"  %{name} = linear(%x, %{name}w, @{name}.bias) : f32[T,{n}]"]
         outs.append(f"%{name}")
@@ -179,6 +210,15 @@ def test_merged_projections_without_act_order(g_idx, zeros):
     (ql,) = [n for n in result.nodes if n.op == "quantized_linear"]
     assert ql.attrs["has_zeros"] == zeros and not ql.attrs["has_g_idx"]
     assert not any(n.op in ("dequant_int", "linear") for n in result.nodes)
+    assert_same_outputs(graph, result)
+
+
+def test_merged_projections_with_offsets_concatenate_them():
+    graph, result = _merged_then_quantized(_qkv("", offsets=True))
+    (ql,) = [n for n in result.nodes if n.op == "quantized_linear"]
+    assert ql.attrs["has_offsets"] and not ql.attrs["has_zeros"] and ql.inputs[3].op == "cat"
+    assert ql.inputs[3].type.shape == (16, 2)
+    assert not any(n.op in ("dequant_int_offset", "linear") for n in result.nodes)
     assert_same_outputs(graph, result)
 
 
@@ -259,18 +299,6 @@ UNCHANGED = {
   %2 = linear(%1, @w) : f32[T,8]
   return %2
 }""",
-    # GGUF's Q4_1 (float offsets): no kernel reads it; the linear dequantizes it every call
-    "int_offset_dequant": """graph {
-  %input_ids = input : i64[T]
-  @embed = param : f32[16,16]
-  %0 = embedding(@embed, %input_ids) : f32[T,16]
-  @o.qweight = param : u8[8,8]
-  @o.scales = param : f16[8,2]
-  @o.offsets = param : f16[8,2]
-  %1 = dequant_int_offset(@o.qweight, @o.scales, @o.offsets) {"bits": 4, "group_size": 8, "dtype": "float32"} : f32[8,16]
-  %2 = linear(%0, %1) : f32[T,8]
-  return %2
-}""",
 }
 
 
@@ -304,4 +332,6 @@ def test_inspect_lists_each_format_and_shape_with_its_bytes():
     assert lines[2].split()[-5:] == ["16]", "x2", "136", "B", "each"]
     _, w8a8 = rewrite("quantized-linear", W8A8_FP8_BEFORE, W8A8_FP8_AFTER)
     assert quantized_matmuls(w8a8)[1].startswith("  fp8 e4m3 blocks 1x16, act int8 ")
+    _, q4_1 = rewrite("quantized-linear", INT4_OFFSETS_BEFORE, INT4_OFFSETS_AFTER)
+    assert quantized_matmuls(q4_1)[1].split()[:4] == ["int4", "group", "8", "offsets"]
     assert quantized_matmuls(parse_graph(UNCHANGED["dense"])) == []
