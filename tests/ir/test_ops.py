@@ -206,6 +206,8 @@ CASES: list[Case] = [
     Case("gather_rows", ["f32[T,4]", "i64[2]"], {}, "f32[2,4]", {1: lambda t: torch.tensor([0, t - 1])}),
     Case("expert_linear", ["f32[T,8]", "f32[3,5,8]", "i64[T]"], {}, "f32[T,5]",
          {2: lambda t: torch.arange(t) % 3}),
+    Case("lora", ["f32[T,8]", "f32[3,4,8]", "f32[3,6,4]", "i32[T]"], {}, "f32[T,6]",
+         {3: lambda t: (torch.arange(t) % 4 - 1).to(torch.int32)}),
     # quantized weights (ir/ops/quant.py, quant_linear.py): canonical packed ints, fp8 blocks
     Case("dequant_int", ["u8[6,4]", "f16[6,2]", "u8[6,2]"], {"bits": 4, "group_size": 4, "dtype": "float32"},
          "f32[6,8]"),
