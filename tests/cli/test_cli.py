@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -55,3 +56,16 @@ def test_console_script_error_has_no_traceback(tmp_path):
     r = subprocess.run([exe, str(tmp_path / "nope"), "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_lora_options(checkpoint, tmp_path, capsys):
+    out = tmp_path / "art"
+    rc = compile_model_main([str(checkpoint("llama")), "-o", str(out), "--max-lora-rank", "8",
+                             "--lora-targets", "q_proj,o_proj"])
+    assert rc == 0
+    lora = json.loads((out / "manifest.json").read_text())["lora"]
+    assert lora["max_rank"] == 8 and lora["targets"] == ["q_proj", "o_proj"]
+    assert main(["inspect", str(out)]) == 0
+    assert "lora" in capsys.readouterr().out
+    rc = compile_model_main([str(checkpoint("llama")), "-o", str(tmp_path / "b"), "--lora-targets", "q_proj"])
+    assert rc == 2 and "needs max_lora_rank" in capsys.readouterr().err
