@@ -67,7 +67,6 @@ class Lora(Pass):
     [start, end) ranges."""
 
     name = "lora"
-    exact = True
     max_rank: int = 16
     targets: tuple[str, ...] = field(default=TARGETS)
 
@@ -126,6 +125,8 @@ def lora_pass(max_rank: int | None, targets: Sequence[str] | None) -> Lora | Non
         return None
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
         raise ValueError(f"max_lora_rank must be a positive integer, got {max_rank!r}")
+    if isinstance(targets, str):
+        targets = targets.split(",")
     chosen = tuple(dict.fromkeys(t.strip() for t in (targets or TARGETS) if t.strip()))
     unknown = sorted(set(chosen) - set(TARGETS))
     if unknown or not chosen:
