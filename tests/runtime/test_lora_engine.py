@@ -82,13 +82,17 @@ def test_mixed_batch_matches_peft(artifact, adapters, expected, target):
 
 
 def test_adapters_evicted_and_reloaded(artifact, adapters, expected):
-    """Two slots for four adapters, each asked for twice: they take turns, reloaded from disk."""
+    """Two slots for four adapters, each asked for twice: they take turns, reloaded from disk;
+    the prefix cache keys blocks by adapter."""
     llm = LLM(artifact("llama", max_lora_rank=16), enable_lora=True, max_loras=2, max_lora_rank=16, block_size=4)
     order = [*adapters, None, *adapters]
     got = _run(llm, adapters, order)
     assert got == {pair: expected[pair] for pair in got}
     assert llm.engine.lora.num_loads > len(adapters)
     assert all(users == 0 for users in llm.engine.lora.users)
+    # Each prompt's blocks are reused by its second run with the same adapter, never by another
+    # adapter's (the tokens above would differ from PEFT's).
+    assert llm.engine.kv.stats.hits > 0
 
 
 def _edit(src: LoRARequest, dst: Path, fn) -> LoRARequest:
