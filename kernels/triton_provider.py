@@ -19,7 +19,7 @@ from kiln.kernels import Launcher
 
 PREFIX = "triton"
 
-MODULES = ("attention", "norms", "rope", "elementwise", "linear", "quant_act", "quant_linear")
+MODULES = ("attention", "norms", "rope", "elementwise", "linear", "quant_act", "quant_linear", "lora")
 """The kernel modules of kiln.kernels.triton_kernels, each exposing LAUNCHERS."""
 
 TUNED = {"paged_attention": ("attention", "paged_attention"), "linear": ("linear", "linear"),
