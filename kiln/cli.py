@@ -103,18 +103,24 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from kiln.runtime.server.launch import serve
+    from kiln.runtime.server.lora import parse_lora_module
 
+    lora_modules = [parse_lora_module(v) for v in args.lora_modules or ()]
     engine_kwargs = {
         k: getattr(args, k)
-        for k in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_kv_blocks", "kv_cache_memory_bytes")
+        for k in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_kv_blocks", "kv_cache_memory_bytes",
+                  "max_loras", "max_lora_rank")
         if getattr(args, k) is not None
     } | _engine_kwargs(args)
+    if args.enable_lora or lora_modules:
+        engine_kwargs["enable_lora"] = True
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("KILN_API_KEY"),
                  served_model_name=args.served_model_name, max_waiting=args.max_waiting,
                  shutdown_timeout=args.shutdown_timeout, log_level="debug" if args.verbose else "info",
-                 engine_kwargs=engine_kwargs, max_request_bytes=args.max_request_bytes, enable_docs=args.enable_docs)
+                 engine_kwargs=engine_kwargs, max_request_bytes=args.max_request_bytes, enable_docs=args.enable_docs,
+                 lora_modules=lora_modules)
 
 
 def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -238,6 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
     s.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
     s.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size in bytes")
+    s.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters (an artifact compiled with --max-lora-rank); implied by --lora-modules")
+    s.add_argument("--max-loras", type=int, default=None, metavar="N", help="adapter slots: adapters in one batch")
+    s.add_argument("--max-lora-rank", type=int, default=None, metavar="R", help="the highest adapter rank served")
+    s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="PEFT adapters to serve, each chosen by the request's model field: name=path or "
+                   "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
     _engine_args(s)
     _common(s)
     s.set_defaults(fn=_serve)

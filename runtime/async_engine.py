@@ -14,22 +14,28 @@ its consumer stops early. Waiting is bounded: an add that would leave more than 
 requests queued beyond the free sequence slots fails with `QueueFullError`. A step that raises
 outside the model (the engine itself already fails the requests of a failed model step with
 finish_reason "error") fails the requests in flight with `EngineError`, and the loop goes on.
+
+LoRA: an add carries its requests' `LoRARequest`; `add_lora` checks and registers an adapter;
+`remove_lora` refuses new requests for one at once while those queued or running finish with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kiln.runtime.engine import LLMEngine, Prompt
+from kiln.runtime.lora import LoRARequest
+from kiln.runtime.lora_slots import register
 from kiln.runtime.outputs import OutputAccumulator, RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -49,6 +55,10 @@ class EngineError(RuntimeError):
     """The engine failed while running this request (HTTP 500); other requests go on."""
 
 
+class UnknownAdapterError(LookupError):
+    """The request names a LoRA adapter that was removed (HTTP 404)."""
+
+
 class RequestObserver(Protocol):
     """Receives per-request latencies (the server's metrics implement it)."""
 
@@ -62,6 +72,15 @@ class RequestObserver(Protocol):
 @dataclass
 class _Add:
     requests: list[tuple[str, Prompt, SamplingParams]]
+    lora_request: LoRARequest | None = None
+    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class _Call:
+    """Run fn() on the engine thread between steps; its result or exception goes to done."""
+
+    fn: Callable[[], Any]
     done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -179,10 +198,14 @@ class AsyncLLMEngine:
         self.engine = engine
         self.max_waiting = max_waiting
         self.observer = observer
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._removed: set[int] = set()
+        """Ids of removed LoRA adapters (never served again; ids are not reused)."""
+        self._unloading: set[int] = set()
+        """Removed adapters whose requests still run or wait: their slots are freed after them."""
         self.stats: dict[str, Any] = self._snapshot()
         """Scheduler stats and finish counts, refreshed by the engine thread after every turn."""
 
@@ -227,10 +250,12 @@ class AsyncLLMEngine:
         """The most sequences that can be running or waiting together; a larger add never fits."""
         return self.engine.scheduler.max_num_seqs + self.max_waiting
 
-    async def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams]]) -> RequestStream:
-        """Queue (request_id, prompt, params) triples together (all or none): ValueError for a
-        prompt or id the engine rejects (RequestTooLargeError, a ValueError, for more sequences
-        than `capacity`), QueueFullError when the waiting queue is full."""
+    async def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams]],
+                           lora_request: LoRARequest | None = None) -> RequestStream:
+        """Queue (request_id, prompt, params) triples together (all or none), all with one LoRA
+        adapter (None: the base model): ValueError for a prompt, id or adapter the engine rejects
+        (RequestTooLargeError, a ValueError, for more sequences than `capacity`), QueueFullError
+        when the waiting queue is full, UnknownAdapterError for a removed adapter."""
         if not self.is_running:
             raise EngineError("the engine loop is not running")
         new = sum(params.n for _, _, params in requests)
@@ -244,7 +269,7 @@ class AsyncLLMEngine:
         stream = RequestStream(self, ids)
         for rid in ids:
             self._streams[rid] = stream
-        cmd = _Add(list(requests))
+        cmd = _Add(list(requests), lora_request)
         self._commands.put(cmd)
         try:
             await asyncio.wrap_future(cmd.done)
@@ -254,14 +279,36 @@ class AsyncLLMEngine:
             raise
         return stream
 
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come. Leaving early aborts it once the generator is
         closed: at once under `contextlib.aclosing(...)` or on cancellation, else when it is
         garbage-collected. (The server uses `add_requests` and `RequestStream` directly.)"""
-        stream = await self.add_requests([(request_id, prompt, params)])
+        stream = await self.add_requests([(request_id, prompt, params)], lora_request)
         async with stream:
             async for out in stream:
                 yield out
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Check an adapter against the artifact and register it for requests: ValueError when
+        it does not fit, its id names another adapter, or the engine has no LoRA slots."""
+        await self._call(lambda: register(self.engine.lora, lora_request))
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        """Remove an adapter: adding a request for it fails from now on (UnknownAdapterError);
+        requests already queued or running finish with it, then its slot is freed."""
+        def remove() -> None:
+            self._removed.add(lora_int_id)
+            self._unloading.add(lora_int_id)
+            self._free_unloaded()
+        await self._call(remove)
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        if not self.is_running:
+            raise EngineError("the engine loop is not running")
+        cmd = _Call(fn)
+        self._commands.put(cmd)
+        return await asyncio.wrap_future(cmd.done)
 
     def _detach(self, stream: RequestStream) -> None:
         for rid in stream.request_ids:
@@ -283,6 +330,11 @@ class AsyncLLMEngine:
         stats["finish_counts"] = dict(self.engine.finish_counts)
         stats["num_kv_blocks"] = self.engine.pool.num_blocks
         stats["num_free_kv_blocks"] = self.engine.pool.num_free
+        slots = self.engine.lora
+        if slots is not None:  # the adapters' names per queue (a removed one stays until its requests end)
+            stats["lora"] = {"max_lora": len(slots.held)} | {
+                key: sorted({slots.adapters[r.adapter_id].request.lora_name for r in reqs if r.adapter_id is not None})
+                for key, reqs in (("running", self.engine.scheduler.running), ("waiting", self.engine.scheduler.waiting))}
         return stats
 
     def _run(self) -> None:
@@ -310,6 +362,8 @@ class AsyncLLMEngine:
                     stopping = True
                 elif isinstance(cmd, _Add):
                     self._add(cmd)
+                elif isinstance(cmd, _Call):
+                    self._call_now(cmd)
                 else:
                     out += [o for rid in cmd.request_ids if (o := engine.abort_request(rid))]
             if stopping:
@@ -320,11 +374,13 @@ class AsyncLLMEngine:
                 except Exception as e:
                     log.exception("engine step failed; failing the requests in flight")
                     out += self._fail_all(e)
+            if self._unloading:
+                self._free_unloaded()
             self.stats = self._snapshot()
             if out:
                 self._publish(out)
 
-    def _drain(self, block: bool) -> list[_Add | _Abort | _Stop]:
+    def _drain(self, block: bool) -> list[_Add | _Abort | _Call | _Stop]:
         cmds = [self._commands.get()] if block else []
         while True:
             try:
@@ -343,16 +399,36 @@ class AsyncLLMEngine:
                 f"the server is busy: {len(sched.waiting)} requests are waiting "
                 f"(limit {self.max_waiting}); retry later"))
             return
+        lora = cmd.lora_request
+        if lora is not None and lora.lora_int_id in self._removed:
+            cmd.done.set_exception(UnknownAdapterError(f"the LoRA adapter '{lora.lora_name}' was removed"))
+            return
         added: list[str] = []
         try:
             for rid, prompt, params in cmd.requests:
-                added.append(engine.add_request(rid, prompt, params))
+                added.append(engine.add_request(rid, prompt, params, lora))
         except Exception as e:
             for rid in added:
                 engine.abort_request(rid)
             cmd.done.set_exception(e)
             return
         cmd.done.set_result(None)
+
+    def _call_now(self, cmd: _Call) -> None:
+        if not cmd.done.set_running_or_notify_cancel():
+            return
+        try:
+            cmd.done.set_result(cmd.fn())
+        except Exception as e:
+            cmd.done.set_exception(e)
+
+    def _free_unloaded(self) -> None:
+        """Free the slots of removed adapters that no queued or running request uses any more."""
+        sched = self.engine.scheduler
+        used = {r.adapter_id for r in itertools.chain(sched.running, sched.waiting)}
+        for adapter_id in self._unloading - used:
+            self.engine.lora.remove(adapter_id)
+        self._unloading &= used
 
     def _fail_all(self, error: Exception) -> list[tuple[str, BaseException]]:
         """Abort every request after a failed step (frees their blocks) and fail their streams."""

@@ -98,6 +98,17 @@ class LoRASlots:
         self.users[req.lora_slot] -= 1
         req.lora_slot = -1
 
+    def remove(self, adapter_id: int) -> None:
+        """Forget an adapter that no request runs or waits with; the slot it held is free.
+        ValueError while running requests use it."""
+        slot = self.lru.get(adapter_id)
+        if slot is not None and self.users[slot]:
+            raise ValueError(f"adapter {adapter_id} is in use by {self.users[slot]} running requests")
+        if slot is not None:
+            del self.lru[adapter_id]
+            self.held[slot] = None
+        self.adapters.pop(adapter_id, None)
+
     def _fill(self, slot: int, adapter: Adapter) -> None:
         """Write the adapter into the slot in place: each module's A rows and B block (B with
         the scaling folded in), zeros elsewhere."""

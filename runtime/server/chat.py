@@ -77,7 +77,7 @@ def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """Answer a conversation; `stream: true` sends chunks as Server-Sent Events ending with [DONE]."""
     state = state_of(request)
-    state.check_model(body.model)
+    lora = state.check_model(body.model)
     if body.tools:
         raise invalid("tools are not supported", "tools")
     if body.response_format is not None and body.response_format.type != "text":
@@ -94,8 +94,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=logprobs,
                              renames={"max_tokens": max_param, "logprobs": "top_logprobs"})
     rid = new_id("chatcmpl")
-    stream = await add(state, [(rid, {"prompt_token_ids": ids, "prompt": text}, params)], "messages")
-    ctx = _Context(state, body, rid, len(ids), logprobs)
+    stream = await add(state, [(rid, {"prompt_token_ids": ids, "prompt": text}, params)], "messages", lora)
+    ctx = _Context(state, body, rid, len(ids), logprobs, state.model_of(lora))
     if body.stream:
         return EventStream(guarded(lambda: _events(ctx, stream)), stream)
     async with stream:
@@ -105,8 +105,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 class _Context:
     def __init__(self, state: ServerState, body: ChatCompletionRequest, rid: str, prompt_tokens: int,
-                 top: int | None):
+                 top: int | None, model: str):
         self.state, self.body, self.rid, self.prompt_tokens, self.top = state, body, rid, prompt_tokens, top
+        self.model = model
         self.texts = TokenTexts(state.engine.tokenizer)
 
     def logprobs(self, token_ids: list[int], entries: list) -> ChatLogprobs | None:
@@ -124,7 +125,7 @@ def _response(ctx: _Context, final: RequestOutput) -> ChatCompletionResponse:
                                   logprobs=ctx.logprobs(c.token_ids, c.logprobs or []),
                                   finish_reason=c.finish_reason))
     generated = sum(len(c.token_ids) for c in final.outputs)
-    return ChatCompletionResponse(id=ctx.rid, model=ctx.state.model_name, choices=choices,
+    return ChatCompletionResponse(id=ctx.rid, model=ctx.model, choices=choices,
                                   usage=Usage.of(ctx.prompt_tokens, generated))
 
 
@@ -138,7 +139,7 @@ def _delta_chunk(ctx: _Context, c: CompletionOutput) -> ChatChunkChoice | None:
 
 
 async def _events(ctx: _Context, stream: RequestStream) -> AsyncIterator[str]:
-    model, n = ctx.state.model_name, ctx.body.n or 1
+    model, n = ctx.model, ctx.body.n or 1
 
     def chunk(choice: ChatChunkChoice) -> str:
         return sse(ChatCompletionChunk(id=ctx.rid, model=model, choices=[choice]))

@@ -60,7 +60,7 @@ async def _prompts(state: ServerState, prompt: Any, n: int) -> list[Prompt]:
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     """Complete the prompt(s); `stream: true` sends Server-Sent Events ending with [DONE]."""
     state = state_of(request)
-    state.check_model(body.model)
+    lora = state.check_model(body.model)
     n = body.n or 1
     if body.suffix is not None:
         raise invalid("suffix is not supported", "suffix")
@@ -75,8 +75,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         max_tokens = check_prompt_length(state, len(ids), body.max_tokens, "prompt", "max_tokens")
         params = sampling_params(state, body, max_tokens=max_tokens, logprobs=body.logprobs, renames={})
         reqs.append((f"{rid}-{i}", {"prompt_token_ids": ids, "prompt": text}, params))
-    stream = await add(state, reqs, "prompt")
-    ctx = _Context(state, body, rid, prompts, n, [r[0] for r in reqs])
+    stream = await add(state, reqs, "prompt", lora)
+    ctx = _Context(state, body, rid, prompts, n, [r[0] for r in reqs], state.model_of(lora))
     if body.stream:
         return EventStream(guarded(lambda: _events(ctx, stream)), stream)
     async with stream:
@@ -86,8 +86,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 class _Context:
     def __init__(self, state: ServerState, body: CompletionRequest, rid: str, prompts: list[Prompt], n: int,
-                 request_ids: list[str]):
-        self.state, self.body, self.rid, self.prompts, self.n = state, body, rid, prompts, n
+                 request_ids: list[str], model: str):
+        self.state, self.body, self.rid, self.prompts, self.n, self.model = state, body, rid, prompts, n, model
         self.position = {r: i for i, r in enumerate(request_ids)}
         self.texts = TokenTexts(state.engine.tokenizer)
         self.prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -108,12 +108,12 @@ def _response(ctx: _Context, finals: dict[str, RequestOutput]) -> CompletionResp
                 lp = completion_logprobs(ctx.texts, c.token_ids, c.logprobs or [], ctx.body.logprobs, 0)
             choices.append(CompletionChoice(index=i * ctx.n + c.index, text=ctx.echo(i) + c.text,
                                             logprobs=lp, finish_reason=c.finish_reason))
-    return CompletionResponse(id=ctx.rid, model=ctx.state.model_name, choices=choices,
+    return CompletionResponse(id=ctx.rid, model=ctx.model, choices=choices,
                               usage=Usage.of(ctx.prompt_tokens, generated))
 
 
 async def _events(ctx: _Context, stream: RequestStream) -> AsyncIterator[str]:
-    model, generated = ctx.state.model_name, 0
+    model, generated = ctx.model, 0
     offsets: dict[int, int] = {}
     done: set[int] = set()
 

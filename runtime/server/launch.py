@@ -16,6 +16,7 @@ from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.server.app import build_app
 from kiln.runtime.server.body import DEFAULT_MAX_BYTES
+from kiln.runtime.server.lora import LoRAModule
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,16 @@ class GracefulServer(uvicorn.Server):
 def serve(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_waiting: int = 1024, shutdown_timeout: float = 30.0,
           log_level: str = "info", engine_kwargs: dict[str, Any] | None = None,
-          max_request_bytes: int = DEFAULT_MAX_BYTES, enable_docs: bool = False) -> int:
+          max_request_bytes: int = DEFAULT_MAX_BYTES, enable_docs: bool = False,
+          lora_modules: list[LoRAModule] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then shut down gracefully (see GracefulServer); returns the
     exit status: 0 after a graceful shutdown."""
     if max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
     engine = LLMEngine(artifact, **(engine_kwargs or {}))  # load before binding: fail fast
     app = build_app(engine, artifact=str(artifact), served_model_name=served_model_name, api_key=api_key,
-                    max_waiting=max_waiting, max_request_bytes=max_request_bytes, enable_docs=enable_docs)
+                    max_waiting=max_waiting, max_request_bytes=max_request_bytes, enable_docs=enable_docs,
+                    lora_modules=lora_modules or ())
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=BACKSTOP_S, lifespan="on")
     server = GracefulServer(config, app.state.kiln.async_engine, shutdown_timeout)

@@ -45,6 +45,12 @@ class _EngineCollector(Collector):
         for reason in sorted(set(FINISH_REASONS) | set(counts)):
             fin.add_metric([reason], counts.get(reason, 0))
         yield fin
+        if "lora" in s:  # vLLM's vllm:lora_requests_info: the adapters in use, as labels
+            lora = s["lora"]
+            info = GaugeMetricFamily("kiln_lora_requests_info", "LoRA adapters of the running and waiting requests.",
+                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            info.add_metric([str(lora["max_lora"]), ",".join(lora["running"]), ",".join(lora["waiting"])], 1)
+            yield info
 
 
 class ServerMetrics:

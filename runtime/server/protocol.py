@@ -170,3 +170,18 @@ class DetokenizeRequest(Strict):
 
     model: str | None = None
     tokens: list[TokenId]
+
+
+class LoadLoRAAdapterRequest(Strict):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    lora_name: Annotated[str, Field(min_length=1)]
+    lora_path: Annotated[str, Field(min_length=1)]
+    """A PEFT adapter directory on the server's filesystem."""
+
+
+class UnloadLoRAAdapterRequest(Strict):
+    """POST /v1/unload_lora_adapter: the adapter by name or by id (vLLM's body)."""
+
+    lora_name: str | None = None
+    lora_int_id: int | None = None

@@ -120,7 +120,9 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "kiln"
     root: str
-    """The artifact directory."""
+    """The served model's name; for a LoRA adapter its directory (as vLLM lists it)."""
+    parent: str | None = None
+    """For a LoRA adapter, the model it adapts."""
     max_model_len: int
 
 

@@ -24,12 +24,15 @@ from kiln.runtime.async_engine import (
     QueueFullError,
     RequestStream,
     RequestTooLargeError,
+    UnknownAdapterError,
 )
 from kiln.runtime.engine import LLMEngine
+from kiln.runtime.lora import LoRARequest
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.server.chat_template import ChatTemplate
 from kiln.runtime.server.errors import APIError, from_value_error, invalid
+from kiln.runtime.server.lora import LoRAModules
 from kiln.runtime.server.metrics import ServerMetrics
 from kiln.runtime.server.protocol import SamplingFields
 
@@ -47,16 +50,20 @@ class ServerState:
     model_name: str
     artifact: str
     chat_template: ChatTemplate | None
+    loras: LoRAModules
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def check_model(self, model: str | None) -> None:
-        """404 unless the request names the served model (or none)."""
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
-                           param="model", code="model_not_found")
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter the request's `model` names, or None for the served model (or no
+        name); 404 for another name."""
+        return self.loras.resolve(model)
+
+    def model_of(self, lora: LoRARequest | None) -> str:
+        """The `model` a response names: the adapter's name, or the served model's."""
+        return lora.lora_name if lora is not None else self.model_name
 
     @property
     def vocab_size(self) -> int:
@@ -179,10 +186,15 @@ def sampling_params(state: ServerState, body: SamplingFields, *, max_tokens: int
     return params
 
 
-async def add(state: ServerState, requests: list[tuple[str, Any, SamplingParams]], param: str) -> RequestStream:
-    """Queue a request's prompts; errors become 400 (prompt), 503 (queue full), 500 (engine)."""
+async def add(state: ServerState, requests: list[tuple[str, Any, SamplingParams]], param: str,
+              lora: LoRARequest | None = None) -> RequestStream:
+    """Queue a request's prompts (with its LoRA adapter); errors become 400 (prompt), 404 (an
+    adapter unloaded meanwhile), 503 (queue full), 500 (engine)."""
     try:
-        return await state.async_engine.add_requests(requests)
+        return await state.async_engine.add_requests(requests, lora)
+    except UnknownAdapterError as e:
+        raise APIError(404, f"{e}; GET /v1/models lists the models served", param="model",
+                       code="model_not_found") from None
     except RequestTooLargeError as e:
         raise too_large(str(e), param) from None
     except QueueFullError as e:
