@@ -81,6 +81,16 @@ def test_mixed_batch_matches_peft(artifact, adapters, expected, target):
     assert llm.engine.lora.num_loads == len(adapters)
 
 
+def test_preempted_requests_keep_their_adapters(artifact, adapters, expected):
+    """A KV cache of 6 blocks of 4 tokens holds two of these prompts but not their growth: the ten run by
+    preempting and recomputing, and every request still decodes with its own adapter."""
+    llm = LLM(artifact("llama", target="reference", max_lora_rank=16), enable_lora=True, max_loras=4,
+              max_lora_rank=16, num_kv_blocks=6, block_size=4)
+    got = _run(llm, adapters, [None, *adapters])
+    assert llm.engine.scheduler_stats()["preemptions"] > 0
+    assert got == expected
+
+
 def test_adapters_evicted_and_reloaded(artifact, adapters, expected):
     """Two slots for four adapters, each asked for twice: they take turns, reloaded from disk;
     the prefix cache keys blocks by adapter."""
