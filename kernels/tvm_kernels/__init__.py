@@ -42,7 +42,7 @@ as is, higher ranks with their leading dims merged (a view when strides allow, e
 MAT = "mat"
 """The argument is passed as [M, N], leading dims merged (a view when strides allow)."""
 
-MODULES = ("norms", "elementwise", "fused", "rope", "linear", "quant_linear")
+MODULES = ("norms", "elementwise", "fused", "rope", "linear", "quant_linear", "lora")
 """Kernel modules of this package whose builders take an OpInfo."""
 ATTENTION = "attention"
 """The optional paged-attention module (same contract; absent in a build without it)."""
