@@ -16,7 +16,8 @@ Two kernels, the rank vector kept in float32 between them:
 
 Splitting K spreads a batch-1 step's shrink over S programs (a's slot is R x K: 128 KiB at
 rank 16, K 4096, bfloat16) without atomics or a zeroed buffer. A token of slot -1 loads
-nothing of a, b or x (every load is masked by its liveness) and stores zeros. R is padded to
+nothing of a, b or x (every load is masked by its liveness) and stores zeros; so does one whose
+index is out of range (never a read past the slots; the reference would raise). R is padded to
 a power of two by masks (the lora pass makes R = max_rank x merged members, 48 for a QKV).
 Sums are float32 and y rounds once; the torch reference rounds the rank vector to x's dtype
 too, so 16-bit results differ from it by about one rounding of v.
@@ -42,19 +43,20 @@ TILE = 4096
 """Elements of a shrink tile ([BLOCK_R, BLOCK_K]) and of an expand tile ([BLOCK_N, BLOCK_R])."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NL"])  # the engine's slot count: one binary serves any
 def _shrink_kernel(
-    x_ptr, a_ptr, i_ptr, p_ptr, K, R, S, stride_xt, stride_xk, stride_al, stride_ar, stride_ak,
+    x_ptr, a_ptr, i_ptr, p_ptr, NL, K, R, S, stride_xt, stride_xk, stride_al, stride_ar, stride_ak,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     pdl.wait(PDL)
     slot = tl.load(i_ptr + t)
-    k_end = tl.where(slot >= 0, K, 0)  # a token without an adapter loads nothing
+    live = (slot >= 0) & (slot < NL)
+    k_end = tl.where(live, K, 0)  # a token without an adapter loads nothing
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    r_ok = offs_r < tl.where(slot >= 0, R, 0)
+    r_ok = offs_r < tl.where(live, R, 0)
     a_row = a_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_al + offs_r[:, None] * stride_ar
     x_row = x_ptr + t * stride_xt
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
@@ -68,9 +70,9 @@ def _shrink_kernel(
     tl.store(p_ptr + (t * S + s) * BLOCK_R + offs_r, tl.sum(acc, axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NL"])
 def _expand_kernel(
-    p_ptr, b_ptr, i_ptr, y_ptr, N, R, S, stride_bl, stride_bn, stride_br, stride_yt, stride_yn,
+    p_ptr, b_ptr, i_ptr, y_ptr, NL, N, R, S, stride_bl, stride_bn, stride_br, stride_yt, stride_yn,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -79,7 +81,7 @@ def _expand_kernel(
     pdl.wait(PDL)
     slot = tl.load(i_ptr + t)
     n_ok = offs_n < N
-    r_ok = offs_r < tl.where(slot >= 0, R, 0)  # a token without an adapter loads nothing, stores 0
+    r_ok = offs_r < tl.where((slot >= 0) & (slot < NL), R, 0)  # no adapter: nothing loaded, 0 stored
     v = tl.zeros([BLOCK_R], dtype=tl.float32)
     for s in range(S):
         v += tl.load(p_ptr + (t * S + s) * BLOCK_R + offs_r, mask=r_ok, other=0.0)
@@ -116,11 +118,11 @@ def lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, index: Tensor) -> None:
     part = torch.empty((t, s, block_r), dtype=torch.float32, device=x.device)  # [T, S, BLOCK_R]
     opts = pdl.options(x)
     _shrink_kernel[(t, s)](
-        x, a, index, part, k, r, s, *x.stride(), *a.stride(),
+        x, a, index, part, nl, k, r, s, *x.stride(), *a.stride(),
         BLOCK_R=block_r, BLOCK_K=block_k, K_SPLIT=K_SPLIT, num_warps=4, **opts,
     )
     _expand_kernel[(t, triton.cdiv(n, block_n))](
-        part, b, index, y, n, r, s, *b.stride(), *y.stride(),
+        part, b, index, y, nl, n, r, s, *b.stride(), *y.stride(),
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4, **opts,
     )
 

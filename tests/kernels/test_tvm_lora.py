@@ -77,6 +77,14 @@ def test_rank_padding_and_tokens_without_adapters():
     check(x, a, b, torch.full_like(index, -1))
 
 
+def test_an_index_past_the_slots_reads_nothing():
+    x, a, b, index = operands(37, 64, 32, 8, 3, torch.float32)
+    index[1::4] = 3
+    y = torch.full((37, 32), float("nan"), device=x.device)
+    launcher_of(kernel_of(x, a, b))([y], [x, a, b, index], {})
+    torch.testing.assert_close(y, OPS["lora"].impl(x, a, b, torch.where(index < 3, index, -1)), atol=1e-4, rtol=1e-4)
+
+
 def test_strided_x_and_y():
     _, a, b, index = operands(37, 48, 40, 8, 3)
     wide = torch.randn(37, 48 + 17)[:, 5: 5 + 48]  # rows of a merged projection
