@@ -7,7 +7,13 @@ without LoRA are clear errors."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -221,3 +227,44 @@ def test_parse_lora_modules():
     for bad in ("sql", "=/a", '{"name": "sql"}', "{oops"):
         with pytest.raises(ValueError, match="--lora-modules"):
             parse_lora_module(bad)
+
+
+def _kiln_serve(artifact, *args: str) -> tuple[subprocess.Popen, str]:
+    """`kiln serve ARTIFACT ARGS` on a free port; (process, base url) once it answers, or the
+    process after it exited."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "kiln.cli", "serve", str(artifact), "--port", str(port), "--num-kv-blocks", "64",
+           "--served-model-name", "tiny", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    return proc, url
+
+
+def test_kiln_serve_lora_flags(lora_artifact, adapters, llm):
+    poet = json.dumps({"name": "poet", "path": adapters["poet"], "base_model_name": "tiny"})
+    proc, url = _kiln_serve(lora_artifact, "--max-loras", "2", "--max-lora-rank", "8", "--lora-modules",
+                            f"sql={adapters['sql']}", poet)
+    try:
+        assert proc.poll() is None, proc.communicate()[0]
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+            assert [m["id"] for m in json.load(r)["data"]] == ["tiny", "sql", "poet"]
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps({"model": "sql", "prompt": PROMPT,
+                                     **PARAMS}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.load(r)["choices"][0]["text"] == _offline(llm, adapters, "sql")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    proc, _ = _kiln_serve(lora_artifact, "--max-lora-rank", "8", "--lora-modules", f"wide={adapters['wide']}")
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2 and "rank 16, above max_lora_rank=8" in out, out
