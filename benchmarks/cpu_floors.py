@@ -94,6 +94,11 @@ def _cost(kernel: str, outs: list, args: list) -> tuple[int, int]:
     if name.startswith("quantized_linear"):  # 2 FLOPs a weight a row; the weight's size from x and y
         x, y = args[0], outs[0]
         return sum(t.nbytes for t in ts) + out_bytes, 2 * (x.numel() // x.shape[-1]) * x.shape[-1] * y.shape[-1]
+    if name.startswith("lora"):  # the slots its tokens use, not every slot; R * (K + N) FMAs a token
+        x, a, b, index = args[:4]
+        live = index[(index >= 0) & (index < a.shape[0])]
+        return (x.nbytes + index.nbytes + out_bytes + int(live.unique().numel()) * (a[0].nbytes + b[0].nbytes),
+                2 * live.numel() * (a[0].numel() + b[0].numel()))
     return sum(t.nbytes for t in ts) + out_bytes, sum(t.numel() for t in outs)
 
 

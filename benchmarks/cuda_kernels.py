@@ -1,13 +1,15 @@
 """Per-kernel GPU timings against their floors: paged attention at the 8B shape (a 2048-token
 prefill beside torch's flash SDPA on the same shapes; decode at batch 1, 32 and 256 over 1024
 tokens; an offline-serving mixed step of 511 decodes and a 390-token prefill chunk, in the
-kernel's two launches and in the single launch it replaced) and the sampler's greedy rows. Each
+kernel's two launches and in the single launch it replaced), the sampler's greedy rows and the
+multi-LoRA `lora` kernel (8 adapters of rank 16 beside the 8B projections, against the op's
+torch reference and the bytes of the slots it reads). Each
 is timed as decode steps run it, replayed from a CUDA graph over memory that does not fit in L2
 (kiln.codegen.cuda.tune.graph_time_us); the per-shape linear choices are `kiln tune`'s table.
 Prints a table, writes JSON.
 
     python benchmarks/cuda_kernels.py [--shape llama-3.1-8b] [--out FILE]
-                                      [--only attention attention_mixed sampling]
+                                      [--only attention attention_mixed sampling lora]
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 import triton
 
 from kiln.codegen.cuda.tune import AttentionShape, attention_calls, graph_time_us
-from kiln.kernels.triton_kernels import attention, sampling
+from kiln.ir.ops import OPS
+from kiln.kernels.triton_kernels import attention, lora, sampling
 from kiln.models.shapes import shape_config
 
 
@@ -136,18 +139,48 @@ def sampling_table(vocab: int) -> dict:
     return res
 
 
+def _lora_case(k: int, n: int, t: int, slots: int, rank: int) -> tuple[float, float, int]:
+    """(kernel us, reference us, floor bytes) of one lora shape, going round copies of the slot
+    stacks that together pass the L2 (a step's 224 lora calls read theirs from memory)."""
+    slot_bytes = rank * (k + n) * 2
+    stacks = [(torch.randn(slots, rank, k, device="cuda").to(torch.bfloat16),
+               torch.randn(slots, n, rank, device="cuda").to(torch.bfloat16))
+              for _ in range(-(-(256 << 20) // (slots * slot_bytes)))]
+    x = torch.randn(t, k, device="cuda").to(torch.bfloat16)
+    index = (torch.arange(t, device="cuda") % slots).to(torch.int32)  # token i on slot i % slots
+    y = torch.empty(t, n, device="cuda", dtype=torch.bfloat16)
+    kiln_us = graph_time_us([lambda a=a, b=b: lora.lora(y, x, a, b, index) for a, b in stacks])
+    ref_us = graph_time_us([lambda a=a, b=b: OPS["lora"].impl(x, a, b, index) for a, b in stacks])
+    return kiln_us, ref_us, min(t, slots) * slot_bytes + x.nbytes + y.nbytes
+
+
+def lora_table(cfg, bw: float, slots: int = 8, rank: int = 16) -> dict:
+    """The lora kernel and the op's torch reference in bfloat16 at batch 1, 32 and 256 for the
+    q/o (N hidden) and gate/up (N intermediate) shapes; the floor reads each used slot once."""
+    res: dict = {}
+    k = cfg.hidden_size
+    for n, t in itertools.product((cfg.hidden_size, cfg.intermediate_size), (1, 32, 256)):
+        kiln_us, ref_us, nbytes = _lora_case(k, n, t, slots, rank)
+        floor_us = nbytes / bw * 1e6
+        res[f"n{n}_t{t}"] = {"us": kiln_us, "reference_us": ref_us, "floor_us": floor_us}
+        print(f"lora k={k} n={n:<6} t={t:<4} {kiln_us:7.1f} us  reference {ref_us:7.1f} us  floor {floor_us:5.1f} us",
+              flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--out", default="benchmarks/results/cuda-kernels.json")
-    ap.add_argument("--only", nargs="+", choices=("attention", "attention_mixed", "sampling"),
-                    default=("attention", "attention_mixed", "sampling"), help="the tables to run")
+    ap.add_argument("--only", nargs="+", choices=("attention", "attention_mixed", "sampling", "lora"),
+                    default=("attention", "attention_mixed", "sampling", "lora"), help="the tables to run")
     a = ap.parse_args()
     bw = copy_bandwidth()
     cfg = shape_config(a.shape)
     tables = {"attention": ("attention", lambda: attention_table(cfg, bw)),
               "attention_mixed": ("attention_mixed", lambda: attention_mixed_table(cfg)),
-              "sampling": ("sampling_greedy_us", lambda: sampling_table(128256))}
+              "sampling": ("sampling_greedy_us", lambda: sampling_table(128256)),
+              "lora": ("lora", lambda: lora_table(cfg, bw))}
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "copy_bandwidth_GBps": bw / 1e9, "shape": a.shape}
     report |= {key: table() for name, (key, table) in tables.items() if name in a.only}
