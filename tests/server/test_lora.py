@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -143,18 +144,21 @@ def test_load_unload_round_trip(lora_server, llm, adapters):
 
 
 def test_unload_while_running_lets_the_request_finish(lora_server, llm, adapters, monkeypatch):
-    """The adapter is unloaded while its request runs (each step slowed down): the request ends
-    with the adapter's text, and only then is the slot freed."""
+    """The adapter is unloaded while its request runs (held after its first step until the
+    unload is done): the request ends with the adapter's text, and only then is the slot freed."""
     engine = lora_server.state.engine
     step = engine.step
+    unloaded = threading.Event()
 
-    def slow_step(*args, **kwargs):
-        time.sleep(0.05)
+    def held_step(*args, **kwargs):
+        if not unloaded.is_set() and any(r.adapter_id == lora_id for r in engine.scheduler.running):
+            time.sleep(0.002)  # no step, but the engine loop still takes commands (the unload)
+            return []
         return step(*args, **kwargs)
 
     assert _post(lora_server, "/v1/load_lora_adapter", {"lora_name": "tmp", "lora_path": adapters["poet"]})[0] == 200
     lora_id = lora_server.state.loras.by_name["tmp"].lora_int_id
-    monkeypatch.setattr(engine, "step", slow_step)
+    monkeypatch.setattr(engine, "step", held_step)
 
     async def run() -> tuple[str, bool]:
         client = lora_server.async_client(KEY)
@@ -163,7 +167,9 @@ def test_unload_while_running_lets_the_request_finish(lora_server, llm, adapters
             await asyncio.sleep(0.005)
         status, _ = await asyncio.to_thread(_post, lora_server, "/v1/unload_lora_adapter", {"lora_name": "tmp"})
         assert status == 200
+        assert _complete(lora_server, "tmp")[0] == 404
         still_held = lora_id in engine.lora.adapters and not task.done()
+        unloaded.set()
         return (await task).choices[0].text, still_held
 
     text, still_held = asyncio.run(run())
@@ -171,7 +177,6 @@ def test_unload_while_running_lets_the_request_finish(lora_server, llm, adapters
     assert text == _offline(llm, adapters, "poet")
     lora_server.wait_idle()
     assert lora_id not in engine.lora.adapters and lora_id not in engine.lora.held
-    assert _complete(lora_server, "tmp")[0] == 404
 
 
 def test_load_errors(lora_server, adapters, tmp_path):
