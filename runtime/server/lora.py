@@ -88,7 +88,9 @@ class LoRAModules:
         if not self.enabled:
             raise invalid("this server serves no LoRA adapters: start it with --enable-lora (and --max-loras, "
                           "--max-lora-rank) on an artifact compiled with --max-lora-rank", param)
-        if name == self.base_model_name or name in self.by_name or name in self.loading:
+        if name == self.base_model_name:
+            raise invalid(f"'{name}' is the served model's name; give the adapter another", "lora_name")
+        if name in self.by_name or name in self.loading:
             raise invalid(f"The lora adapter '{name}' has already been loaded.", "lora_name")
         return LoRARequest(name, next(self._ids), path)
 

@@ -183,9 +183,9 @@ def test_load_errors(lora_server, adapters, tmp_path):
     def load(name, path):
         return _post(lora_server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
-    for name in ("poet", "tiny-llama"):
+    for name, message in (("poet", "already been loaded"), ("tiny-llama", "the served model's name")):
         status, body = load(name, adapters["poet"])
-        assert status == 400 and "already been loaded" in body["error"]["message"], body
+        assert status == 400 and message in body["error"]["message"] and body["error"]["param"] == "lora_name", body
     status, body = load("wide", adapters["wide"])
     assert status == 400 and "rank 16, above max_lora_rank=8" in body["error"]["message"]
     assert body["error"]["param"] == "lora_path"
