@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/python -m kiln.models.smollm2 $(SMOL_CACHE)
-	$(BIN)/compile-model $(SMOL_GGUF) -o $(SMOL_ARTIFACT) --force
+	$(BIN)/compile-model $(SMOL_GGUF) -o $(SMOL_ARTIFACT) --target cpu --force
 	@echo "Q: $(QUESTION)"
 	@$(BIN)/kiln chat $(SMOL_ARTIFACT) --message '$(QUESTION)'
 
