@@ -199,6 +199,29 @@ def test_the_cuda_lowering_runs_int_and_fp8_weights_in_triton():
     assert lowered.fallbacks == []
 
 
+def test_float_offsets_run_the_reference():
+    # GGUF's Q4_1 (has_offsets): no Triton kernel; the launcher and the lowering take the reference
+    from kiln.codegen.cuda import lower
+
+    ops = operands(16, 64, 4, 32, False, False, torch.float32)
+    offsets = -ops["scales"] * 8
+    attrs = dict(format="int", bits=4, group_size=32, has_offsets=True, act="none", dtype="float32", has_zeros=False,
+                 has_g_idx=False, has_bias=True)
+    assert not covers(attrs)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    args = [x, ops["qweight"], ops["scales"], offsets, ops["bias"]]
+    y = torch.empty(3, 16)
+    LAUNCHERS["quantized_linear"]([y], args, attrs)
+    torch.testing.assert_close(y, REF(*args, **attrs), rtol=0, atol=0)
+    xn = input_node("x", TensorType("float32", ("T", 64)))
+    node = make("quantized_linear", [xn, *(param_node(f"o.{name}", TensorType(str(t.dtype)[6:], tuple(t.shape)))
+                                           for name, t in (("qweight", ops["qweight"]), ("scales", ops["scales"]),
+                                                           ("offsets", offsets), ("bias", ops["bias"])))], **attrs)
+    lowered = lower(Graph([], []).with_nodes([xn], [node]))
+    assert [s.kernel for s in lowered.plan.steps] == ["torch:quantized_linear"]
+    assert lowered.fallbacks == ["quantized_linear"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 64, 300])
 @pytest.mark.parametrize("bits,group,zeros,g_idx", [(4, 128, True, False), (4, 128, False, True), (8, None, False, False),
