@@ -2,8 +2,8 @@
 prefill beside torch's flash SDPA on the same shapes; decode at batch 1, 32 and 256 over 1024
 tokens; an offline-serving mixed step of 511 decodes and a 390-token prefill chunk, in the
 kernel's two launches and in the single launch it replaced), the sampler's greedy rows and the
-multi-LoRA `lora` kernel (8 adapters of rank 16 beside the 8B projections, against the op's
-torch reference and the bytes of the slots it reads). Each
+multi-LoRA `lora` kernel (8 adapters of rank 16 added to the 8B projections' results, against
+the op's torch reference and the bytes of the slots and rows it reads and writes). Each
 is timed as decode steps run it, replayed from a CUDA graph over memory that does not fit in L2
 (kiln.codegen.cuda.tune.graph_time_us); the per-shape linear choices are `kiln tune`'s table.
 Prints a table, writes JSON.
@@ -148,15 +148,17 @@ def _lora_case(k: int, n: int, t: int, slots: int, rank: int) -> tuple[float, fl
               for _ in range(-(-(256 << 20) // (slots * slot_bytes)))]
     x = torch.randn(t, k, device="cuda").to(torch.bfloat16)
     index = (torch.arange(t, device="cuda") % slots).to(torch.int32)  # token i on slot i % slots
-    y = torch.empty(t, n, device="cuda", dtype=torch.bfloat16)
-    kiln_us = graph_time_us([lambda a=a, b=b: lora.lora(y, x, a, b, index) for a, b in stacks])
-    ref_us = graph_time_us([lambda a=a, b=b: OPS["lora"].impl(x, a, b, index) for a, b in stacks])
-    return kiln_us, ref_us, min(t, slots) * slot_bytes + x.nbytes + y.nbytes
+    base = torch.randn(t, n, device="cuda").to(torch.bfloat16)  # the linear's result, as the lora pass emits
+    y = torch.empty_like(base)
+    kiln_us = graph_time_us([lambda a=a, b=b: lora.lora(y, x, a, b, index, base) for a, b in stacks])
+    ref_us = graph_time_us([lambda a=a, b=b: OPS["lora"].impl(x, a, b, index, base) for a, b in stacks])
+    return kiln_us, ref_us, min(t, slots) * slot_bytes + x.nbytes + base.nbytes + y.nbytes
 
 
 def lora_table(cfg, bw: float, slots: int = 8, rank: int = 16) -> dict:
     """The lora kernel and the op's torch reference in bfloat16 at batch 1, 32 and 256 for the
-    q/o (N hidden) and gate/up (N intermediate) shapes; the floor reads each used slot once."""
+    q/o (N hidden) and gate/up (N intermediate) shapes; the floor reads each used slot, x and
+    base once and writes y."""
     res: dict = {}
     k = cfg.hidden_size
     for n, t in itertools.product((cfg.hidden_size, cfg.intermediate_size), (1, 32, 256)):

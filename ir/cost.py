@@ -40,9 +40,10 @@ def node_flops(n: Node, b: Mapping[str, int] = NOMINAL) -> int:
     if n.op == "expert_linear":
         x, w = ins[0], ins[1]
         return 2 * x.numel(b) * evaluate(w.shape[-2], b)
-    if n.op == "lora":  # shrink x [T, K] to rank R, expand to N: per token R * (K + N) multiply-adds
+    if n.op == "lora":  # shrink x [T, K] to rank R, expand to N: per token R * (K + N) multiply-adds (+ N: base)
         _, rank, k = (evaluate(d, b) for d in ins[1].shape)
-        return 2 * evaluate(ins[0].shape[0], b) * rank * (k + evaluate(n.type.shape[-1], b))
+        t, out = evaluate(ins[0].shape[0], b), evaluate(n.type.shape[-1], b)
+        return 2 * t * rank * (k + out) + (t * out if len(ins) == 5 else 0)
     if n.op == "matmul":
         k = evaluate(ins[0].shape[-1], b)
         return 2 * n.type.numel(b) * k

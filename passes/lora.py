@@ -57,8 +57,8 @@ def _key(modules: list[str]) -> str:
 class Lora(Pass):
     """Matches: `linear(x [T, K], W)` whose weight depends on params only and belongs to a
     module named in `targets` (W a param, a dequantized packed weight, or merge-projections'
-    row `cat` of them, each member one module). Emits: add(linear(x, W), lora(x, A, B,
-    lora_index)) with graph inputs `lora.<module>.a` [NL, R, K] and `.b` [NL, N, R] (engine-owned
+    row `cat` of them, each member one module). Emits: lora(x, A, B, lora_index, linear(x, W))
+    (the update added to the linear's result by the lora kernel) with graph inputs `lora.<module>.a` [NL, R, K] and `.b` [NL, N, R] (engine-owned
     slot stacks, NL symbolic) and the per-token step input `lora_index` [T]. A merged linear gets
     one lora op: R = max_rank x its targeted members, A's rank rows stacked member by member, B
     block-diagonal (member i's output rows read only its rank columns; untargeted members' rows
@@ -84,7 +84,7 @@ class Lora(Pass):
             rank = layout["rank"]
             a = input_node(a_name, TensorType(w.type.dtype, (LORA_SLOTS, rank, x.type.shape[1])))
             b = input_node(b_name, TensorType(w.type.dtype, (LORA_SLOTS, n.type.shape[1], rank)))
-            replace[n] = make("add", [n, make("lora", [x, a, b, index])])
+            replace[n] = make("lora", [x, a, b, index, n])
             linears[key] = layout
         if not replace:
             raise ValueError(f"no linear layer of modules {', '.join(self.targets)} to add LoRA to; the model's "
@@ -137,7 +137,7 @@ def lora_pass(max_rank: int | None, targets: Sequence[str] | None) -> Lora | Non
 def with_lora_pass(names: list[str]) -> list[str]:
     """The pipeline with the lora pass after merge-projections (so merged linears get one lora
     op), else before the first fusion; always before quantized-linear and the fusions that read
-    linears (gated-linear, weight-panels), which keep the add beside the linear they rewrite."""
+    linears (gated-linear, weight-panels), which keep the lora reading the linear they rewrite."""
     if Lora.name in names:
         return names
     if "merge-projections" in names:

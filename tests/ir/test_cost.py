@@ -41,3 +41,18 @@ def test_coverage_splits_kernel_set_and_generic_ops():
     assert cov.kernel_ops == {"linear": 1, "silu_and_mul": 1}
     # @w feeds a kernel op only, @g a generic mul: 16*8*4 of 16*8*4 + 8*4 bytes covered
     assert cov.kernel_weight_bytes == 16 * 8 * 4 and cov.weight_bytes == 16 * 8 * 4 + 8 * 4
+
+
+def test_lora_flops_count_the_base_add():
+    g = parse_graph("""graph {
+  %x = input : f32[T,8]
+  %a = input : f32[NL,4,8]
+  %b = input : f32[NL,16,4]
+  %i = input : i32[T]
+  %base = input : f32[T,16]
+  %0 = lora(%x, %a, %b, %i) : f32[T,16]
+  %1 = lora(%x, %a, %b, %i, %base) : f32[T,16]
+  return %0, %1
+}""")
+    update, with_base = (node_flops(n, {"T": 10, "NL": 2}) for n in g.ops())
+    assert update == 2 * 10 * 4 * (8 + 16) and with_base == update + 10 * 16

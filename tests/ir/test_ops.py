@@ -208,6 +208,8 @@ CASES: list[Case] = [
          {2: lambda t: torch.arange(t) % 3}),
     Case("lora", ["f32[T,8]", "f32[3,4,8]", "f32[3,6,4]", "i32[T]"], {}, "f32[T,6]",
          {3: lambda t: (torch.arange(t) % 4 - 1).to(torch.int32)}),
+    Case("lora", ["f32[T,8]", "f32[3,4,8]", "f32[3,6,4]", "i32[T]", "f32[T,6]"], {}, "f32[T,6]",
+         {3: lambda t: (torch.arange(t) % 4 - 1).to(torch.int32)}),
     # quantized weights (ir/ops/quant.py, quant_linear.py): canonical packed ints, fp8 blocks
     Case("dequant_int", ["u8[6,4]", "f16[6,2]", "u8[6,2]"], {"bits": 4, "group_size": 4, "dtype": "float32"},
          "f32[6,8]"),

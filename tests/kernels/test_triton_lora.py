@@ -1,7 +1,8 @@
 """The Triton `lora` (shrink and expand, one token's slot per program) against the op's torch
-reference: mixed slots, tokens without an adapter (-1), a rank padded by zero rows, strided x
-(float32 and float16 in Triton's interpreter without a GPU; bfloat16 at model sizes on one);
-and the cuda lowering running it as a kernel, not a fallback."""
+reference: mixed slots, tokens without an adapter (-1), a rank padded by zero rows, strided x,
+with and without base (the linear's result the update is added to; float32 and float16 in
+Triton's interpreter without a GPU; bfloat16 at model sizes on one); and the cuda lowering
+running it as a kernel, not a fallback."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from kiln.kernels.triton_kernels.lora import K_SPLIT, LAUNCHERS
 from kiln.passes.base import make
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# The kernel keeps the rank vector in float32 where the reference rounds it to x's dtype.
+# The kernel keeps the rank vector and the update in float32 where the reference rounds them to x's dtype.
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
@@ -35,12 +36,14 @@ def operands(t: int, k: int, n: int, r: int, nl: int, dtype: torch.dtype, rank: 
     return tuple(v.to(device=DEV, dtype=dtype) for v in (x, a, b)) + (index.to(DEV),)
 
 
-def check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> None:
-    want = OPS["lora"].impl(x, a, b, index)
+def check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
+          base: torch.Tensor | None = None) -> None:
+    args = [x, a, b, index, *([] if base is None else [base])]
+    want = OPS["lora"].impl(*args)
     y = torch.full_like(want, float("nan"))
-    LAUNCHERS["lora"]([y], [x, a, b, index], {})
+    LAUNCHERS["lora"]([y], args, {})
     torch.testing.assert_close(y, want, atol=TOL[x.dtype], rtol=TOL[x.dtype])
-    assert (y[index < 0] == 0).all()
+    assert (y[index < 0] == (0 if base is None else base[index < 0])).all()  # -1: the base row exactly
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -51,6 +54,17 @@ def check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor
 ])
 def test_lora_matches_the_reference(dtype, t, k, n, r, nl):
     check(*operands(t, k, n, r, nl, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("t", "k", "n", "r", "nl"), [(1, 64, 48, 8, 2), (37, K_SPLIT + 72, 300, 12, 4)])
+def test_base_is_added(dtype, t, k, n, r, nl):
+    x, a, b, index = operands(t, k, n, r, nl, dtype)
+    index[1::3] = -1
+    check(x, a, b, index, base=torch.randn(t, n, device=DEV).to(dtype))
+    wide = torch.randn(t, n + 24, device=DEV).to(dtype)[:, 8: 8 + n]  # a slice of a merged projection's result
+    check(x, a, b, index, base=wide)
+    check(x, a, b, index, base=wide.t().contiguous().t())  # column-major base: a stride along N
 
 
 def test_rank_padding_and_tokens_without_adapters():
@@ -84,6 +98,8 @@ def test_shapes_are_checked():
         LAUNCHERS["lora"]([torch.empty(3, 8, device=DEV)], [x, a, b, index.long()], {})
     with pytest.raises(ValueError, match="lora"):
         LAUNCHERS["lora"]([torch.empty(3, 8, device=DEV)], [x, a, b[:, :, :2], index], {})
+    with pytest.raises(ValueError, match="base"):
+        LAUNCHERS["lora"]([torch.empty(3, 8, device=DEV)], [x, a, b, index, torch.empty(3, 7, device=DEV)], {})
 
 
 def test_the_cuda_lowering_runs_lora_in_triton():
@@ -93,10 +109,11 @@ def test_the_cuda_lowering_runs_lora_in_triton():
     a = input_node("lora.q.a", TensorType("bfloat16", ("NL", 8, 32)))
     b = input_node("lora.q.b", TensorType("bfloat16", ("NL", 16, 8)))
     index = input_node("lora_index", TensorType("int32", ("T",)))
-    y = make("lora", [x, a, b, index])
-    lowered = lower(Graph([], []).with_nodes([x, a, b, index], [y]))
-    assert [s.kernel for s in lowered.plan.steps] == ["triton:lora"]
-    assert lowered.fallbacks == []
+    base = input_node("base", TensorType("bfloat16", ("T", 16)))
+    for ins in ([x, a, b, index], [x, a, b, index, base]):
+        lowered = lower(Graph([], []).with_nodes(ins, [make("lora", ins)]))
+        assert [s.kernel for s in lowered.plan.steps] == ["triton:lora"]
+        assert lowered.fallbacks == []
 
 
 @pytest.mark.gpu
@@ -105,3 +122,4 @@ def test_the_cuda_lowering_runs_lora_in_triton():
 def test_bfloat16_at_model_size(n, t):
     x, a, b, index = operands(t, 4096, n, 16, 8, torch.bfloat16, rank=12)
     check(x, a, b, index)
+    check(x, a, b, index, base=torch.randn(t, n, device=DEV, dtype=torch.bfloat16))

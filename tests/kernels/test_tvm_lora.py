@@ -1,6 +1,7 @@
 """The TVM `lora` (a shrink and an expand per token, reading its slot's rows) against the op's
 torch reference: mixed slots, tokens without an adapter (-1), a rank padded by zero rows,
-strided x and y, 16-bit dtypes, every knob; and the cpu lowering building it, not a fallback.
+strided x and y, 16-bit dtypes, every knob, with and without base (the linear's result the update
+is added to); and the cpu lowering building it, not a fallback.
 Compiled for this CPU."""
 
 from __future__ import annotations
@@ -38,30 +39,32 @@ def operands(t: int, k: int, n: int, r: int, nl: int, dtype=torch.float32, rank:
     return x.to(dtype), a.to(dtype), b.to(dtype), index
 
 
-def kernel_of(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: dict | None = None):
+def kernel_of(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: dict | None = None, base: bool = False):
     dt = dtype_name(x.dtype)
+    out = TensorType(dt, ("T", b.shape[1]))
     info = OpInfo("lora", (TensorType(dt, ("T", x.shape[1])), TensorType(dt, ("NL", *a.shape[1:])),
-                           TensorType(dt, ("NL", *b.shape[1:])), TensorType("int32", ("T",))),
-                  (TensorType(dt, ("T", b.shape[1])),))
+                           TensorType(dt, ("NL", *b.shape[1:])), TensorType("int32", ("T",)), *([out] if base else [])),
+                  (out,))
     kernel = build(info, config)
     assert kernel is not None
     return kernel
 
 
 def check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, y: torch.Tensor | None = None,
-          config: dict | None = None) -> None:
-    want = OPS["lora"].impl(x, a, b, index)
+          config: dict | None = None, base: torch.Tensor | None = None) -> None:
+    args = [x, a, b, index, *([] if base is None else [base])]
+    want = OPS["lora"].impl(*args)
     y = torch.full_like(want, float("nan")) if y is None else y.fill_(float("nan"))
-    kernel = kernel_of(x, a, b, config)
+    kernel = kernel_of(x, a, b, config, base=base is not None)
     if config:
         from kiln.codegen.cpu.build import compile_kernels
         from kiln.kernels.tvm_provider import make_launcher
 
-        make_launcher(compile_kernels([kernel])[kernel.name], kernel.table())([y], [x, a, b, index], {})
+        make_launcher(compile_kernels([kernel])[kernel.name], kernel.table())([y], args, {})
     else:
-        launcher_of(kernel)([y], [x, a, b, index], {})
+        launcher_of(kernel)([y], args, {})
     torch.testing.assert_close(y, want, atol=TOL[x.dtype], rtol=TOL[x.dtype])
-    assert (y[index < 0] == 0).all()
+    assert (y[index < 0] == (0 if base is None else base[index < 0])).all()  # -1: the base row exactly
 
 
 @pytest.mark.parametrize("t", [1, 37])
@@ -97,11 +100,23 @@ def test_16_bit(dtype):
     check(*operands(37, 64, 48, 16, 3, dtype=dtype, rank=11))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 37])
+def test_base_is_added(dtype, t):
+    x, a, b, index = operands(t, 64, 48, 16, 3, dtype=dtype, rank=11)
+    index[::3] = -1
+    check(x, a, b, index, base=torch.randn(t, 48).to(dtype))
+    wide = torch.randn(t, 48 + 24).to(dtype)[:, 8: 8 + 48]  # a slice of a merged projection's result
+    check(x, a, b, index, y=torch.empty(t, 48 + 9, dtype=dtype)[:, 2: 2 + 48], base=wide)
+
+
 @pytest.mark.parametrize("knob", sorted(KNOBS["lora"]))
 def test_every_knob_gives_the_same_result(knob):
     x, a, b, index = operands(37, 64, 48, 16, 3)
+    base = torch.randn(37, 48)
     for value in KNOBS["lora"][knob]:
         check(x, a, b, index, config={knob: value})
+        check(x, a, b, index, config={knob: value}, base=base)
 
 
 def test_a_config_that_does_not_divide_the_shape_is_refused():
@@ -126,4 +141,8 @@ def test_the_cpu_lowering_builds_lora():
     index = input_node("lora_index", TensorType("int32", ("T",)))
     lowered = lower(Graph([], []).with_nodes([x, a, b, index], [make("lora", [x, a, b, index])]))
     assert [s.kernel for s in lowered.plan.steps] == ["tvm:lora_k32n16r8_f32"]
+    assert lowered.fallbacks == []
+    base = input_node("base", TensorType("float32", ("T", 16)))
+    lowered = lower(Graph([], []).with_nodes([x, a, b, index, base], [make("lora", [x, a, b, index, base])]))
+    assert [s.kernel for s in lowered.plan.steps] == ["tvm:lora_k32n16r8_f32_base"]
     assert lowered.fallbacks == []

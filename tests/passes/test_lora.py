@@ -1,5 +1,6 @@
-"""lora: a lora op beside each targeted linear (one per merged projection, B block-diagonal);
-the fusions after it keep the add; the op's type rule; --verify with random adapters."""
+"""lora: a lora op after each targeted linear, adding its update to the linear's result (one per
+merged projection, B block-diagonal; no separate add); the fusions after it keep it reading the
+linear; the op's type rule, with and without base; --verify with random adapters."""
 
 from __future__ import annotations
 
@@ -39,28 +40,26 @@ AFTER = """graph {
   %input_ids = input : i64[T]
   @embed = param : f32[16,8]
   %0 = embedding(@embed, %input_ids) : f32[T,8]
+  %lora.layers.0.attn.q_proj-v_proj.a = input : f32[NL,4,8]
+  %lora.layers.0.attn.q_proj-v_proj.b = input : f32[NL,16,4]
+  %lora_index = input : i32[T]
   @layers.0.attn.q_proj.weight = param : f32[8,8]
   @layers.0.attn.k_proj.weight = param : f32[4,8]
   @layers.0.attn.v_proj.weight = param : f32[4,8]
   %1 = cat(@layers.0.attn.q_proj.weight, @layers.0.attn.k_proj.weight, @layers.0.attn.v_proj.weight) {"dim": 0} : f32[16,8]
   %2 = linear(%0, %1) : f32[T,16]
-  %lora.layers.0.attn.q_proj-v_proj.a = input : f32[NL,4,8]
-  %lora.layers.0.attn.q_proj-v_proj.b = input : f32[NL,16,4]
-  %lora_index = input : i32[T]
-  %3 = lora(%0, %lora.layers.0.attn.q_proj-v_proj.a, %lora.layers.0.attn.q_proj-v_proj.b, %lora_index) : f32[T,16]
-  %4 = add(%2, %3) : f32[T,16]
-  %5 = slice(%4) {"dim": 1, "start": 8, "end": 12, "step": 1} : f32[T,4]
-  %6 = slice(%4) {"dim": 1, "start": 12, "end": 16, "step": 1} : f32[T,4]
-  %7 = add(%5, %6) : f32[T,4]
-  @layers.0.attn.o_proj.weight = param : f32[8,4]
-  %8 = linear(%7, @layers.0.attn.o_proj.weight) : f32[T,8]
+  %3 = lora(%0, %lora.layers.0.attn.q_proj-v_proj.a, %lora.layers.0.attn.q_proj-v_proj.b, %lora_index, %2) : f32[T,16]
+  %4 = slice(%3) {"dim": 1, "start": 8, "end": 12, "step": 1} : f32[T,4]
+  %5 = slice(%3) {"dim": 1, "start": 12, "end": 16, "step": 1} : f32[T,4]
+  %6 = add(%4, %5) : f32[T,4]
   %lora.layers.0.attn.o_proj.a = input : f32[NL,2,4]
   %lora.layers.0.attn.o_proj.b = input : f32[NL,8,2]
-  %9 = lora(%7, %lora.layers.0.attn.o_proj.a, %lora.layers.0.attn.o_proj.b, %lora_index) : f32[T,8]
-  %10 = add(%8, %9) : f32[T,8]
+  @layers.0.attn.o_proj.weight = param : f32[8,4]
+  %7 = linear(%6, @layers.0.attn.o_proj.weight) : f32[T,8]
+  %8 = lora(%6, %lora.layers.0.attn.o_proj.a, %lora.layers.0.attn.o_proj.b, %lora_index, %7) : f32[T,8]
   @lm_head.weight = param : f32[16,8]
-  %11 = linear(%10, @lm_head.weight) : f32[T,16]
-  return %11
+  %9 = linear(%8, @lm_head.weight) : f32[T,16]
+  return %9
 }
 """
 LAYOUT = {
@@ -91,9 +90,12 @@ def test_base_model_unchanged_and_random_adapters_flow_through_fusions():
 def test_op_matches_per_token_loop():
     g = torch.Generator().manual_seed(0)
     x, a, b = torch.randn(5, 8, generator=g), torch.randn(3, 4, 8, generator=g), torch.randn(3, 6, 4, generator=g)
+    base = torch.randn(5, 6, generator=g)
     index = torch.tensor([0, -1, 2, 1, 0], dtype=torch.int32)
     want = torch.stack([b[i] @ (a[i] @ x[t]) if i >= 0 else torch.zeros(6) for t, i in enumerate(index.tolist())])
     torch.testing.assert_close(OPS["lora"].impl(x, a, b, index), want)
+    torch.testing.assert_close(OPS["lora"].impl(x, a, b, index, base), base + want)
+    assert torch.equal(OPS["lora"].impl(x, a, b, index, base)[1], base[1])  # -1: the base row itself
 
 
 @pytest.mark.parametrize(("types", "message"), [
@@ -102,6 +104,10 @@ def test_op_matches_per_token_loop():
     ((("float32", ("T", 7)), ("float32", ("NL", 4, 8)), ("float32", ("NL", 6, 4)), ("int32", ("T",))), "K or T"),
     ((("float32", ("T", 8)), ("float16", ("NL", 4, 8)), ("float32", ("NL", 6, 4)), ("int32", ("T",))), "dtype"),
     ((("float32", ("T", 8)), ("float32", (4, 8)), ("float32", ("NL", 6, 4)), ("int32", ("T",))), "lora takes"),
+    ((("float32", ("T", 8)), ("float32", ("NL", 4, 8)), ("float32", ("NL", 6, 4)), ("int32", ("T",)),
+      ("float32", ("T", 5))), "base"),
+    ((("float32", ("T", 8)), ("float32", ("NL", 4, 8)), ("float32", ("NL", 6, 4)), ("int32", ("T",)),
+      ("float16", ("T", 6))), "base"),
 ])
 def test_type_rule_errors(types, message):
     with pytest.raises(VerifyError, match=message):
@@ -150,12 +156,13 @@ QUANT = """graph {
 }"""
 
 
-def test_quantized_base_keeps_the_lora_add():
+def test_quantized_base_keeps_the_lora():
     graph = Lora(max_rank=4, targets=("o_proj",)).apply(parse_graph(QUANT))
     out = get_pass("quantized-linear").apply(graph)
     verify(out)
-    add = out.outputs[0]
-    assert add.op == "add" and [i.op for i in add.inputs] == ["quantized_linear", "lora"]
+    lora = out.outputs[0]
+    assert lora.op == "lora" and lora.inputs[4].op == "quantized_linear"
+    assert check_equivalent("quantized-linear", graph, out, weight_fn(random_weights(graph))) < 1e-5
     assert out.meta["lora"]["linears"]["attn.o_proj"]["modules"][0]["name"] == "attn.o_proj"
 
 

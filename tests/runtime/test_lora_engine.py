@@ -160,7 +160,7 @@ def test_slots_evict_least_recent_idle_adapter_in_place(artifact, adapters):
 
 
 def test_quantized_base(checkpoint, adapters, tmp_path):
-    """int8 weights: the lora add sits beside each quantized_linear; --verify runs random
+    """int8 weights: each lora adds its update to a quantized_linear's result; --verify runs random
     adapters through the passes after lora; adapters change the tokens."""
     art = kiln.compile(checkpoint("llama"), tmp_path / "int8", quantize="int8", max_lora_rank=16, verify_passes=True)
     graph = json.loads((art / "graph.json").read_text())
