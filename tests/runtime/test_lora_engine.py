@@ -72,8 +72,10 @@ def _run(llm: LLM, adapters: dict[str, LoRARequest], order: list[str | None]):
     return {pair: out.outputs[0].token_ids for pair, out in zip(pairs, outs, strict=True)}
 
 
-@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("target", ["reference", "cpu", "cuda"])
 def test_mixed_batch_matches_peft(artifact, adapters, expected, target):
+    """cuda: Triton's interpreter on the CPU without a GPU (the lora kernels and the cuda
+    lowering end to end), the compiled kernels with one."""
     llm = LLM(artifact("llama", target=target, max_lora_rank=16), enable_lora=True, max_loras=4, max_lora_rank=16)
     got = _run(llm, adapters, [None, *adapters])
     assert got == expected
