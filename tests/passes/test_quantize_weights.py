@@ -18,7 +18,7 @@ from kiln.ir.graph import Graph
 from kiln.ir.interpreter import run_graph
 from kiln.ir.ops.quant import unpack_int
 from kiln.ir.ops.quantize import fp8_quantize, int_dequantize, int_quantize
-from kiln.passes.awq import search_scale
+from kiln.passes.awq import awq_scales, collect_inputs, row_plan, search_scale
 from kiln.passes.quantize_weights import QuantizeWeights, int4_group_size
 
 BEFORE = """graph {
@@ -228,6 +228,26 @@ def test_awq_search_never_worse_than_round_to_nearest():
     assert ratio <= 1.0 and (s is None) == (alpha == 0.0)
     assert ratio < 0.9  # activation outliers: scaling pays
 
+
+
+def test_awq_rows_stay_within_the_budget(checkpoint):
+    imported = import_model(str(checkpoint("llama")))
+    graph, weights = imported.graph, imported.weights
+    seqs = [[(7 * i + j) % 200 + 3 for j in range(32)] for i in range(4)]
+    full = collect_inputs(graph, weights, seqs)  # 128 tokens: every row kept
+    full_bytes = sum(rows.nbytes for rows, _ in full.values())
+    assert all(rows.shape[0] == 128 for rows, _ in full.values())
+    budget = full_bytes // 5
+    keep, step = row_plan(list(full), budget)
+    assert keep == step == 25
+    bounded = collect_inputs(graph, weights, seqs, budget=budget)  # one sequence a step
+    assert sum(rows.nbytes for rows, _ in bounded.values()) <= budget < full_bytes
+    for x, (rows, mean_abs) in bounded.items():
+        torch.testing.assert_close(rows, full[x][0][::6])  # 22 rows: every 6th token over all steps
+        torch.testing.assert_close(mean_abs, full[x][1])  # over every token still
+    scales, alphas = awq_scales(graph, weights, seqs, budget=full_bytes)  # the budget just fits
+    assert (scales, alphas) == awq_scales(graph, weights, seqs)
+    assert awq_scales(graph, weights, seqs, budget=budget)[1].keys() == alphas.keys()
 
 # -- the pass over a traced model, folded: packed params within half a step of each weight
 
