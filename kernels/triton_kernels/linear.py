@@ -62,6 +62,17 @@ BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 last bucket's choice)."""
 
 
+@triton.jit
+def tile_order(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program pid, walking GROUP_M row tiles down each column tile
+    before moving right, so neighbouring programs share weight tiles in the L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group, (pid % per_group) // group
+
+
 @triton.jit(do_not_specialize=["M"])  # one binary for every token count
 def _gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
@@ -71,14 +82,7 @@ def _gemm_kernel(
     PDL: tl.constexpr,
 ):
     pdl.wait(PDL)
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pm = first_m + (pid % per_group) % group
-    pn = (pid % per_group) // group
+    pm, pn = tile_order(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)

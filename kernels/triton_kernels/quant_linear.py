@@ -45,7 +45,7 @@ from kiln.ir.ops.quant_linear import ACTS, split_operands
 from kiln.kernels import Launcher
 from kiln.kernels.torch_provider import launcher as torch_launcher
 from kiln.kernels.triton_kernels import pdl, scaled_mm
-from kiln.kernels.triton_kernels.linear import GemmConfig
+from kiln.kernels.triton_kernels.linear import GemmConfig, tile_order
 from kiln.kernels.triton_kernels.quant_act import quant_codes, quant_values
 from kiln.kernels.triton_kernels.quant_gemv import MAX_M, QGemvConfig, gmode, qgemv, tuning_key
 
@@ -122,14 +122,7 @@ def _qgemm_kernel(
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait(PDL)
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pm = first_m + (pid % per_group) % group
-    pn = (pid % per_group) // group
+    pm, pn = tile_order(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     BLOCK_P: tl.constexpr = BLOCK_K * BITS // 8
     offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_kernels import pdl
+from kiln.kernels.triton_kernels.linear import tile_order
 
 Tensor = torch.Tensor
 
@@ -69,14 +70,7 @@ def _scaled_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl.wait(PDL)
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pm = first_m + (pid % per_group) % group
-    pn = (pid % per_group) // group
+    pm, pn = tile_order(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
